@@ -1,0 +1,145 @@
+//! uc-eval: the text-window evaluation protocol and its metrics.
+//!
+//! Data flow: text files ([`corpus`], with the built-in SOTU split) -> one token
+//! stream (the model's tokenizer, no BOS) -> non-overlapping windows of `seq_len`,
+//! the first `n` ([`windows`]) -> for each window the candidate's and optionally a
+//! reference's logits -> per-position NLL, KL(reference || candidate) over the full
+//! vocabulary and top-1 agreement ([`metrics`]) -> an [`EvalReport`].
+//!
+//! Determinism: per-position values are computed in parallel but written to fixed
+//! slots and summed sequentially in f64, so the report has the same digits for any
+//! thread count.
+#![deny(missing_docs)]
+
+pub mod corpus;
+pub mod metrics;
+
+use serde::Serialize;
+use uc_model::llama::Model;
+
+/// Errors of the evaluation protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// A text file could not be read or is not UTF-8.
+    #[error("{path}: {reason}")]
+    Text {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The corpus directory holds no file of the requested split.
+    #[error("{dir}: no speeches in split {split:?} (expected files named YYYY-Name-N.txt)")]
+    EmptySplit {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The split.
+        split: String,
+    },
+    /// The text is too short for the requested windows.
+    #[error("the text has {tokens} tokens: {windows} windows of {seq_len} need {needed}")]
+    TooShort {
+        /// Tokens available.
+        tokens: usize,
+        /// Windows asked for.
+        windows: usize,
+        /// Window length.
+        seq_len: usize,
+        /// Tokens needed.
+        needed: usize,
+    },
+    /// Settings that cannot describe an evaluation.
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    /// The candidate and the reference do not share a vocabulary.
+    #[error("vocabulary mismatch: model has {model}, reference has {reference}")]
+    VocabMismatch {
+        /// Candidate vocabulary.
+        model: usize,
+        /// Reference vocabulary.
+        reference: usize,
+    },
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] uc_model::ModelError),
+}
+
+/// Splits a token stream into the first `n` non-overlapping windows of `seq_len`.
+pub fn windows(tokens: &[u32], seq_len: usize, n: usize) -> Result<Vec<&[u32]>, EvalError> {
+    if seq_len < 2 || n == 0 {
+        return Err(EvalError::Settings(format!(
+            "seq_len must be >= 2 and windows >= 1 (got {seq_len}, {n})"
+        )));
+    }
+    let needed = seq_len
+        .checked_mul(n)
+        .ok_or_else(|| EvalError::Settings("seq_len x windows overflows".into()))?;
+    if tokens.len() < needed {
+        return Err(EvalError::TooShort {
+            tokens: tokens.len(),
+            windows: n,
+            seq_len,
+            needed,
+        });
+    }
+    Ok(tokens.chunks_exact(seq_len).take(n).collect())
+}
+
+/// Metric totals of one evaluation.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalReport {
+    /// Predicted positions: windows x (seq_len - 1).
+    pub n_pos: usize,
+    /// Mean negative log-likelihood of the model (nats).
+    pub nll: f64,
+    /// Perplexity: exp(nll).
+    pub ppl: f64,
+    /// Against a reference: its NLL, perplexity, the ratio, KL and top-1.
+    pub against: Option<Comparison>,
+}
+
+/// How the model compares to a reference on the same positions.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Comparison {
+    /// Reference mean NLL.
+    pub ref_nll: f64,
+    /// Reference perplexity.
+    pub ref_ppl: f64,
+    /// Model perplexity / reference perplexity.
+    pub ppl_ratio: f64,
+    /// Mean over positions of KL(reference || model), nats.
+    pub kld: f64,
+    /// Fraction of positions where both argmaxes agree.
+    pub top1: f64,
+}
+
+/// Evaluates `model` (and `reference`, when given) on `windows`; `progress` is
+/// called after each window with the number done.
+pub fn evaluate(
+    model: &Model,
+    reference: Option<&Model>,
+    windows: &[&[u32]],
+    mut progress: impl FnMut(usize),
+) -> Result<EvalReport, EvalError> {
+    let vocab = model.cfg.vocab_size;
+    if let Some(r) = reference {
+        if r.cfg.vocab_size != vocab {
+            return Err(EvalError::VocabMismatch {
+                model: vocab,
+                reference: r.cfg.vocab_size,
+            });
+        }
+    }
+    let mut totals = metrics::Totals::default();
+    for (i, w) in windows.iter().enumerate() {
+        let logits = model.logits_for(w)?;
+        let ref_logits = match reference {
+            Some(r) => Some(r.logits_for(w)?),
+            None => None,
+        };
+        let per = metrics::window_metrics(&logits, ref_logits.as_deref(), w, vocab);
+        totals.add(&per);
+        progress(i + 1);
+    }
+    Ok(totals.report(reference.is_some()))
+}

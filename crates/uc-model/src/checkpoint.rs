@@ -1,0 +1,263 @@
+//! A Hugging Face checkpoint directory opened lazily.
+//!
+//! `config.json` + one `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`. Each shard is memory-mapped and its header parsed
+//! once (by the `safetensors` crate, which checks offsets and coverage); a tensor's
+//! bytes are converted to f32 only when asked for, so a model larger than RAM can be
+//! walked one tensor at a time.
+
+use crate::config::ModelConfig;
+use crate::error::{ModelError, Result};
+use crate::source::WeightSource;
+use candle_core::{Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Index into the shard list.
+    shard: usize,
+    /// Stored dtype.
+    pub dtype: Dtype,
+    /// Shape as stored.
+    pub shape: Vec<usize>,
+    /// Byte range inside the shard's mmap.
+    range: Range<usize>,
+}
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// An opened checkpoint directory.
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: ModelConfig,
+    shards: Vec<Shard>,
+    tensors: BTreeMap<String, TensorInfo>,
+    fingerprint: OnceLock<String>,
+}
+
+impl Checkpoint {
+    /// Opens `dir`: parses config.json and every shard header; reads no weights.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(ModelError::MissingFile {
+                path: config_path,
+                what: "config.json",
+            });
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+        let shard_paths = shard_paths(dir)?;
+        let mut shards = Vec::with_capacity(shard_paths.len());
+        let mut tensors = BTreeMap::new();
+        for (i, path) in shard_paths.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
+            // SAFETY: the map is read-only; if another process truncates the file
+            // while we hold it, reads may fault -- the usual, accepted mmap contract
+            // for model files (every checkpoint loader makes it).
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(&path, e))?;
+            let st = SafeTensors::deserialize(&map).map_err(|e| ModelError::BadSafetensors {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            let (header_len, _) = SafeTensors::read_metadata(&map).map_err(|e| {
+                ModelError::BadSafetensors {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            // Data starts after the 8-byte length prefix and the header; the crate
+            // has already checked these offsets lie inside the file.
+            let base = 8 + header_len;
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+                debug_assert!(start >= base);
+                let info = TensorInfo {
+                    shard: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().to_vec(),
+                    range: start..start + view.data().len(),
+                };
+                if tensors.insert(name.clone(), info).is_some() {
+                    return Err(ModelError::BadSafetensors {
+                        path: path.clone(),
+                        reason: format!("tensor {name} appears in more than one shard"),
+                    });
+                }
+            }
+            shards.push(Shard { path, map });
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            shards,
+            tensors,
+            fingerprint: OnceLock::new(),
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Names and locations of every tensor, sorted by name.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    /// The weight files, in index order.
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// The tensor `name` converted to f32 values, row-major.
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        })?;
+        let shard = &self.shards[info.shard];
+        let bytes = shard
+            .map
+            .get(info.range.clone())
+            .ok_or_else(|| ModelError::BadSafetensors {
+                path: shard.path.clone(),
+                reason: format!("tensor {name}: data outside the file"),
+            })?;
+        let values = to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
+            name: name.to_string(),
+            path: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                name: name.to_string(),
+                index,
+            });
+        }
+        Ok((values, info.shape.clone()))
+    }
+}
+
+/// Little-endian bytes of a float dtype to f32; `None` for non-float dtypes.
+fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// The shard files of `dir`: from the index if there is one, else model.safetensors.
+fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let bad = |reason: String| ModelError::BadIndex {
+            path: index.clone(),
+            reason,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no weight_map object".into()))?;
+        let mut files: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("weight_map[{tensor}] is not a string")))?;
+            // A shard name must be a plain file name inside the checkpoint directory.
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(bad(format!("shard name {file:?} is not a plain file name")));
+            }
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+        }
+        files.sort();
+        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        for p in &paths {
+            if !p.is_file() {
+                return Err(ModelError::MissingFile {
+                    path: p.clone(),
+                    what: "every shard named in model.safetensors.index.json",
+                });
+            }
+        }
+        return Ok(paths);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::MissingFile {
+        path: single,
+        what: "model.safetensors or model.safetensors.index.json",
+    })
+}
+
+impl WeightSource for Checkpoint {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let (values, shape) = self.tensor_f32(name)?;
+        Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// SHA-256 over the weight files' SHA-256s in shard order (computed once).
+    fn fingerprint(&self) -> Result<String> {
+        if let Some(f) = self.fingerprint.get() {
+            return Ok(f.clone());
+        }
+        let mut outer = Sha256::new();
+        for shard in &self.shards {
+            outer.update(Sha256::digest(&shard.map[..]));
+        }
+        let f = hex::encode(outer.finalize());
+        Ok(self.fingerprint.get_or_init(|| f).clone())
+    }
+
+    fn describe(&self) -> String {
+        format!("checkpoint {}", self.dir.display())
+    }
+}
+
+/// Expected shapes of a tensor, checked by the forward code on load.
+pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
+    if t.dims() != expected {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_string(),
+            found: t.dims().to_vec(),
+            expected: expected.to_vec(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! GGUF import (owned by the gguf work; placeholder).
