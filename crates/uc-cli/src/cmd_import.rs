@@ -30,12 +30,7 @@ pub struct GgufArgs {
 pub fn run(cmd: Import) -> Result<()> {
     match cmd {
         Import::Gguf(a) => {
-            anyhow::ensure!(
-                !a.out.exists(),
-                "{} already exists; choose a new output directory",
-                a.out.display()
-            );
-            let report: serde_json::Value = todo!("GGUF_TMP"); // uc_model::gguf::import_gguf(&a.file, &a.out)?;
+            let report = uc_model::gguf::import_gguf(&a.file, &a.out)?;
             if a.json {
                 output::json(&report)
             } else {

@@ -113,9 +113,9 @@ pub enum ModelError {
     /// A weight source other than a checkpoint (a pack) failed.
     #[error("{0}")]
     Source(String),
-    // GGUF_TMP GGUF import failed.
-    // GGUF_TMP #[error(transparent)]
-    // GGUF_TMP Gguf(#[from] crate::gguf::GgufError),
+    /// GGUF import failed.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     /// A tensor operation failed (a shape bug, not bad input).
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),

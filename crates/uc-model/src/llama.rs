@@ -128,6 +128,31 @@ pub const BLOCK_LINEARS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// The four distinct inputs of a block's linears (q/k/v share one, gate/up share one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tap {
+    /// Normed residual into q, k, v: `(rows, hidden)`.
+    Attention,
+    /// Attention context into o: `(rows, heads * head_dim)`.
+    AttentionOutput,
+    /// Normed residual into gate, up: `(rows, hidden)`.
+    Mlp,
+    /// SwiGLU activation into down: `(rows, intermediate)`.
+    MlpDown,
+}
+
+impl Tap {
+    /// Which tap feeds linear `k` of [`BLOCK_LINEARS`].
+    pub fn of_linear(k: usize) -> Tap {
+        match k {
+            0..=2 => Tap::Attention,
+            3 => Tap::AttentionOutput,
+            4 | 5 => Tap::Mlp,
+            _ => Tap::MlpDown,
+        }
+    }
+}
+
 /// One transformer block: attention and a SwiGLU MLP, each behind an RMSNorm.
 #[derive(Clone)]
 pub struct Block {
@@ -186,6 +211,18 @@ impl Block {
 
     /// `x`: `(batch, seq, hidden)` at positions `0..seq` -> same shape.
     pub fn forward(&self, x: &Tensor, rope: &RotaryTables) -> Result<Tensor> {
+        self.forward_tapped(x, rope, &mut |_, _| Ok(()))
+    }
+
+    /// [`Block::forward`], also handing each linear group's input to `tap` as it is
+    /// computed: `(Tap, (batch*seq, in_features))`. The compressor collects its
+    /// statistics (Gram matrices) this way.
+    pub fn forward_tapped(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTables,
+        tap: &mut dyn FnMut(Tap, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps as f32;
@@ -193,6 +230,7 @@ impl Block {
 
         // Attention. Rows are (batch*seq) so every linear is one 2-D matmul.
         let xn = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?.reshape((b * t, h))?;
+        tap(Tap::Attention, &xn)?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         // (b*t, heads*hd) -> (b, heads, t, hd)
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -221,11 +259,14 @@ impl Block {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
+        tap(Tap::AttentionOutput, &ctx)?;
         let x = (x + o_proj.forward(&ctx)?.reshape((b, t, h))?)?;
 
         // MLP: down(silu(gate(x)) * up(x)).
         let xn = candle_nn::ops::rms_norm(&x, &self.post_attn_norm, eps)?.reshape((b * t, h))?;
+        tap(Tap::Mlp, &xn)?;
         let act = (candle_nn::ops::silu(&gate.forward(&xn)?)? * up.forward(&xn)?)?;
+        tap(Tap::MlpDown, &act)?;
         Ok((x + down.forward(&act)?.reshape((b, t, h))?)?)
     }
 }
