@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod llama;
+pub mod pack_source;
 pub mod source;
 pub mod tokenizer;
 

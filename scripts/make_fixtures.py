@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""Generate uc-model's golden fixtures: tiny random transformer checkpoints + reference logits.
+
+Usage:
+    python scripts/make_fixtures.py [OUT_DIR]      # default: crates/uc-model/tests/fixtures
+
+Needs torch + transformers (see scripts/requirements-reference.txt). Nothing is downloaded:
+every model is built from a config and given seeded random weights. CI does not run this;
+its output is committed.
+
+For each fixture OUT_DIR/<name>/ holds
+    config.json                      (see CONFIG STYLE below)
+    model.safetensors                (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
+    generation_config.json           (written by transformers; harmless)
+    io.safetensors                   input_ids I64 [2, 24], logits F32 [2, 24, vocab]
+where logits = model(input_ids).logits in fp32, eager attention, no attention mask (full causal),
+positions 0..23 in each row.
+
+CONFIG STYLE. transformers 5 writes RoPE settings as `rope_parameters` {rope_type, rope_theta, ...}.
+Almost every checkpoint in the wild uses the older top-level `rope_theta` (+ `rope_scaling`).
+Both must be parsed, so some fixtures are rewritten to the legacy style (the "legacy" fixtures
+below); for every fixture the written config is reloaded with transformers and the logits are
+recomputed from the written files, and must match the reference bit for bit.
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+BATCH, SEQ = 2, 24
+VOCAB = 128
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=None,
+)
+
+
+def fixture_specs():
+    """name -> (config, seed, config_style, dtype of the saved weights, max_shard_size)."""
+    specs = []
+    specs.append((
+        "llama",
+        LlamaConfig(**COMMON, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
+                    rope_theta=10000.0, tie_word_embeddings=False),
+        1001, "legacy", torch.float32, None,
+    ))
+    specs.append((
+        "llama3",
+        LlamaConfig(**COMMON, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                    rope_theta=10000.0,
+                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                    tie_word_embeddings=True),
+        1002, "legacy", torch.float32, None,
+    ))
+    specs.append((
+        "mistral",
+        MistralConfig(**COMMON, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
+                      rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False),
+        1003, "legacy", torch.float32, None,
+    ))
+    specs.append((
+        "qwen2",
+        Qwen2Config(**COMMON, rms_norm_eps=1e-6, max_position_embeddings=256,
+                    rope_theta=1000000.0, use_sliding_window=False, sliding_window=None,
+                    max_window_layers=2, tie_word_embeddings=False),
+        1004, "legacy", torch.float32, None,
+    ))
+    specs.append((
+        "qwen3",
+        # head_dim 32 != hidden/heads (16): q_proj is 128x64, o_proj 64x128.
+        Qwen3Config(**COMMON, head_dim=32, rms_norm_eps=1e-6, max_position_embeddings=256,
+                    rope_theta=1000000.0, attention_bias=False, use_sliding_window=False,
+                    sliding_window=None, max_window_layers=2, tie_word_embeddings=True),
+        1005, "rope_parameters", torch.float32, None,
+    ))
+    specs.append((
+        "llama_bf16_sharded",
+        LlamaConfig(**COMMON, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
+                    rope_theta=500000.0, tie_word_embeddings=False),
+        1006, "rope_parameters", torch.bfloat16, "64KB",
+    ))
+    return specs
+
+
+def randomize_(model, gen):
+    """Overwrite every parameter with seeded random values of a useful scale.
+
+    transformers' own init (std 0.02, norms = 1, biases = 0) gives near-uniform logits and
+    would not catch a missing norm weight or bias. Here: embeddings N(0,1), linear weights
+    N(0, 1/in), biases N(0, 0.5^2), every norm weight U(0.5, 1.5). Tied parameters are visited
+    once (named_parameters deduplicates them).
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                v = 0.5 + torch.rand(p.shape, generator=gen, dtype=torch.float32)
+            elif name.endswith(".bias"):
+                v = 0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            elif "embed_tokens" in name:
+                v = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            elif p.dim() == 2:
+                v = torch.randn(p.shape, generator=gen, dtype=torch.float32) / (p.shape[1] ** 0.5)
+            else:
+                raise RuntimeError(f"unexpected parameter {name} {tuple(p.shape)}")
+            p.copy_(v)
+
+
+def forward_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float().contiguous()
+
+
+def to_legacy_config(path):
+    """Rewrite transformers-5 `rope_parameters` as top-level `rope_theta` (+ `rope_scaling`)."""
+    with open(path) as f:
+        cfg = json.load(f)
+    rp = cfg.pop("rope_parameters")
+    rp = dict(rp)
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    if rp.get("rope_type", "default") != "default":
+        cfg["rope_scaling"] = rp
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def write_safetensors(path, tensors, metadata):
+    """Byte-deterministic safetensors writer (the library orders metadata by hash).
+
+    Header: JSON with sorted keys, space-padded to a multiple of 8; tensors in name order,
+    little-endian, contiguous.
+    """
+    dtypes = {torch.int64: "I64", torch.float32: "F32"}
+    header, blobs, off = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        b = t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
+KEEP = {"config.json", "generation_config.json", "io.safetensors", "model.safetensors.index.json"}
+
+
+def make_one(out_dir, name, config, seed, style, save_dtype, shard):
+    d = os.path.join(out_dir, name)
+    if os.path.exists(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    randomize_(model, gen)
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=gen, dtype=torch.int64)
+
+    if save_dtype != torch.float32:
+        # Round the weights to the stored dtype, then compute the reference in fp32 from the
+        # rounded values (exactly what a loader that upcasts to f32 must reproduce).
+        # Only the parameters: model.to(bf16) would also round the RoPE inv_freq buffer.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(save_dtype).to(torch.float32))
+    logits = forward_logits(model, ids)
+
+    checks = {}
+    # eager vs sdpa: a sanity check of the reference itself (should agree to ~1e-6).
+    model.set_attn_implementation("sdpa")
+    checks["max_abs_eager_vs_sdpa"] = float((forward_logits(model, ids) - logits).abs().max())
+    model.set_attn_implementation("eager")
+
+    # Save the weights.
+    save_model = copy.deepcopy(model).to(save_dtype) if save_dtype != torch.float32 else model
+    # transformers 5 always writes safetensors (its `safe_serialization` argument is gone).
+    kwargs = {}
+    if shard:
+        kwargs["max_shard_size"] = shard
+    save_model.save_pretrained(d, **kwargs)
+
+    for f in os.listdir(d):
+        if f not in KEEP and not (f.startswith("model") and f.endswith(".safetensors")):
+            os.remove(os.path.join(d, f))
+    if style == "legacy":
+        to_legacy_config(os.path.join(d, "config.json"))
+
+    write_safetensors(os.path.join(d, "io.safetensors"), {"input_ids": ids, "logits": logits},
+              metadata={"generator": "scripts/make_fixtures.py", "fixture": name,
+                        "transformers": transformers.__version__, "torch": torch.__version__,
+                        "attn_implementation": "eager", "seed": str(seed)})
+
+    back = load_file(os.path.join(d, "io.safetensors"))
+    assert torch.equal(back["input_ids"], ids) and torch.equal(back["logits"], logits)
+
+    # Round trip: reload the written files with transformers, recompute, must be identical.
+    re_cfg = AutoConfig.from_pretrained(d)
+    assert re_cfg.rope_parameters == config.rope_parameters, (re_cfg.rope_parameters, config.rope_parameters)
+    re = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+    re.eval()
+    re_logits = forward_logits(re, ids)
+    checks["max_abs_reload"] = float((re_logits - logits).abs().max())
+    assert torch.equal(re_logits, logits), f"{name}: reloaded model differs by {checks['max_abs_reload']}"
+    sd = {}
+    for f in sorted(os.listdir(d)):
+        if f.startswith("model") and f.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(d, f)))
+    checks["tensors"] = len(sd)
+    checks["stored_dtypes"] = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
+    checks["has_lm_head"] = "lm_head.weight" in sd
+    checks["tied"] = bool(config.tie_word_embeddings)
+    assert checks["has_lm_head"] != checks["tied"]
+
+    # Feature checks: the fixture must actually exercise what it is named for.
+    if name == "llama3":
+        plain = LlamaConfig(**{k: v for k, v in config.to_dict().items() if k not in ("rope_parameters", "rope_scaling")})
+        plain.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+        m2 = AutoModelForCausalLM.from_config(plain, attn_implementation="eager", dtype=torch.float32).eval()
+        m2.load_state_dict(model.state_dict())
+        checks["max_abs_vs_unscaled_rope"] = float((forward_logits(m2, ids) - logits).abs().max())
+        assert checks["max_abs_vs_unscaled_rope"] > 1e-2
+    if name == "qwen2":
+        biases = [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+        assert len(biases) == 6 and all(float(p.detach().abs().min()) > 0 for n, p in model.named_parameters() if n.endswith(".bias"))
+        checks["biases"] = len(biases)
+    if name == "qwen3":
+        assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
+    if shard:
+        shards = [f for f in os.listdir(d) if f.endswith(".safetensors") and f != "io.safetensors"]
+        assert len(shards) >= 2, shards
+        assert os.path.exists(os.path.join(d, "model.safetensors.index.json"))
+        checks["shards"] = len(shards)
+    # The reference must not be degenerate: logits spread and varied argmax.
+    checks["logits_std"] = float(logits.std())
+    checks["distinct_argmax"] = int(logits.argmax(-1).unique().numel())
+
+    files = {f: os.path.getsize(os.path.join(d, f)) for f in sorted(os.listdir(d))}
+    return {"name": name, "model_type": config.model_type, "seed": seed, "config_style": style,
+            "files": files, "bytes": sum(files.values()), "checks": checks,
+            "io_sha256": file_sha256(os.path.join(d, "io.safetensors"))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir", nargs="?", default="crates/uc-model/tests/fixtures")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # deterministic reductions regardless of the machine's cores
+    os.makedirs(args.out_dir, exist_ok=True)
+    summary = []
+    for spec in fixture_specs():
+        r = make_one(args.out_dir, *spec)
+        summary.append(r)
+        c = r["checks"]
+        print(f"{r['name']:20s} {r['model_type']:8s} {r['bytes']:8d} B  files={list(r['files'])}")
+        print(f"{'':20s} dtypes={c['stored_dtypes']} tensors={c['tensors']} tied={c['tied']} "
+              f"logits_std={c['logits_std']:.3f} distinct_argmax={c['distinct_argmax']} "
+              f"eager_vs_sdpa={c['max_abs_eager_vs_sdpa']:.2e} reload={c['max_abs_reload']:.1e}"
+              + (f" vs_unscaled_rope={c['max_abs_vs_unscaled_rope']:.3f}" if "max_abs_vs_unscaled_rope" in c else "")
+              + (f" shards={c['shards']}" if "shards" in c else ""))
+    total = sum(r["bytes"] for r in summary)
+    print(f"total {total} bytes ({total / 1e6:.3f} MB) in {args.out_dir}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
+    if total >= 2_000_000:
+        sys.exit("fixtures exceed 2 MB")
+
+
+if __name__ == "__main__":
+    main()
