@@ -19,7 +19,7 @@ Examples:
   uc eval PACK --against assets/smollm2-135m --sotu assets/sotu --json --out results/eval.json
   uc eval MODEL --text a.txt b.txt --seq-len 512 --windows 8")]
 pub struct EvalArgs {
-    /// The model: a Hugging Face checkpoint directory.
+    /// The model: a Hugging Face checkpoint directory or a pack.
     model: PathBuf,
     /// A reference model: adds its perplexity, the ratio, KL(ref || model) and top-1.
     #[arg(long)]
@@ -77,11 +77,9 @@ struct Receipt {
     report: uc_eval::EvalReport,
 }
 
-/// Opens a model directory as a weight source.
+/// Opens a model directory (checkpoint or pack) as a weight source.
 pub fn open_source(path: &Path) -> Result<Box<dyn WeightSource>> {
-    let ck = uc_model::checkpoint::Checkpoint::open(path)
-        .with_context(|| format!("opening model {}", path.display()))?;
-    Ok(Box::new(ck))
+    uc_model::pack_source::open_source(path).with_context(|| format!("opening model {}", path.display()))
 }
 
 fn id(path: &Path, src: &dyn WeightSource) -> Result<ModelId> {

@@ -1,1 +1,47 @@
-//! placeholder
+//! uc-compress: the streaming pipeline from a checkpoint to a pack.
+//!
+//! Data flow: [`uc_model::checkpoint::Checkpoint`] (lazy tensors) -> for each
+//! transformer block, its tensors are read, encoded ([`Method`]) and written as one
+//! container through [`uc_format::PackWriter`] (temp file + rename, journal) -> the
+//! globals container (embedding, head, final norm) -> `manifest.json`. Only one block's
+//! source weights are resident at a time. An interrupted run resumes from the journal:
+//! completed containers (re-hashed) are kept, the rest recomputed, and since encoding is
+//! deterministic the final pack is byte-identical to an uninterrupted run's.
+#![deny(missing_docs)]
+
+mod pipeline;
+
+pub use pipeline::{compress, Event, Method, Options, Summary, TensorSummary};
+
+/// Everything that can stop a compression.
+#[derive(Debug, thiserror::Error)]
+pub enum CompressError {
+    /// The source checkpoint could not be read.
+    #[error(transparent)]
+    Model(#[from] uc_model::ModelError),
+    /// Encoding a tensor failed (non-finite weights, bad settings).
+    #[error("tensor {tensor}: {source}")]
+    Codec {
+        /// The tensor.
+        tensor: String,
+        /// The codec's error.
+        source: uc_codec::CodecError,
+    },
+    /// Writing the pack failed.
+    #[error(transparent)]
+    Format(#[from] uc_format::FormatError),
+    /// Settings that cannot work.
+    #[error("invalid settings: {0}")]
+    Settings(String),
+    /// An I/O error outside the pack writer (reading a source file to hash it).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = CompressError> = std::result::Result<T, E>;

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod llama;
 pub mod pack_source;
 pub mod source;

@@ -248,12 +248,10 @@ impl Block {
         // GQA without copying K/V: the g = nh/nkv query heads sharing a kv head are
         // stacked along the sequence axis: q (b, nkv, g*t, hd) against k (b, nkv, t, hd).
         let g = nh / nkv;
-        let q = q.reshape((b, nkv, g * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (b, nkv, g*t, t)
-        let mask = causal_mask(t, cfg.sliding_window)?; // (t, t)
-        let scores = scores.reshape((b, nkv, g, t, t))?.broadcast_add(&mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, g * t, t))?;
+        // The 1/sqrt(hd) scale goes on q (t x hd per head), not on the t x t scores.
+        let q = (q.reshape((b, nkv, g * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = q.matmul(&k.t()?)?; // (b, nkv, g*t, t); row r is query r % t
+        let probs = crate::kernels::causal_softmax(&scores, cfg.sliding_window)?;
         let ctx = probs.matmul(&v)?; // (b, nkv, g*t, hd)
         let ctx = ctx
             .reshape((b, nh, t, hd))?
@@ -269,17 +267,6 @@ impl Block {
         tap(Tap::MlpDown, &act)?;
         Ok((x + down.forward(&act)?.reshape((b, t, h))?)?)
     }
-}
-
-/// Additive mask `(t, t)`: 0 where query i may see key j (j <= i, and i - j < window).
-fn causal_mask(t: usize, window: Option<usize>) -> Result<Tensor> {
-    let w = window.unwrap_or(usize::MAX);
-    let m: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..t).map(move |j| if j <= i && i - j < w { 0.0 } else { f32::NEG_INFINITY })
-        })
-        .collect();
-    Ok(Tensor::from_vec(m, (t, t), &Device::Cpu)?)
 }
 
 /// Token embedding, final norm and head: the parts of the model outside the blocks.
