@@ -41,7 +41,8 @@ pub struct CompressArgs {
 pub fn run(a: CompressArgs) -> Result<()> {
     let body = CodecSpec::parse(&format!("q{}g{}", a.bits, a.group))
         .with_context(|| format!("--bits {} --group {}", a.bits, a.group))?;
-    let embed = CodecSpec::parse(&a.embed_codec).with_context(|| format!("--embed-codec {}", a.embed_codec))?;
+    let embed = CodecSpec::parse(&a.embed_codec)
+        .with_context(|| format!("--embed-codec {}", a.embed_codec))?;
     let opts = Options {
         method: match a.method.as_str() {
             _ => Method::Rtn,
@@ -56,7 +57,9 @@ pub fn run(a: CompressArgs) -> Result<()> {
             pb.set_length(blocks as u64 + 1);
             pb.set_position(resumed as u64);
             if resumed > 0 {
-                pb.println(format!("resuming: {resumed} of {blocks} blocks already written"));
+                pb.println(format!(
+                    "resuming: {resumed} of {blocks} blocks already written"
+                ));
             }
         }
         Event::BlockDone { .. } | Event::GlobalsDone => pb.inc(1),
@@ -88,7 +91,10 @@ pub fn run(a: CompressArgs) -> Result<()> {
         m.bpw_model
     ))?;
     if let Some(w) = worst {
-        output::line(&format!("worst relative weight error: {:.4} ({})", w.rel_err, w.name))?;
+        output::line(&format!(
+            "worst relative weight error: {:.4} ({})",
+            w.rel_err, w.name
+        ))?;
     }
     output::line(&format!("fingerprint {}", m.fingerprint))
 }

@@ -79,7 +79,8 @@ struct Receipt {
 
 /// Opens a model directory (checkpoint or pack) as a weight source.
 pub fn open_source(path: &Path) -> Result<Box<dyn WeightSource>> {
-    uc_model::pack_source::open_source(path).with_context(|| format!("opening model {}", path.display()))
+    uc_model::pack_source::open_source(path)
+        .with_context(|| format!("opening model {}", path.display()))
 }
 
 fn id(path: &Path, src: &dyn WeightSource) -> Result<ModelId> {
@@ -93,7 +94,11 @@ fn id(path: &Path, src: &dyn WeightSource) -> Result<ModelId> {
 pub fn run(a: EvalArgs) -> Result<()> {
     let files = match (&a.sotu, a.text.is_empty()) {
         (Some(dir), true) => {
-            let split = if a.split == "calib" { Split::Calibration } else { Split::Eval };
+            let split = if a.split == "calib" {
+                Split::Calibration
+            } else {
+                Split::Eval
+            };
             corpus::sotu_files(dir, split)?
         }
         (None, false) => a.text.clone(),
@@ -114,7 +119,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     let pb = output::progress(windows.len() as u64, "eval");
     let start = Instant::now();
-    let report = uc_eval::evaluate(&model, reference.as_ref(), &windows, |i| pb.set_position(i as u64))?;
+    let report = uc_eval::evaluate(&model, reference.as_ref(), &windows, |i| {
+        pb.set_position(i as u64)
+    })?;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
 

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 pub enum Import {
     /// A llama / qwen2 / qwen3 GGUF file to a Hugging Face directory (f32 safetensors,
     /// config.json, tokenizer.json).
-    #[command(after_help = "Example:\n  uc import gguf SmolLM2-135M-Instruct.Q4_1.gguf -o assets/smollm2-135m")]
+    #[command(
+        after_help = "Example:\n  uc import gguf SmolLM2-135M-Instruct.Q4_1.gguf -o assets/smollm2-135m"
+    )]
     Gguf(GgufArgs),
 }
 

@@ -51,7 +51,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
         k.stored_bytes += t.stored_bytes;
         let enc = match &t.encoding {
             Encoding::Codec(c) => c.name.clone(),
-            Encoding::Dense(d) => serde_json::to_value(d)?.as_str().unwrap_or("dense").to_string(),
+            Encoding::Dense(d) => serde_json::to_value(d)?
+                .as_str()
+                .unwrap_or("dense")
+                .to_string(),
         };
         *k.encodings.entry(enc).or_default() += 1;
         let err = t
@@ -66,7 +69,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
         }
     }
     for k in kinds.values_mut() {
-        k.bpw = if k.elements > 0 { k.stored_bytes as f64 * 8.0 / k.elements as f64 } else { 0.0 };
+        k.bpw = if k.elements > 0 {
+            k.stored_bytes as f64 * 8.0 / k.elements as f64
+        } else {
+            0.0
+        };
     }
     let cfg = &m.source.config;
     let layers = cfg.get("num_hidden_layers").cloned().unwrap_or_default();
@@ -94,10 +101,20 @@ pub fn run(a: InspectArgs) -> Result<()> {
         m.tool.name,
         m.tool.version
     ))?;
-    output::line(&format!("bpw_body {:.4}  bpw_model {:.4}  fingerprint {}", m.bpw_body, m.bpw_model, m.fingerprint))?;
-    output::line(&format!("{:<34} {:>7} {:>12} {:>8} {:>10}  encodings", "kind", "tensors", "elements", "bpw", "max relerr"))?;
+    output::line(&format!(
+        "bpw_body {:.4}  bpw_model {:.4}  fingerprint {}",
+        m.bpw_body, m.bpw_model, m.fingerprint
+    ))?;
+    output::line(&format!(
+        "{:<34} {:>7} {:>12} {:>8} {:>10}  encodings",
+        "kind", "tensors", "elements", "bpw", "max relerr"
+    ))?;
     for (name, k) in &kinds {
-        let enc: Vec<String> = k.encodings.iter().map(|(e, n)| format!("{e} x{n}")).collect();
+        let enc: Vec<String> = k
+            .encodings
+            .iter()
+            .map(|(e, n)| format!("{e} x{n}"))
+            .collect();
         output::line(&format!(
             "{:<34} {:>7} {:>12} {:>8.4} {:>10.5}  {}",
             name,
@@ -109,7 +126,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
         ))?;
     }
     for f in &m.source.files {
-        output::line(&format!("source {} {} bytes sha256 {}", f.name, f.size, f.sha256))?;
+        output::line(&format!(
+            "source {} {} bytes sha256 {}",
+            f.name, f.size, f.sha256
+        ))?;
     }
     Ok(())
 }

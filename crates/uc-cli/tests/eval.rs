@@ -4,7 +4,17 @@ mod common;
 use common::*;
 
 fn eval_json(model: &str, against: Option<&str>, text: &str, threads: &str) -> serde_json::Value {
-    let mut args = vec!["eval", model, "--text", text, "--seq-len", "32", "--windows", "4", "--json"];
+    let mut args = vec![
+        "eval",
+        model,
+        "--text",
+        text,
+        "--seq-len",
+        "32",
+        "--windows",
+        "4",
+        "--json",
+    ];
     if let Some(r) = against {
         args.extend(["--against", r]);
     }
@@ -16,7 +26,11 @@ fn eval_digits_are_identical_for_one_and_two_threads() {
     let m = model_with_tokenizer("llama");
     let r = model_with_tokenizer("mistral");
     let text = text_file(m.path());
-    let (m, r, t) = (m.path().to_str().unwrap(), r.path().to_str().unwrap(), text.to_str().unwrap());
+    let (m, r, t) = (
+        m.path().to_str().unwrap(),
+        r.path().to_str().unwrap(),
+        text.to_str().unwrap(),
+    );
     let one = eval_json(m, Some(r), t, "1");
     let two = eval_json(m, Some(r), t, "2");
     assert_eq!(one["threads"], 1);
@@ -48,11 +62,22 @@ fn too_short_text_is_a_clear_failure_with_exit_1() {
     let m = model_with_tokenizer("llama");
     let text = text_file(m.path());
     let out = uc(
-        &["eval", m.path().to_str().unwrap(), "--text", text.to_str().unwrap(), "--windows", "1000"],
+        &[
+            "eval",
+            m.path().to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--windows",
+            "1000",
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("tokens"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tokens"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -68,7 +93,15 @@ fn usage_errors_exit_2_and_help_exits_0() {
 fn missing_model_directory_is_named() {
     let d = tempfile::tempdir().unwrap();
     let text = text_file(d.path());
-    let out = uc(&["eval", "/nonexistent/model", "--text", text.to_str().unwrap()], &[]);
+    let out = uc(
+        &[
+            "eval",
+            "/nonexistent/model",
+            "--text",
+            text.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model"));
 }

@@ -1,1 +1,35 @@
-//! placeholder
+//! The uc weight codec: how one 2-D weight matrix is represented, reconstructed
+//! bit-exactly, encoded, and stored in / verified from a pack.
+//!
+//! Main types, in data-flow order:
+//! - [`CodecSpec`] and the table [`CODECS`]: bits per code, columns per scale group,
+//!   scale dtype, overlay rank; exact stored size of a tensor under each codec.
+//! - [`encode_rtn`]: f32 weights (rows x cols) -> [`QuantTensor`] (codebook fitted by
+//!   weighted k-means, group scales refitted by least squares, codes bit-packed).
+//! - [`QuantTensor::validate`]: the only gate untrusted bytes pass before math.
+//! - [`Reconstructor`] / [`reconstruct`] / [`reconstruct_scalar`]: QuantTensor -> f32,
+//!   following the specification in `docs/format.md` with a fixed rounding sequence, so
+//!   the scalar reference, the AVX2 / AVX-512 / NEON kernels ([`Kernel`]) and any thread
+//!   count produce identical bits.
+//! - [`pack`]: QuantTensor <-> container entries through `uc-format`, tensor-level
+//!   verification ([`pack::verify_pack`]) and reconstruction of a tensor by name.
+
+#![deny(missing_docs)]
+
+mod encode;
+mod error;
+pub mod pack;
+mod recon;
+mod simd;
+mod spec;
+mod tensor;
+
+pub use encode::encode_rtn;
+pub use error::CodecError;
+pub use recon::{reconstruct, reconstruct_scalar, Kernel, Reconstructor, FORCE_SCALAR_ENV};
+pub use spec::{CodecSpec, Layout, CODECS, GROUPS};
+pub use tensor::{bf16_to_f32, code_at, pack_codes, scale_to_f32, Overlay, QuantTensor};
+pub use uc_format::ScaleDtype;
+
+/// Result alias for this crate.
+pub type Result<T, E = CodecError> = std::result::Result<T, E>;

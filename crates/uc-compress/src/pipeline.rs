@@ -81,11 +81,15 @@ pub struct Summary {
 /// SHA-256 and size of each file of the source directory that defines the model.
 fn source_info(ck: &Checkpoint) -> Result<SourceInfo> {
     let dir = ck.dir();
-    let mut names: Vec<String> = ["config.json", "tokenizer.json", "model.safetensors.index.json"]
-        .iter()
-        .filter(|n| dir.join(n).is_file())
-        .map(|n| n.to_string())
-        .collect();
+    let mut names: Vec<String> = [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+    ]
+    .iter()
+    .filter(|n| dir.join(n).is_file())
+    .map(|n| n.to_string())
+    .collect();
     for f in ck.files() {
         if let Some(n) = f.file_name() {
             names.push(n.to_string_lossy().into_owned());
@@ -99,13 +103,13 @@ fn source_info(ck: &Checkpoint) -> Result<SourceInfo> {
         files.push(SourceFile { name, size, sha256 });
     }
     let config_path = dir.join("config.json");
-    let config_text = std::fs::read_to_string(&config_path).map_err(|source| CompressError::Io {
-        path: config_path.clone(),
-        source,
-    })?;
-    let config = serde_json::from_str(&config_text).map_err(|e| {
-        CompressError::Settings(format!("{}: {e}", config_path.display()))
-    })?;
+    let config_text =
+        std::fs::read_to_string(&config_path).map_err(|source| CompressError::Io {
+            path: config_path.clone(),
+            source,
+        })?;
+    let config = serde_json::from_str(&config_text)
+        .map_err(|e| CompressError::Settings(format!("{}: {e}", config_path.display())))?;
     Ok(SourceInfo {
         architecture: serde_json::to_value(ck.config().family)
             .ok()
@@ -147,9 +151,12 @@ fn quantize_into(
 ) -> Result<TensorSummary> {
     let (w, shape) = ck.tensor_f32(name)?;
     let [rows, cols] = shape[..] else {
-        return Err(CompressError::Settings(format!("{name}: expected a 2-D weight, got {shape:?}")));
+        return Err(CompressError::Settings(format!(
+            "{name}: expected a 2-D weight, got {shape:?}"
+        )));
     };
-    let qt: QuantTensor = uc_codec::encode_rtn(&w, rows, cols, spec, None).map_err(codec_err(name))?;
+    let qt: QuantTensor =
+        uc_codec::encode_rtn(&w, rows, cols, spec, None).map_err(codec_err(name))?;
     let recon = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
     let err = rel_err(&w, &recon);
     let mut stats = serde_json::Map::new();
@@ -180,7 +187,9 @@ pub fn compress(
     progress: &mut dyn FnMut(Event),
 ) -> Result<Summary> {
     opts.body.validate().map_err(codec_err("(body codec)"))?;
-    opts.embed.validate().map_err(codec_err("(embedding codec)"))?;
+    opts.embed
+        .validate()
+        .map_err(codec_err("(embedding codec)"))?;
     let ck = Checkpoint::open(src)?;
     let cfg = ck.config().clone();
     let mut writer = if out.join(uc_format::JOURNAL_FILE).is_file() {
@@ -188,8 +197,11 @@ pub fn compress(
     } else {
         PackWriter::create(out, source_info(&ck)?)?
     };
-    let done = |w: &PackWriter, file: &str| w.is_complete(&format!("{}/{file}", uc_format::TENSORS_DIR));
-    let resumed = (0..cfg.num_layers).filter(|&i| done(&writer, &block_container(i))).count();
+    let done =
+        |w: &PackWriter, file: &str| w.is_complete(&format!("{}/{file}", uc_format::TENSORS_DIR));
+    let resumed = (0..cfg.num_layers)
+        .filter(|&i| done(&writer, &block_container(i)))
+        .count();
     progress(Event::Start {
         blocks: cfg.num_layers,
         resumed,
@@ -212,7 +224,12 @@ pub fn compress(
                 dense_into(&ck, &mut c, &bias, Role::Other)?;
             }
         }
-        for norm in ["input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"] {
+        for norm in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_norm",
+            "self_attn.k_norm",
+        ] {
             let name = format!("{p}.{norm}.weight");
             if ck.contains(&name) {
                 dense_into(&ck, &mut c, &name, Role::Norm)?;
@@ -229,7 +246,13 @@ pub fn compress(
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
         tensors.push(quantize_into(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
         if !cfg.tie_word_embeddings {
-            tensors.push(quantize_into(&ck, &mut c, LM_HEAD, Role::Head, &opts.embed)?);
+            tensors.push(quantize_into(
+                &ck,
+                &mut c,
+                LM_HEAD,
+                Role::Head,
+                &opts.embed,
+            )?);
         }
         dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?;
         writer.write_container(c)?;

@@ -69,7 +69,11 @@ pub fn window_metrics(
                 let rrow = &rl[i * vocab..(i + 1) * vocab];
                 let lse_r = logsumexp(rrow);
                 let ref_nll = lse_r - f64::from(rrow[target]);
-                (ref_nll, kl(rrow, lse_r, row, lse), argmax(rrow) == argmax(row))
+                (
+                    ref_nll,
+                    kl(rrow, lse_r, row, lse),
+                    argmax(rrow) == argmax(row),
+                )
             });
             Position { nll, against }
         })

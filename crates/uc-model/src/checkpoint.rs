@@ -70,12 +70,11 @@ impl Checkpoint {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            let (header_len, _) = SafeTensors::read_metadata(&map).map_err(|e| {
-                ModelError::BadSafetensors {
+            let (header_len, _) =
+                SafeTensors::read_metadata(&map).map_err(|e| ModelError::BadSafetensors {
                     path: path.clone(),
                     reason: e.to_string(),
-                }
-            })?;
+                })?;
             // Data starts after the 8-byte length prefix and the header; the crate
             // has already checked these offsets lie inside the file.
             let base = 8 + header_len;
@@ -123,18 +122,22 @@ impl Checkpoint {
 
     /// The tensor `name` converted to f32 values, row-major.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let info = self.tensors.get(name).ok_or_else(|| ModelError::MissingTensor {
-            name: name.to_string(),
-            dir: self.dir.clone(),
-        })?;
-        let shard = &self.shards[info.shard];
-        let bytes = shard
-            .map
-            .get(info.range.clone())
-            .ok_or_else(|| ModelError::BadSafetensors {
-                path: shard.path.clone(),
-                reason: format!("tensor {name}: data outside the file"),
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
             })?;
+        let shard = &self.shards[info.shard];
+        let bytes =
+            shard
+                .map
+                .get(info.range.clone())
+                .ok_or_else(|| ModelError::BadSafetensors {
+                    path: shard.path.clone(),
+                    reason: format!("tensor {name}: data outside the file"),
+                })?;
         let values = to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
             name: name.to_string(),
             path: shard.path.clone(),

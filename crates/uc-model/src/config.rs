@@ -176,7 +176,9 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim {head_dim} must be even for rotary embeddings")));
+            return Err(bad(format!(
+                "head_dim {head_dim} must be even for rotary embeddings"
+            )));
         }
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
@@ -230,16 +232,22 @@ fn parse_rope(raw: &Raw) -> std::result::Result<Rope, String> {
     let llama3 = match (kind, params) {
         ("default", _) => None,
         ("llama3", Some(p)) => {
-            let get = |k: &str| num(p, k).ok_or_else(|| format!("rope scaling llama3: missing {k}"));
+            let get =
+                |k: &str| num(p, k).ok_or_else(|| format!("rope scaling llama3: missing {k}"));
             let s = Llama3Scaling {
                 factor: get("factor")?,
                 low_freq_factor: get("low_freq_factor")?,
                 high_freq_factor: get("high_freq_factor")?,
                 original_max_position_embeddings: get("original_max_position_embeddings")?,
             };
-            let ok = [s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings]
-                .iter()
-                .all(|x| x.is_finite() && *x > 0.0)
+            let ok = [
+                s.factor,
+                s.low_freq_factor,
+                s.high_freq_factor,
+                s.original_max_position_embeddings,
+            ]
+            .iter()
+            .all(|x| x.is_finite() && *x > 0.0)
                 && s.high_freq_factor > s.low_freq_factor;
             if !ok {
                 return Err(format!("rope scaling llama3: invalid values {s:?}"));
@@ -275,7 +283,10 @@ mod tests {
     #[test]
     fn rejects_unknown_architecture() {
         let e = parse(r#"{"model_type":"gpt2"}"#).unwrap_err();
-        assert!(matches!(e, ModelError::UnsupportedArchitecture { .. }), "{e}");
+        assert!(
+            matches!(e, ModelError::UnsupportedArchitecture { .. }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -286,24 +297,41 @@ mod tests {
 
     #[test]
     fn rejects_heads_not_dividing() {
-        let e = parse(&format!(r#"{BASE},"num_key_value_heads":3}}"#).replace(r#""num_key_value_heads":2,"#, "")).unwrap_err();
+        let e = parse(
+            &format!(r#"{BASE},"num_key_value_heads":3}}"#)
+                .replace(r#""num_key_value_heads":2,"#, ""),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("multiple"), "{e}");
     }
 
     #[test]
     fn rejects_absurd_dimensions_before_allocating() {
-        let e = parse(&BASE.replace("\"hidden_size\":64", "\"hidden_size\":99999999999").to_string().replace("128", "128}")).unwrap_err();
+        let e = parse(
+            &BASE
+                .replace("\"hidden_size\":64", "\"hidden_size\":99999999999")
+                .to_string()
+                .replace("128", "128}"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("out of range"), "{e}");
     }
 
     #[test]
     fn rejects_malformed_json() {
-        assert!(matches!(parse("{not json").unwrap_err(), ModelError::BadConfig { .. }));
+        assert!(matches!(
+            parse("{not json").unwrap_err(),
+            ModelError::BadConfig { .. }
+        ));
     }
 
     #[test]
     fn qwen2_defaults_to_qkv_bias() {
-        let c = parse(&format!(r#"{},"rope_theta":1e6}}"#, BASE.replace("llama", "qwen2"))).unwrap();
+        let c = parse(&format!(
+            r#"{},"rope_theta":1e6}}"#,
+            BASE.replace("llama", "qwen2")
+        ))
+        .unwrap();
         assert!(c.attention_bias);
         assert_eq!(c.family, Family::Qwen2);
     }

@@ -10,23 +10,23 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// `exp(x)` for `x <= 0` by range reduction to `2^n * 2^f`, `f` in [-0.5, 0.5], and a
-/// degree-6 polynomial for `2^f` (relative error < 3e-7, i.e. a few ulp). Written
-/// without calls or branches so the row loop vectorises.
+/// `exp(x)` for `x <= 0`: `n = round(x / ln 2)`, `r = x - n ln 2` (Cody-Waite: ln 2
+/// split in two so `n ln 2` is subtracted without rounding error), `e^r` by a degree-7
+/// polynomial on |r| <= ln2/2, times `2^n` built in the exponent field. Relative error
+/// below 1e-6 (a few ulp); no calls or branches, so the row loop vectorises.
 #[inline(always)]
 fn exp_nonpositive(x: f32) -> f32 {
-    // Below -87.3, exp underflows f32's normal range; 0 is the answer we want there.
+    const LN2_HI: f32 = 0.693_145_75; // 0x3f317200: few mantissa bits, n * LN2_HI is exact
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Below -87.3, exp leaves f32's normal range; clamping keeps 2^n normal.
     let x = x.max(-87.0);
-    let y = x * std::f32::consts::LOG2_E;
-    let n = y.round();
-    let f = y - n;
-    // 2^f = e^(f ln2), Taylor coefficients of e^z with z = f ln2.
-    let z = f * std::f32::consts::LN_2;
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
-        + z * (1.0
-            + z * (0.5
-                + z * (1.0 / 6.0 + z * (1.0 / 24.0 + z * (1.0 / 120.0 + z * (1.0 / 720.0))))));
-    // 2^n by building the exponent field; n >= -126 here, so the result is normal.
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let pow2 = f32::from_bits(((n as i32 + 127) as u32) << 23);
     p * pow2
 }
@@ -68,7 +68,10 @@ impl CustomOp1 for CausalSoftmax {
         let src = &all[start..end];
         let t = self.t;
         if layout.dims().last() != Some(&t) || src.len() % (t * t) != 0 {
-            candle_core::bail!("causal-softmax: scores {:?} are not (.., {t}, {t})", layout.dims());
+            candle_core::bail!(
+                "causal-softmax: scores {:?} are not (.., {t}, {t})",
+                layout.dims()
+            );
         }
         let mut dst = vec![0f32; src.len()];
         dst.par_chunks_mut(t)
@@ -116,16 +119,33 @@ mod tests {
     #[test]
     fn matches_masked_softmax() {
         let t = 7;
-        let v: Vec<f32> = (0..2 * t * t).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7).collect();
+        let v: Vec<f32> = (0..2 * t * t)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+            .collect();
         let s = Tensor::from_vec(v.clone(), (2, t, t), &Device::Cpu).unwrap();
         for window in [None, Some(3)] {
-            let got = causal_softmax(&s, window).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = causal_softmax(&s, window)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (r, row) in v.chunks(t).enumerate() {
                 let i = r % t;
                 let w = window.unwrap_or(usize::MAX);
                 let vis: Vec<bool> = (0..t).map(|j| j <= i && i - j < w).collect();
-                let m = row.iter().zip(&vis).filter(|p| *p.1).map(|p| *p.0).fold(f32::MIN, f32::max);
-                let z: f32 = row.iter().zip(&vis).filter(|p| *p.1).map(|p| (p.0 - m).exp()).sum();
+                let m = row
+                    .iter()
+                    .zip(&vis)
+                    .filter(|p| *p.1)
+                    .map(|p| *p.0)
+                    .fold(f32::MIN, f32::max);
+                let z: f32 = row
+                    .iter()
+                    .zip(&vis)
+                    .filter(|p| *p.1)
+                    .map(|p| (p.0 - m).exp())
+                    .sum();
                 for j in 0..t {
                     let want = if vis[j] { (row[j] - m).exp() / z } else { 0.0 };
                     assert!((got[r * t + j] - want).abs() < 1e-6, "row {r} col {j}");

@@ -92,7 +92,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(src: &dyn WeightSource, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+    fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let wname = format!("{name}.weight");
         let weight = src.tensor(&wname)?;
         check_shape(&wname, &weight, &[out, inp])?;
@@ -178,8 +184,19 @@ impl Block {
         let cfg = src.config().clone();
         let p = block_prefix(layer);
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q_out, kv_out) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let shapes = [(q_out, h), (kv_out, h), (kv_out, h), (h, q_out), (i, h), (i, h), (h, i)];
+        let (q_out, kv_out) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let shapes = [
+            (q_out, h),
+            (kv_out, h),
+            (kv_out, h),
+            (h, q_out),
+            (i, h),
+            (i, h),
+            (h, i),
+        ];
         let mut linears = Vec::with_capacity(7);
         for (k, (name, (o, n))) in BLOCK_LINEARS.iter().zip(shapes).enumerate() {
             let bias = cfg.attention_bias && k < 3;
@@ -400,4 +417,3 @@ impl Model {
         Ok(logits.squeeze(0)?.flatten_all()?.to_vec1::<f32>()?)
     }
 }
-

@@ -47,7 +47,10 @@ impl WeightSource for PackSource {
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor> {
-        let rec = self.pack.tensor(name).map_err(|e| ModelError::Source(e.to_string()))?;
+        let rec = self
+            .pack
+            .tensor(name)
+            .map_err(|e| ModelError::Source(e.to_string()))?;
         let shape: Vec<usize> = rec.shape.iter().map(|&d| d as usize).collect();
         let values = uc_codec::pack::reconstruct_tensor(&self.pack, name, self.kernel)
             .map_err(|e| ModelError::Source(e.to_string()))?;

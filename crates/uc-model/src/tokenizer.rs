@@ -22,10 +22,11 @@ impl Tokenizer {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| ModelError::Tokenizer {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         use sha2::Digest;
         Ok(Tokenizer {
             inner,

@@ -6,7 +6,9 @@ use uc_model::llama::Model;
 use uc_model::ModelError;
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     let dir = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
         let e = e.unwrap();
@@ -42,7 +44,11 @@ fn missing_shard_is_named() {
         .unwrap();
     std::fs::remove_file(&shard).unwrap();
     let e = Checkpoint::open(d.path()).err().unwrap();
-    assert!(e.to_string().contains(&*shard.file_name().unwrap().to_string_lossy()), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&*shard.file_name().unwrap().to_string_lossy()),
+        "{e}"
+    );
 }
 
 #[test]
@@ -109,5 +115,8 @@ fn out_of_vocabulary_token_is_an_error() {
     let ck = Checkpoint::open(d.path()).unwrap();
     let model = Model::load(&ck, 16).unwrap();
     let e = model.logits_for(&[1, 2, 100_000]).err().unwrap();
-    assert!(matches!(e, ModelError::TokenOutOfRange { id: 100_000, .. }), "{e}");
+    assert!(
+        matches!(e, ModelError::TokenOutOfRange { id: 100_000, .. }),
+        "{e}"
+    );
 }

@@ -13,7 +13,9 @@ use uc_model::llama::Model;
 const TOLERANCE: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// Max |ours - transformers| over all logits of a fixture.
@@ -83,13 +85,19 @@ fn a_perturbed_weight_is_detected() {
             "perturbed".into()
         }
     }
-    use uc_model::source::WeightSource;
     let dir = fixture("llama");
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
     let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
     let src = Perturbed(Checkpoint::open(&dir).unwrap());
     let model = Model::load(&src, 64).unwrap();
     let got = model.forward(&ids).unwrap();
-    let d = (got - &io["logits"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    let d = (got - &io["logits"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() > TOLERANCE);
 }

@@ -1,0 +1,320 @@
+//! The manifest schema (`manifest.json`). Compatibility rule: readers ignore unknown
+//! fields (serde's default), and refuse a `format_version` greater than
+//! [`FORMAT_VERSION`]; adding a field is therefore not a version change, changing the
+//! meaning of one is.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::hash::sha256_hex;
+
+/// Major version of the pack format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// The whole `manifest.json`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Manifest {
+    /// Major format version ([`FORMAT_VERSION`] when written by this build).
+    pub format_version: u64,
+    /// Program that wrote the pack.
+    pub tool: ToolInfo,
+    /// Checkpoint the pack was made from.
+    pub source: SourceInfo,
+    /// Calibration provenance (free-form; filled by the compressor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Value>,
+    /// Every file of the pack except `manifest.json`, sorted by path.
+    pub files: Vec<FileEntry>,
+    /// Every stored tensor, sorted by (file, name).
+    pub tensors: Vec<TensorRecord>,
+    /// Stored bits per weight of the `body` tensors (0 when there are none).
+    pub bpw_body: f64,
+    /// Stored bits per weight over all tensors (0 when there are none).
+    pub bpw_model: f64,
+    /// [`fingerprint`] of `files`: one hash naming the pack's exact contents.
+    pub fingerprint: String,
+}
+
+/// Name and version of the writing program.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ToolInfo {
+    /// Program name (`uc`).
+    pub name: String,
+    /// Program version (semver).
+    pub version: String,
+}
+
+impl ToolInfo {
+    /// This build of uc.
+    pub fn this() -> Self {
+        ToolInfo {
+            name: "uc".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Provenance of the source checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct SourceInfo {
+    /// Architecture family (`llama`, ...).
+    pub architecture: String,
+    /// The source `config.json` object, verbatim.
+    pub config: Value,
+    /// The source files and their hashes.
+    pub files: Vec<SourceFile>,
+}
+
+/// One file of the source checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SourceFile {
+    /// File name relative to the source directory.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex SHA-256.
+    pub sha256: String,
+}
+
+/// One file of the pack.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Path relative to the pack root, `/`-separated (`tensors/block_0000.safetensors`).
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the whole file.
+    pub sha256: String,
+}
+
+/// What part of the model a tensor is; decides which bits-per-weight total it counts in.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Linear weights inside transformer blocks (counted in `bpw_body`).
+    Body,
+    /// Token embedding.
+    Embed,
+    /// Output head (lm_head).
+    Head,
+    /// Normalization weights.
+    Norm,
+    /// Anything else (biases, ...).
+    Other,
+}
+
+/// Storage dtype of a dense tensor.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenseDtype {
+    /// IEEE binary32.
+    #[serde(rename = "dense_f32")]
+    F32,
+    /// bfloat16.
+    #[serde(rename = "dense_bf16")]
+    Bf16,
+    /// IEEE binary16.
+    #[serde(rename = "dense_f16")]
+    F16,
+}
+
+impl DenseDtype {
+    /// The safetensors dtype of the stored entry.
+    pub fn dtype(self) -> safetensors::Dtype {
+        match self {
+            DenseDtype::F32 => safetensors::Dtype::F32,
+            DenseDtype::Bf16 => safetensors::Dtype::BF16,
+            DenseDtype::F16 => safetensors::Dtype::F16,
+        }
+    }
+    /// Bytes per stored element.
+    pub fn size(self) -> usize {
+        match self {
+            DenseDtype::F32 => 4,
+            DenseDtype::Bf16 | DenseDtype::F16 => 2,
+        }
+    }
+}
+
+/// Storage dtype of a quantized tensor's group scales.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleDtype {
+    /// IEEE binary16 (entry dtype `F16`).
+    F16,
+    /// bfloat16 (entry dtype `BF16`).
+    Bf16,
+}
+
+impl ScaleDtype {
+    /// The safetensors dtype of the scales entry.
+    pub fn dtype(self) -> safetensors::Dtype {
+        match self {
+            ScaleDtype::F16 => safetensors::Dtype::F16,
+            ScaleDtype::Bf16 => safetensors::Dtype::BF16,
+        }
+    }
+}
+
+/// A quantized tensor's codec parameters as recorded in the manifest (uc-codec checks
+/// them against its codec table).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CodecRecord {
+    /// Canonical codec name (`q5g128`); must agree with the other fields.
+    pub name: String,
+    /// Bits per code.
+    pub bits: u8,
+    /// Columns per scale group.
+    pub group: u32,
+    /// Dtype of the scales.
+    pub scale_dtype: ScaleDtype,
+    /// Rank of the low-rank overlay (0 = none).
+    pub rank: u32,
+}
+
+/// How a tensor is stored: dense (a JSON string) or quantized (a JSON object).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Encoding {
+    /// Stored as one entry `NAME` of the given dtype.
+    Dense(DenseDtype),
+    /// Stored as entries `NAME.codebook`, `NAME.scales`, `NAME.codes` (+ overlay).
+    Codec(CodecRecord),
+}
+
+/// One tensor of the pack.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TensorRecord {
+    /// Tensor name in the source checkpoint (`model.layers.0.mlp.up_proj.weight`).
+    pub name: String,
+    /// Pack path of the container holding its entries.
+    pub file: String,
+    /// Role (which bits-per-weight total counts it).
+    pub role: Role,
+    /// Logical shape of the reconstructed tensor (rows, cols for quantized ones).
+    pub shape: Vec<u64>,
+    /// Storage encoding.
+    pub encoding: Encoding,
+    /// Every stored payload byte of the tensor's entries.
+    pub stored_bytes: u64,
+    /// SHA-256 of the entries' raw bytes concatenated in the order codebook, scales,
+    /// codes, overlay_a, overlay_b (or of the single dense entry).
+    pub encoded_sha256: String,
+    /// SHA-256 of the reconstructed tensor as little-endian f32.
+    pub recon_sha256: String,
+    /// Free-form quality numbers (relative error, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Map<String, Value>>,
+}
+
+impl TensorRecord {
+    /// Element count of the logical shape, `None` on overflow.
+    pub fn elements(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+    }
+}
+
+/// The pack fingerprint: SHA-256 (lower-case hex) of the UTF-8 text made of one line
+/// `"{path}\t{size}\t{sha256}\n"` per file, in ascending byte order of `path`.
+pub fn fingerprint(files: &[FileEntry]) -> String {
+    let mut sorted: Vec<&FileEntry> = files.iter().collect();
+    sorted.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
+    let text: String = sorted
+        .iter()
+        .map(|f| format!("{}\t{}\t{}\n", f.path, f.size, f.sha256))
+        .collect();
+    sha256_hex(text.as_bytes())
+}
+
+/// `(bpw_body, bpw_model)`: stored bits divided by logical elements, over `body` tensors
+/// and over all tensors; 0 where there are no elements. Saturating sums: the inputs may
+/// come from an untrusted manifest.
+pub fn bpw(tensors: &[TensorRecord]) -> (f64, f64) {
+    let ratio = |bytes: u64, elems: u64| {
+        if elems == 0 {
+            0.0
+        } else {
+            bytes as f64 * 8.0 / elems as f64
+        }
+    };
+    let (mut body, mut all) = ((0u64, 0u64), (0u64, 0u64));
+    for t in tensors {
+        let e = t.elements().unwrap_or(u64::MAX);
+        all = (
+            all.0.saturating_add(t.stored_bytes),
+            all.1.saturating_add(e),
+        );
+        if t.role == Role::Body {
+            body = (
+                body.0.saturating_add(t.stored_bytes),
+                body.1.saturating_add(e),
+            );
+        }
+    }
+    (ratio(body.0, body.1), ratio(all.0, all.1))
+}
+
+/// Reads a bounded JSON file and checks its `format_version` before full parsing, so a
+/// newer pack gets the version error rather than a confusing schema error.
+pub(crate) fn read_versioned_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> crate::Result<T> {
+    use crate::FormatError;
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(FormatError::io(path))?;
+    let size = file.metadata().map_err(FormatError::io(path))?.len();
+    if size > crate::MAX_JSON_BYTES {
+        return Err(FormatError::TooLarge {
+            path: path.into(),
+            size,
+            cap: crate::MAX_JSON_BYTES,
+        });
+    }
+    let mut bytes = Vec::new();
+    // take(): the file may grow between metadata() and read().
+    file.take(crate::MAX_JSON_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(FormatError::io(path))?;
+    if bytes.len() as u64 > crate::MAX_JSON_BYTES {
+        return Err(FormatError::TooLarge {
+            path: path.into(),
+            size: bytes.len() as u64,
+            cap: crate::MAX_JSON_BYTES,
+        });
+    }
+    parse_versioned_json(path, &bytes)
+}
+
+/// Parses JSON bytes after the `format_version` gate (see [`read_versioned_json`]).
+pub(crate) fn parse_versioned_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    bytes: &[u8],
+) -> crate::Result<T> {
+    use crate::FormatError;
+    #[derive(Deserialize)]
+    struct Version {
+        format_version: u64,
+    }
+    let json = |source| FormatError::Json {
+        path: path.into(),
+        source,
+    };
+    let v: Version = serde_json::from_slice(bytes).map_err(json)?;
+    if v.format_version > FORMAT_VERSION {
+        return Err(FormatError::UnsupportedVersion {
+            path: path.into(),
+            found: v.format_version,
+            supported: FORMAT_VERSION,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(json)
+}
+
+impl Manifest {
+    /// Parses manifest bytes (version gate, then schema). `label` names the source in
+    /// errors. Exposed for fuzzing and tools that hold the bytes already.
+    pub fn from_json_bytes(label: &std::path::Path, bytes: &[u8]) -> crate::Result<Manifest> {
+        parse_versioned_json(label, bytes)
+    }
+}
