@@ -135,6 +135,15 @@ pub enum CodecError {
         /// Column.
         col: usize,
     },
+    /// The Gram matrix of the error-feedback encoder stays singular even after damping
+    /// (or holds a non-finite value).
+    #[error("tensor {tensor:?}: gram matrix is not positive definite after damping ({reason})")]
+    BadGram {
+        /// Tensor name.
+        tensor: String,
+        /// What was found.
+        reason: String,
+    },
     /// A group scale does not fit the stored scale dtype (f16 max is 65504).
     #[error("tensor {tensor:?}: scale of row {row}, group {group} overflows the scale dtype")]
     ScaleOverflow {
@@ -189,6 +198,7 @@ impl CodecError {
             | NonZeroPadding { tensor, .. }
             | NonFiniteWeight { tensor, .. }
             | BadImportance { tensor, .. }
+            | BadGram { tensor, .. }
             | ScaleOverflow { tensor, .. }
             | NonFiniteOutput { tensor, .. }
             | RecordMismatch { tensor, .. } => {

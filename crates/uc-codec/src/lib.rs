@@ -18,6 +18,7 @@
 
 mod encode;
 mod error;
+mod gptq;
 pub mod pack;
 mod recon;
 mod simd;
@@ -26,6 +27,7 @@ mod tensor;
 
 pub use encode::encode_rtn;
 pub use error::CodecError;
+pub use gptq::{encode_gptq, GptqOptions};
 pub use recon::{reconstruct, reconstruct_scalar, Kernel, Reconstructor, FORCE_SCALAR_ENV};
 pub use spec::{CodecSpec, Layout, CODECS, GROUPS};
 pub use tensor::{bf16_to_f32, code_at, pack_codes, scale_to_f32, Overlay, QuantTensor};

@@ -9,9 +9,11 @@
 //! deterministic the final pack is byte-identical to an uninterrupted run's.
 #![deny(missing_docs)]
 
+mod calib;
 mod pipeline;
 
-pub use pipeline::{compress, Event, Method, Options, Summary, TensorSummary};
+pub use calib::{Calibration, CalibrationRecord, Gram};
+pub use pipeline::{compress, BlockSummary, Event, Method, Options, Summary, TensorSummary};
 
 /// Everything that can stop a compression.
 #[derive(Debug, thiserror::Error)]

@@ -4,13 +4,17 @@ use crate::{CompressError, Result};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
-use uc_codec::{CodecSpec, Kernel, QuantTensor};
+use crate::calib::{Calibration, Gram};
+use candle_core::Tensor;
+use uc_codec::{CodecSpec, GptqOptions, Kernel, QuantTensor};
 use uc_format::{
     block_container, ContainerBuilder, DenseDtype, Manifest, PackWriter, Role, SourceFile,
     SourceInfo, GLOBALS_CONTAINER,
 };
 use uc_model::checkpoint::Checkpoint;
-use uc_model::llama::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
+use uc_model::llama::{
+    block_prefix, Block, Globals, RotaryTables, Tap, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD,
+};
 use uc_model::source::WeightSource;
 
 /// How linear weights are encoded.
@@ -19,6 +23,9 @@ use uc_model::source::WeightSource;
 pub enum Method {
     /// Round-to-nearest onto a learned codebook, no calibration data.
     Rtn,
+    /// Calibrated: per block, activation Gram matrices from the (already quantized)
+    /// model's own hidden states, error-feedback encoding, quantized output fed forward.
+    Gptq,
 }
 
 /// Compression settings.
@@ -30,6 +37,10 @@ pub struct Options {
     pub body: CodecSpec,
     /// Codec of the token embedding and (untied) head.
     pub embed: CodecSpec,
+    /// Calibration data (required by [`Method::Gptq`]).
+    pub calibration: Option<Calibration>,
+    /// Error-feedback settings.
+    pub gptq: GptqOptions,
 }
 
 /// Progress notifications for a front end.
@@ -48,6 +59,9 @@ pub enum Event {
         index: usize,
         /// Seconds it took.
         seconds: f64,
+        /// Calibrated methods: relative MSE of the block's output on the quantized
+        /// stream against the teacher's on the teacher stream.
+        out_rel_mse: Option<f64>,
     },
     /// The globals container is written.
     GlobalsDone,
@@ -66,6 +80,17 @@ pub struct TensorSummary {
     pub rel_err: f64,
 }
 
+/// Per-block outcome of a calibrated run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockSummary {
+    /// Block index.
+    pub index: usize,
+    /// Relative MSE of the quantized block stream against the teacher stream.
+    pub out_rel_mse: f64,
+    /// Seconds.
+    pub seconds: f64,
+}
+
 /// What a compression produced.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -76,6 +101,8 @@ pub struct Summary {
     pub resumed_blocks: usize,
     /// Every quantized tensor encoded in this run.
     pub tensors: Vec<TensorSummary>,
+    /// Calibrated runs: every block's output error.
+    pub blocks: Vec<BlockSummary>,
 }
 
 /// SHA-256 and size of each file of the source directory that defines the model.
@@ -141,8 +168,41 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// Encodes tensor `name` of `ck` with `spec` and adds it to `c`.
+/// Encodes weight `name` (rows x cols) with `spec` -- by error feedback when a Gram
+/// matrix is given -- adds it to `c`, and returns its reconstruction.
 fn quantize_into(
+    c: &mut ContainerBuilder,
+    name: &str,
+    w: &[f32],
+    shape: &[usize],
+    role: Role,
+    spec: &CodecSpec,
+    gram: Option<(&Gram, GptqOptions)>,
+) -> Result<(TensorSummary, Vec<f32>)> {
+    let [rows, cols] = shape[..] else {
+        return Err(CompressError::Settings(format!("{name}: expected a 2-D weight, got {shape:?}")));
+    };
+    let qt: QuantTensor = match gram {
+        None => uc_codec::encode_rtn(w, rows, cols, spec, None),
+        Some((g, o)) => uc_codec::encode_gptq(w, rows, cols, spec, &g.h, o),
+    }
+    .map_err(codec_err(name))?;
+    let recon = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
+    let err = rel_err(w, &recon);
+    let mut stats = serde_json::Map::new();
+    stats.insert("rel_err".into(), err.into());
+    uc_codec::pack::write_quant_tensor(c, name, role, &qt, Some(stats)).map_err(codec_err(name))?;
+    let summary = TensorSummary {
+        name: name.to_string(),
+        encoding: spec.name(),
+        bpw: spec.bits_per_weight(rows, cols).map_err(codec_err(name))?,
+        rel_err: err,
+    };
+    Ok((summary, recon))
+}
+
+/// Reads weight `name` and encodes it (no calibration).
+fn quantize_from(
     ck: &Checkpoint,
     c: &mut ContainerBuilder,
     name: &str,
@@ -150,24 +210,7 @@ fn quantize_into(
     spec: &CodecSpec,
 ) -> Result<TensorSummary> {
     let (w, shape) = ck.tensor_f32(name)?;
-    let [rows, cols] = shape[..] else {
-        return Err(CompressError::Settings(format!(
-            "{name}: expected a 2-D weight, got {shape:?}"
-        )));
-    };
-    let qt: QuantTensor =
-        uc_codec::encode_rtn(&w, rows, cols, spec, None).map_err(codec_err(name))?;
-    let recon = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
-    let err = rel_err(&w, &recon);
-    let mut stats = serde_json::Map::new();
-    stats.insert("rel_err".into(), err.into());
-    uc_codec::pack::write_quant_tensor(c, name, role, &qt, Some(stats)).map_err(codec_err(name))?;
-    Ok(TensorSummary {
-        name: name.to_string(),
-        encoding: spec.name(),
-        bpw: spec.bits_per_weight(rows, cols).map_err(codec_err(name))?,
-        rel_err: err,
-    })
+    Ok(quantize_into(c, name, &w, &shape, role, spec, None)?.0)
 }
 
 /// Stores tensor `name` of `ck` dense in f32.
@@ -207,29 +250,63 @@ pub fn compress(
         resumed,
     });
 
+    let mut stream = match (opts.method, &opts.calibration) {
+        (Method::Rtn, _) => None,
+        (Method::Gptq, Some(cal)) => {
+            let (ids, record) = cal.windows().map_err(CompressError::Settings)?;
+            writer.set_calibration(serde_json::to_value(&record).map_err(|e| {
+                CompressError::Settings(format!("calibration record: {e}"))
+            })?)?;
+            Some(Stream::new(&ck, &ids)?)
+        }
+        (Method::Gptq, None) => {
+            return Err(CompressError::Settings("the gptq method needs calibration text".into()))
+        }
+    };
+
     let mut tensors = Vec::new();
+    let mut blocks = Vec::new();
     for layer in 0..cfg.num_layers {
         let file = block_container(layer);
-        if done(&writer, &file) {
+        let complete = done(&writer, &file);
+        if complete && stream.is_none() {
             continue;
         }
         let start = Instant::now();
         let mut c = ContainerBuilder::new(&file)?;
         let p = block_prefix(layer);
-        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
-            let name = format!("{p}.{lin}.weight");
-            tensors.push(quantize_into(&ck, &mut c, &name, Role::Body, &opts.body)?);
-            let bias = format!("{p}.{lin}.bias");
-            if k < 3 && cfg.attention_bias {
-                dense_into(&ck, &mut c, &bias, Role::Other)?;
+        let mut out_rel_mse = None;
+        match stream.as_mut() {
+            None => {
+                for lin in BLOCK_LINEARS {
+                    let name = format!("{p}.{lin}.weight");
+                    tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &opts.body)?);
+                }
+            }
+            Some(st) => {
+                // A resumed block is recomputed (deterministically: the same codes) so
+                // the quantized stream can be carried forward; its file is kept.
+                let (ts, mse) = st.block(&ck, layer, &mut c, opts)?;
+                if !complete {
+                    tensors.extend(ts);
+                }
+                blocks.push(BlockSummary {
+                    index: layer,
+                    out_rel_mse: mse,
+                    seconds: start.elapsed().as_secs_f64(),
+                });
+                out_rel_mse = Some(mse);
             }
         }
-        for norm in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "self_attn.q_norm",
-            "self_attn.k_norm",
-        ] {
+        if complete {
+            continue;
+        }
+        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
+            if k < 3 && cfg.attention_bias {
+                dense_into(&ck, &mut c, &format!("{p}.{lin}.bias"), Role::Other)?;
+            }
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"] {
             let name = format!("{p}.{norm}.weight");
             if ck.contains(&name) {
                 dense_into(&ck, &mut c, &name, Role::Norm)?;
@@ -239,20 +316,15 @@ pub fn compress(
         progress(Event::BlockDone {
             index: layer,
             seconds: start.elapsed().as_secs_f64(),
+            out_rel_mse,
         });
     }
 
     if !done(&writer, GLOBALS_CONTAINER) {
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
-        tensors.push(quantize_into(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
+        tensors.push(quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
         if !cfg.tie_word_embeddings {
-            tensors.push(quantize_into(
-                &ck,
-                &mut c,
-                LM_HEAD,
-                Role::Head,
-                &opts.embed,
-            )?);
+            tensors.push(quantize_from(&ck, &mut c, LM_HEAD, Role::Head, &opts.embed)?);
         }
         dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?;
         writer.write_container(c)?;
@@ -270,5 +342,103 @@ pub fn compress(
         manifest,
         resumed_blocks: resumed,
         tensors,
+        blocks,
     })
+}
+
+/// Hidden states of the calibration windows through the teacher and through the
+/// quantized model so far, `(n_seqs, seq_len, hidden)` each.
+struct Stream {
+    teacher: Tensor,
+    student: Tensor,
+    rope: RotaryTables,
+}
+
+/// Windows per forward chunk: bounds the attention buffers (chunk x heads x L x L).
+const CHUNK: usize = 4;
+
+/// `f` applied to `x` in chunks of [`CHUNK`] windows, concatenated.
+fn chunked(x: &Tensor, mut f: impl FnMut(&Tensor) -> uc_model::error::Result<Tensor>) -> Result<Tensor> {
+    let n = x.dim(0).map_err(uc_model::ModelError::from)?;
+    let mut outs = Vec::with_capacity(n.div_ceil(CHUNK));
+    for s in (0..n).step_by(CHUNK) {
+        let part = x.narrow(0, s, CHUNK.min(n - s)).map_err(uc_model::ModelError::from)?;
+        outs.push(f(&part)?);
+    }
+    Ok(Tensor::cat(&outs, 0).map_err(uc_model::ModelError::from)?)
+}
+
+/// Mean squared error of `a` against `b`, relative to the mean square of `b`.
+fn rel_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let m = |t: Tensor| -> uc_model::error::Result<f64> {
+        Ok(f64::from(t.sqr()?.mean_all()?.to_scalar::<f32>()?))
+    };
+    let diff = (a - b).map_err(uc_model::ModelError::from)?;
+    Ok(m(diff)? / m(b.clone())?.max(f64::MIN_POSITIVE))
+}
+
+impl Stream {
+    fn new(ck: &Checkpoint, ids: &Tensor) -> Result<Self> {
+        let cfg = ck.config();
+        let globals = Globals::load(ck)?;
+        // Both streams start from the teacher's embedding; the embedding's own
+        // quantization error is measured by evaluation, not fed into the blocks.
+        let x = globals.embed(ids)?;
+        let seq = ids.dim(1).map_err(uc_model::ModelError::from)?;
+        Ok(Stream {
+            teacher: x.clone(),
+            student: x,
+            rope: RotaryTables::new(&cfg.rope, cfg.head_dim, seq)?,
+        })
+    }
+
+    /// Quantizes block `layer` into `c`, advances both streams, returns the tensor
+    /// summaries and the block's output error.
+    fn block(
+        &mut self,
+        ck: &Checkpoint,
+        layer: usize,
+        c: &mut ContainerBuilder,
+        opts: &Options,
+    ) -> Result<(Vec<TensorSummary>, f64)> {
+        let teacher = Block::load(ck, layer)?;
+        // Gram matrices of the four distinct linear inputs, from the quantized stream.
+        let mut grams: Vec<(Tap, Gram)> = Vec::new();
+        let rope = &self.rope;
+        chunked(&self.student, |x| {
+            teacher.forward_tapped(x, rope, &mut |tap, input| {
+                let cols = input.dim(1)?;
+                let pos = match grams.iter().position(|(t, _)| *t == tap) {
+                    Some(p) => p,
+                    None => {
+                        grams.push((tap, Gram::new(cols)));
+                        grams.len() - 1
+                    }
+                };
+                grams[pos].1.add(input)?;
+                Ok(())
+            })
+        })?;
+        let mut student = teacher.clone();
+        let p = block_prefix(layer);
+        let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
+        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
+            let name = format!("{p}.{lin}.weight");
+            let weight = &teacher.linears[k].weight;
+            let shape = weight.dims().to_vec();
+            let w = weight.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(uc_model::ModelError::from)?;
+            let gram = grams
+                .iter()
+                .find(|(t, _)| *t == Tap::of_linear(k))
+                .map(|(_, g)| (g, opts.gptq));
+            let (summary, recon) = quantize_into(c, &name, &w, &shape, Role::Body, &opts.body, gram)?;
+            student.linears[k].weight =
+                Tensor::from_vec(recon, shape, weight.device()).map_err(uc_model::ModelError::from)?;
+            summaries.push(summary);
+        }
+        self.teacher = chunked(&self.teacher, |x| teacher.forward(x, rope))?;
+        self.student = chunked(&self.student, |x| student.forward(x, rope))?;
+        let mse = rel_mse(&self.student, &self.teacher)?;
+        Ok((summaries, mse))
+    }
 }

@@ -1,0 +1,133 @@
+//! `uc compress` / `verify` / `inspect` end to end on a tiny model.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+/// Every file of a directory tree, path-sorted, with its bytes.
+fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn compress(src: &Path, out: &Path, text: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut args = vec![
+        "compress",
+        src.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        text.to_str().unwrap(),
+        "--calib-seqs",
+        "6",
+        "--calib-len",
+        "40",
+        "--bits",
+        "4",
+        "--group",
+        "32",
+    ];
+    args.extend(extra);
+    uc(&args, env)
+}
+
+#[test]
+fn calibrated_pack_verifies_and_evaluates() {
+    let m = model_with_tokenizer("llama");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let pack = out.path().join("pack");
+    let o = compress(m.path(), &pack, &text, &["--json"], &[]);
+    let j = json_of(&o);
+    assert_eq!(j["blocks"].as_array().unwrap().len(), 2);
+    assert!(j["bpw_body"].as_f64().unwrap() > 4.0);
+    let v = uc(&["verify", pack.to_str().unwrap()], &[]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("VERIFY: PASS"));
+    let e = json_of(&uc(
+        &[
+            "eval",
+            pack.to_str().unwrap(),
+            "--against",
+            m.path().to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--windows",
+            "4",
+            "--json",
+        ],
+        &[],
+    ));
+    let kld = e["against"]["kld"].as_f64().unwrap();
+    assert!(kld > 0.0 && kld < 0.5, "kld {kld}");
+    let i = json_of(&uc(&["inspect", pack.to_str().unwrap(), "--json"], &[]));
+    assert_eq!(i["kinds"]["self_attn.q_proj.weight"]["encodings"]["q4g32"], 2);
+}
+
+#[test]
+fn same_inputs_and_seed_give_identical_bytes_and_seed_matters() {
+    let m = model_with_tokenizer("qwen2");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let (a, b, c) = (out.path().join("a"), out.path().join("b"), out.path().join("c"));
+    assert!(compress(m.path(), &a, &text, &[], &[("RAYON_NUM_THREADS", "1")]).status.success());
+    assert!(compress(m.path(), &b, &text, &[], &[("RAYON_NUM_THREADS", "2")]).status.success());
+    assert!(compress(m.path(), &c, &text, &["--seed", "7"], &[]).status.success());
+    assert_eq!(tree(&a), tree(&b));
+    assert_ne!(tree(&a), tree(&c));
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_bytes() {
+    let m = model_with_tokenizer("llama");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let (whole, resumed) = (out.path().join("whole"), out.path().join("resumed"));
+    assert!(compress(m.path(), &whole, &text, &[], &[]).status.success());
+    let killed = compress(m.path(), &resumed, &text, &[], &[("UC_TEST_ABORT_AFTER_BLOCKS", "1")]);
+    assert!(!killed.status.success());
+    assert!(!resumed.join("manifest.json").exists(), "a killed run must not leave a manifest");
+    let v = uc(&["verify", resumed.to_str().unwrap()], &[]);
+    assert_eq!(v.status.code(), Some(1), "an unfinished pack must not verify");
+    let again = compress(m.path(), &resumed, &text, &["--json"], &[]);
+    let j = json_of(&again);
+    assert_eq!(j["resumed_blocks"], 1);
+    assert_eq!(tree(&whole), tree(&resumed));
+}
+
+#[test]
+fn gptq_without_calibration_text_is_a_clear_error() {
+    let m = model_with_tokenizer("llama");
+    let out = tempfile::tempdir().unwrap();
+    let o = uc(&["compress", m.path().to_str().unwrap(), "-o", out.path().join("p").to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("calibration"));
+}
+
+#[test]
+fn rtn_needs_no_calibration() {
+    let m = model_with_tokenizer("qwen3");
+    let out = tempfile::tempdir().unwrap();
+    let pack = out.path().join("p");
+    let o = uc(
+        &["compress", m.path().to_str().unwrap(), "-o", pack.to_str().unwrap(), "--method", "rtn", "--group", "32"],
+        &[],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(uc(&["verify", pack.to_str().unwrap()], &[]).status.success());
+}
