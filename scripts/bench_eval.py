@@ -92,7 +92,12 @@ def main():
         make_hf_dir(args.from_gguf, args.model_dir)
 
     L, N = args.seq_len, args.windows
-    text, _ = sotu_split(args.sotu, "eval")
+    # Same corpus layout rule as `uc eval --sotu`: the corpus root holding `speeches/`, or the
+    # speeches folder itself.
+    sotu_dir = args.sotu
+    if os.path.isdir(os.path.join(sotu_dir, "speeches")):
+        sotu_dir = os.path.join(sotu_dir, "speeches")
+    text, _ = sotu_split(sotu_dir, "eval")
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if len(ids) < N * L:

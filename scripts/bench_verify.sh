@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Verification throughput against sha256sum over the same files, on this machine.
 #
-#   scripts/bench_verify.sh PACK [OUT.json]
+#   scripts/bench_verify.sh PACK [OUT.json]      (environment: UC=path of the uc binary)
 #
-# Runs `target/release/uc verify PACK` (or, until the CLI has it, the example
+# Runs `$UC verify PACK` (default UC=target/release/uc) (or, until the CLI has it, the example
 # `target/release/examples/verify_pack PACK`) and `sha256sum` over every file of the
 # pack, each 3 times with a warm page cache, keeps the best time of each, and prints
 # (and writes to OUT.json if given) {pack_bytes, verify_s, sha256sum_s, verify_mb_s,
@@ -15,7 +15,7 @@ set -euo pipefail
 PACK=${1:?usage: scripts/bench_verify.sh PACK [OUT.json]}
 OUT=${2:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-UC="$ROOT/target/release/uc"
+UC=${UC:-$ROOT/target/release/uc}
 EXAMPLE="$ROOT/target/release/examples/verify_pack"
 
 if [ -x "$UC" ] && "$UC" verify --help >/dev/null 2>&1; then

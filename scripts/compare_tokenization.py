@@ -27,6 +27,8 @@ def main() -> None:
     if len(sys.argv) != 4:
         sys.exit(__doc__)
     ours_path, gguf, speeches = map(Path, sys.argv[1:])
+    if (speeches / "speeches").is_dir():  # the corpus root, as `uc eval --sotu` accepts
+        speeches = speeches / "speeches"
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 

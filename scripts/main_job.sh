@@ -18,7 +18,8 @@ scripts/fetch_assets.sh assets
 
 rm -rf "$PACK"
 # shellcheck disable=SC2086
-"$UC" compress assets/smollm2-135m -o "$PACK" ${UC_ARGS:-} --json > results/main_job_compress.json
+"$UC" compress assets/smollm2-135m -o "$PACK" --calib-sotu assets/sotu ${UC_ARGS:-} \
+    --json > results/main_job_compress.json
 "$UC" verify "$PACK" --json > results/main_job_verify.json
 "$UC" verify "$PACK"
 "$UC" eval "$PACK" --against assets/smollm2-135m --sotu assets/sotu --windows "$WINDOWS" \

@@ -5,18 +5,23 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use uc_codec::{CodecSpec, GptqOptions};
-use uc_compress::{Calibration, Event, Method, Options};
+use uc_compress::{BudgetScope, Calibration, Event, Method, Options};
 use uc_eval::corpus::{self, Split};
 
 /// Arguments of `uc compress`.
 #[derive(Args)]
 #[command(after_help = "\
 Examples:
-  uc compress assets/smollm2-135m -o packs/smollm2-q5 --calib-sotu assets/sotu
+  uc compress assets/smollm2-135m -o packs/smollm2-5bpw --calib-sotu assets/sotu
+  uc compress assets/smollm2-135m -o packs/smollm2-4bpw --calib-sotu assets/sotu --bpw 4.0
   uc compress assets/smollm2-135m -o packs/smollm2-q4 --calib my_text.txt --bits 4 --group 64
   uc compress assets/smollm2-135m -o packs/smollm2-rtn5 --method rtn --bits 5 --group 128
   uc compress assets/smollm2-135m -o packs/smollm2-rtn4 --method rtn --bits 4 --group 64 --json
 
+By default the block linears get 5.0 stored bits per weight (codes, scales and codebooks
+counted), spread over tensors by measured sensitivity; --bits fixes one width for all
+(--method rtn defaults to --bits 5, calibration-free).
+Without --calib/--calib-sotu, the SOTU calibration split in assets/sotu is used if present.
 An interrupted run is resumed by running the same command again.")]
 pub struct CompressArgs {
     /// The source: a Hugging Face checkpoint directory.
@@ -46,9 +51,21 @@ pub struct CompressArgs {
     /// Error-feedback damping, as a fraction of the mean Gram diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
-    /// Bits per code of the block linears (2..8).
-    #[arg(long, default_value_t = 5)]
-    bits: u8,
+    /// Rounds of scale refit (H-weighted least squares) and re-encoding after the first
+    /// error-feedback pass (0 = none).
+    #[arg(long, default_value_t = 1)]
+    refit_rounds: usize,
+    /// Budget on the block linears' stored bits per weight (default 5.0); bits per
+    /// tensor (3..8) are chosen by measured sensitivity.
+    #[arg(long, conflicts_with = "bits")]
+    bpw: Option<f64>,
+    /// Where the budget may move bits: model (between any tensors) or block (each
+    /// block meets the budget on its own).
+    #[arg(long, default_value = "model", value_parser = ["model", "block"])]
+    budget_scope: String,
+    /// One width for every block linear (2..8) instead of a budget.
+    #[arg(long)]
+    bits: Option<u8>,
     /// Columns per scale group (32, 64, 128 or 256).
     #[arg(long, default_value_t = 128)]
     group: u32,
@@ -60,29 +77,60 @@ pub struct CompressArgs {
     json: bool,
 }
 
+/// Budget when neither --bits nor --bpw is given.
+const DEFAULT_BPW: f64 = 5.0;
+
 pub fn run(a: CompressArgs) -> Result<()> {
-    let body = CodecSpec::parse(&format!("q{}g{}", a.bits, a.group))
-        .with_context(|| format!("--bits {} --group {}", a.bits, a.group))?;
+    let bits = a.bits.unwrap_or(5);
+    let body = CodecSpec::parse(&format!("q{bits}g{}", a.group))
+        .with_context(|| format!("--bits {bits} --group {}", a.group))?;
+    // A budget unless --bits fixes the width; round-to-nearest stays calibration-free
+    // (uniform --bits, default 5) unless --bpw is asked for explicitly.
+    let budget_bpw = match (a.bits, a.bpw, a.method.as_str()) {
+        (Some(_), _, _) => None,
+        (None, Some(b), _) => Some(b),
+        (None, None, "rtn") => None,
+        (None, None, _) => Some(DEFAULT_BPW),
+    };
+    if let Some(b) = budget_bpw {
+        anyhow::ensure!(
+            b.is_finite() && b > 0.0,
+            "--bpw {b}: must be a positive number"
+        );
+    }
     let embed = CodecSpec::parse(&a.embed_codec)
         .with_context(|| format!("--embed-codec {}", a.embed_codec))?;
-    let method = if a.method == "rtn" { Method::Rtn } else { Method::Gptq };
-    let calibration = match method {
-        Method::Rtn => None,
-        Method::Gptq => Some(calibration(&a)?),
+    let method = if a.method == "rtn" {
+        Method::Rtn
+    } else {
+        Method::Gptq
+    };
+    let calibration = match (method, budget_bpw) {
+        (Method::Rtn, None) => None,
+        _ => Some(calibration(&a)?),
     };
     let opts = Options {
         method,
         body,
+        budget_bpw,
+        budget_scope: if a.budget_scope == "block" {
+            BudgetScope::Block
+        } else {
+            BudgetScope::Model
+        },
         embed,
         calibration,
         gptq: GptqOptions {
             damp: a.damp,
+            refit_rounds: a.refit_rounds,
             ..GptqOptions::default()
         },
     };
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
     // are written, so tests can exercise resume at an exact point.
-    let abort_after: Option<usize> = std::env::var("UC_TEST_ABORT_AFTER_BLOCKS").ok().and_then(|v| v.parse().ok());
+    let abort_after: Option<usize> = std::env::var("UC_TEST_ABORT_AFTER_BLOCKS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let pb = output::progress(0, "compress");
     let start = std::time::Instant::now();
     let summary = uc_compress::compress(&a.src, &a.out, &opts, &mut |e| match e {
@@ -102,6 +150,12 @@ pub fn run(a: CompressArgs) -> Result<()> {
             pb.inc(1)
         }
         Event::GlobalsDone => pb.inc(1),
+        Event::Probed { index, blocks } => {
+            pb.set_message(format!("sensitivity probe {}/{blocks}", index + 1));
+            if index + 1 == blocks {
+                pb.set_message("compress");
+            }
+        }
     })
     .with_context(|| format!("compressing {} into {}", a.src.display(), a.out.display()))?;
     pb.finish_and_clear();
@@ -117,23 +171,29 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "bpw_body": m.bpw_body,
             "bpw_model": m.bpw_model,
             "seconds": start.elapsed().as_secs_f64(),
+            "peak_rss_mib": uc_runtime::bench::peak_rss_mib(),
+            "budget_bpw": budget_bpw,
             "resumed_blocks": summary.resumed_blocks,
             "tensors": summary.tensors,
             "blocks": summary.blocks,
         }));
     }
     output::line(&format!(
-        "wrote {} ({} tensors) in {:.1}s: bpw_body {:.4}, bpw_model {:.4}",
+        "wrote {} ({} tensors) in {:.1}s, peak RSS {:.0} MiB: bpw_body {:.4}, bpw_model {:.4}",
         a.out.display(),
         m.tensors.len(),
         start.elapsed().as_secs_f64(),
+        uc_runtime::bench::peak_rss_mib().unwrap_or(f64::NAN),
         m.bpw_body,
         m.bpw_model
     ))?;
     if !summary.blocks.is_empty() {
         output::line("block  output rel. MSE (quantized stream vs teacher)  seconds")?;
         for b in &summary.blocks {
-            output::line(&format!("{:>5}  {:>10.3e}  {:>7.1}", b.index, b.out_rel_mse, b.seconds))?;
+            output::line(&format!(
+                "{:>5}  {:>10.3e}  {:>7.1}",
+                b.index, b.out_rel_mse, b.seconds
+            ))?;
         }
     }
     if let Some(w) = worst {
@@ -145,15 +205,23 @@ pub fn run(a: CompressArgs) -> Result<()> {
     output::line(&format!("fingerprint {}", m.fingerprint))
 }
 
+/// SOTU corpus directory used for calibration when none is named.
+const DEFAULT_SOTU: &str = "assets/sotu";
+
 /// The calibration stream: the text files (or the SOTU calibration split) tokenized
 /// with the source checkpoint's own tokenizer.
 fn calibration(a: &CompressArgs) -> Result<Calibration> {
+    let default_sotu = PathBuf::from(DEFAULT_SOTU);
     let files = match (&a.calib_sotu, a.calib.is_empty()) {
         (Some(dir), true) => corpus::sotu_files(dir, Split::Calibration)?,
         (None, false) => a.calib.clone(),
+        (None, true) if default_sotu.join("speeches").is_dir() => {
+            corpus::sotu_files(&default_sotu, Split::Calibration)?
+        }
         _ => anyhow::bail!(
-            "the gptq method needs calibration text: --calib FILE... or --calib-sotu DIR \
-             (or --method rtn for calibration-free compression)"
+            "calibration text needed (the gptq method and a --bpw budget use it): \
+             --calib FILE... or --calib-sotu DIR (or --method rtn --bits N for \
+             calibration-free compression)"
         ),
     };
     let text = corpus::load(&files)?;

@@ -66,13 +66,20 @@ struct Receipt {
     text_sha256: String,
     text_chars: usize,
     tokenizer_sha256: String,
+    /// Tokens of the whole text (the windows use the first windows x seq_len).
     n_tokens: usize,
+    /// SHA-256 of the exact token ids evaluated: all windows concatenated in order,
+    /// each id as u32 little-endian. Equal hashes prove two receipts scored the same
+    /// tokens (`uc_eval::tokens_sha256`).
+    tokens_sha256: String,
     seq_len: usize,
     windows: usize,
     threads: usize,
     seconds: f64,
     /// Tokens through a forward pass per second (both models counted).
     tokens_per_s: f64,
+    /// n_pos, nll, ppl, window_nll (per-window mean NLL, window order) and, with a
+    /// reference, `against` (ref_nll, ref_ppl, ppl_ratio, kld, top1, ref_window_nll).
     #[serde(flatten)]
     report: uc_eval::EvalReport,
 }
@@ -139,6 +146,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         text_chars: text.text.chars().count(),
         tokenizer_sha256: tokenizer.sha256().to_string(),
         n_tokens: tokens.len(),
+        tokens_sha256: uc_eval::tokens_sha256(&windows),
         seq_len: a.seq_len,
         windows: windows.len(),
         threads: output::threads(),

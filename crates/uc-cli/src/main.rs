@@ -1,10 +1,12 @@
 //! `uc`: the command-line front end. Thin: parse arguments, call the library
 //! crates, print. Exit codes: 0 success, 1 failure, 2 usage error.
 
+mod cmd_bench;
 mod cmd_compress;
 mod cmd_eval;
 mod cmd_import;
 mod cmd_inspect;
+mod cmd_run;
 mod cmd_verify;
 mod output;
 
@@ -58,6 +60,10 @@ enum Command {
     Inspect(cmd_inspect::InspectArgs),
     /// Perplexity of a model on text, and KL / top-1 against a reference.
     Eval(cmd_eval::EvalArgs),
+    /// Generate text from a pack or checkpoint (KV cache, streamed output).
+    Run(cmd_run::RunArgs),
+    /// Time to first token, prefill / decode tokens per second, peak memory.
+    Bench(cmd_bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -76,6 +82,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => cmd_eval::run(args),
         Command::Compress(args) => cmd_compress::run(args),
         Command::Inspect(args) => cmd_inspect::run(args),
+        Command::Run(args) => cmd_run::run(args),
+        Command::Bench(args) => cmd_bench::run(args),
         Command::Verify(args) => match cmd_verify::run(args) {
             // A FAIL is reported on stdout; the exit code says it.
             Ok(false) => return ExitCode::from(1),

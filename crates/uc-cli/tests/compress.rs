@@ -23,7 +23,13 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn compress(src: &Path, out: &Path, text: &Path, extra: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+fn compress(
+    src: &Path,
+    out: &Path,
+    text: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let mut args = vec![
         "compress",
         src.to_str().unwrap(),
@@ -76,7 +82,10 @@ fn calibrated_pack_verifies_and_evaluates() {
     let kld = e["against"]["kld"].as_f64().unwrap();
     assert!(kld > 0.0 && kld < 0.5, "kld {kld}");
     let i = json_of(&uc(&["inspect", pack.to_str().unwrap(), "--json"], &[]));
-    assert_eq!(i["kinds"]["self_attn.q_proj.weight"]["encodings"]["q4g32"], 2);
+    assert_eq!(
+        i["kinds"]["self_attn.q_proj.weight"]["encodings"]["q4g32"],
+        2
+    );
 }
 
 #[test]
@@ -84,10 +93,24 @@ fn same_inputs_and_seed_give_identical_bytes_and_seed_matters() {
     let m = model_with_tokenizer("qwen2");
     let text = text_file(m.path());
     let out = tempfile::tempdir().unwrap();
-    let (a, b, c) = (out.path().join("a"), out.path().join("b"), out.path().join("c"));
-    assert!(compress(m.path(), &a, &text, &[], &[("RAYON_NUM_THREADS", "1")]).status.success());
-    assert!(compress(m.path(), &b, &text, &[], &[("RAYON_NUM_THREADS", "2")]).status.success());
-    assert!(compress(m.path(), &c, &text, &["--seed", "7"], &[]).status.success());
+    let (a, b, c) = (
+        out.path().join("a"),
+        out.path().join("b"),
+        out.path().join("c"),
+    );
+    assert!(
+        compress(m.path(), &a, &text, &[], &[("RAYON_NUM_THREADS", "1")])
+            .status
+            .success()
+    );
+    assert!(
+        compress(m.path(), &b, &text, &[], &[("RAYON_NUM_THREADS", "2")])
+            .status
+            .success()
+    );
+    assert!(compress(m.path(), &c, &text, &["--seed", "7"], &[])
+        .status
+        .success());
     assert_eq!(tree(&a), tree(&b));
     assert_ne!(tree(&a), tree(&c));
 }
@@ -99,11 +122,24 @@ fn a_killed_run_resumes_to_the_same_bytes() {
     let out = tempfile::tempdir().unwrap();
     let (whole, resumed) = (out.path().join("whole"), out.path().join("resumed"));
     assert!(compress(m.path(), &whole, &text, &[], &[]).status.success());
-    let killed = compress(m.path(), &resumed, &text, &[], &[("UC_TEST_ABORT_AFTER_BLOCKS", "1")]);
+    let killed = compress(
+        m.path(),
+        &resumed,
+        &text,
+        &[],
+        &[("UC_TEST_ABORT_AFTER_BLOCKS", "1")],
+    );
     assert!(!killed.status.success());
-    assert!(!resumed.join("manifest.json").exists(), "a killed run must not leave a manifest");
+    assert!(
+        !resumed.join("manifest.json").exists(),
+        "a killed run must not leave a manifest"
+    );
     let v = uc(&["verify", resumed.to_str().unwrap()], &[]);
-    assert_eq!(v.status.code(), Some(1), "an unfinished pack must not verify");
+    assert_eq!(
+        v.status.code(),
+        Some(1),
+        "an unfinished pack must not verify"
+    );
     let again = compress(m.path(), &resumed, &text, &["--json"], &[]);
     let j = json_of(&again);
     assert_eq!(j["resumed_blocks"], 1);
@@ -114,7 +150,15 @@ fn a_killed_run_resumes_to_the_same_bytes() {
 fn gptq_without_calibration_text_is_a_clear_error() {
     let m = model_with_tokenizer("llama");
     let out = tempfile::tempdir().unwrap();
-    let o = uc(&["compress", m.path().to_str().unwrap(), "-o", out.path().join("p").to_str().unwrap()], &[]);
+    let o = uc(
+        &[
+            "compress",
+            m.path().to_str().unwrap(),
+            "-o",
+            out.path().join("p").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("calibration"));
 }
@@ -125,9 +169,94 @@ fn rtn_needs_no_calibration() {
     let out = tempfile::tempdir().unwrap();
     let pack = out.path().join("p");
     let o = uc(
-        &["compress", m.path().to_str().unwrap(), "-o", pack.to_str().unwrap(), "--method", "rtn", "--group", "32"],
+        &[
+            "compress",
+            m.path().to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--method",
+            "rtn",
+            "--group",
+            "32",
+        ],
         &[],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(uc(&["verify", pack.to_str().unwrap()], &[]).status.success());
+    assert!(uc(&["verify", pack.to_str().unwrap()], &[])
+        .status
+        .success());
+}
+
+#[test]
+fn a_bpw_budget_is_met_spread_by_sensitivity_and_deterministic() {
+    let m = model_with_tokenizer("llama");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let run = |name: &str, threads: &str| {
+        let pack = out.path().join(name);
+        let o = uc(
+            &[
+                "compress",
+                m.path().to_str().unwrap(),
+                "-o",
+                pack.to_str().unwrap(),
+                "--calib",
+                text.to_str().unwrap(),
+                "--calib-seqs",
+                "6",
+                "--calib-len",
+                "40",
+                "--group",
+                "32",
+                "--bpw",
+                "4.5",
+                "--json",
+            ],
+            &[("RAYON_NUM_THREADS", threads)],
+        );
+        (pack, json_of(&o))
+    };
+    let (a, j) = run("a", "1");
+    let bpw = j["bpw_body"].as_f64().unwrap();
+    assert!(bpw <= 4.5 && bpw > 4.0, "bpw_body {bpw}");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
+    let bits: std::collections::BTreeSet<u64> = manifest["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "body")
+        .map(|t| t["encoding"]["bits"].as_u64().unwrap())
+        .collect();
+    assert!(bits.len() >= 2, "one width everywhere: {bits:?}");
+    let alloc = &manifest["calibration"]["allocation"];
+    assert_eq!(alloc["budget_bpw"], 4.5);
+    assert_eq!(alloc["sensitivity"].as_array().unwrap().len(), 14);
+    assert!(uc(&["verify", a.to_str().unwrap()], &[]).status.success());
+    let (b, _) = run("b", "2");
+    assert_eq!(tree(&a), tree(&b));
+}
+
+#[test]
+fn a_budget_below_every_codec_is_a_clear_error() {
+    let m = model_with_tokenizer("llama");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let args = [
+        "compress",
+        m.path().to_str().unwrap(),
+        "-o",
+        out.path().join("q").to_str().unwrap(),
+        "--calib",
+        text.to_str().unwrap(),
+        "--bpw",
+        "1.5",
+    ];
+    let o = uc(&args, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("below the cheapest"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -326,7 +326,13 @@ pub fn reconstruct_tensor(pack: &Pack, name: &str, kernel: Kernel) -> Result<Vec
 
 /// Checks one tensor: entries, stored byte count, encoded digest, decode + validation,
 /// reconstruction digest.
-fn check_tensor(pack: &Pack, rec: &TensorRecord, kernel: Kernel) -> Result<(), String> {
+/// Checks one tensor, recording the digests it computed in `out` as it goes.
+fn check_tensor(
+    pack: &Pack,
+    rec: &TensorRecord,
+    kernel: Kernel,
+    out: &mut TensorCheck,
+) -> Result<(), String> {
     let s = |e: CodecError| e.to_string();
     let (_, stored) = expected_entries(rec).map_err(s)?;
     if stored != rec.stored_bytes {
@@ -338,6 +344,7 @@ fn check_tensor(pack: &Pack, rec: &TensorRecord, kernel: Kernel) -> Result<(), S
     let c = pack.container(&rec.file).map_err(|e| e.to_string())?;
     let parts = load_entries(&c, rec).map_err(s)?;
     let enc = digest_parts(parts.iter().map(|e| e.data));
+    out.encoded_sha256.clone_from(&enc);
     if enc != rec.encoded_sha256 {
         return Err(format!(
             "encoded sha256 {enc}, manifest says {}",
@@ -362,6 +369,7 @@ fn check_tensor(pack: &Pack, rec: &TensorRecord, kernel: Kernel) -> Result<(), S
             )
         }
     };
+    out.recon_sha256.clone_from(&recon);
     if recon != rec.recon_sha256 {
         return Err(format!(
             "reconstruction sha256 {recon}, manifest says {}",
@@ -459,6 +467,10 @@ pub struct TensorCheck {
     pub encoding: String,
     /// Logical element count (0 if the shape overflows).
     pub elements: u64,
+    /// SHA-256 of the encoded entries as read (empty if they could not be read).
+    pub encoded_sha256: String,
+    /// SHA-256 of the reconstruction as computed here (empty if not reached).
+    pub recon_sha256: String,
     /// Entries, stored bytes, both digests and validation all passed.
     pub ok: bool,
 }
@@ -536,14 +548,17 @@ pub fn verify_pack(pack: &Pack, threads: usize) -> VerifyReport {
                     Done::File(*i, c, finding)
                 }
                 Work::Tensor(t) => {
-                    let res = check_tensor(pack, t, kernel);
-                    let check = TensorCheck {
+                    let mut check = TensorCheck {
                         name: t.name.clone(),
                         file: t.file.clone(),
                         encoding: encoding_name(&t.encoding),
                         elements: t.elements().unwrap_or(0),
-                        ok: res.is_ok(),
+                        encoded_sha256: String::new(),
+                        recon_sha256: String::new(),
+                        ok: false,
                     };
+                    let res = check_tensor(pack, t, kernel, &mut check);
+                    check.ok = res.is_ok();
                     Done::Tensor(*i, check, res.err().map(|p| Finding::new(&t.name, p)))
                 }
             })
@@ -603,7 +618,14 @@ pub fn verify_dir(dir: &Path, threads: usize) -> VerifyReport {
         Err(e) => VerifyReport {
             pass: false,
             tool: ToolInfo::this(),
-            host: HostInfo::detect(threads, Kernel::select(false)),
+            host: HostInfo::detect(
+                if threads == 0 {
+                    rayon::current_num_threads()
+                } else {
+                    threads
+                },
+                Kernel::select(false),
+            ),
             fingerprint: String::new(),
             files: Vec::new(),
             tensors: Vec::new(),

@@ -66,7 +66,9 @@ impl Calibration {
     pub fn windows(&self) -> Result<(Tensor, CalibrationRecord), String> {
         let (n, l) = (self.n_seqs, self.seq_len);
         if n == 0 || l < 2 {
-            return Err(format!("calibration needs >= 1 window of >= 2 tokens (got {n} x {l})"));
+            return Err(format!(
+                "calibration needs >= 1 window of >= 2 tokens (got {n} x {l})"
+            ));
         }
         if self.tokens.len() < l {
             return Err(format!(
@@ -143,7 +145,13 @@ mod tests {
         let (b, rb) = c.windows().unwrap();
         assert_eq!(ra.starts, rb.starts);
         assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
-        let other = Calibration { seed: 43, ..c.clone() }.windows().unwrap().1;
+        let other = Calibration {
+            seed: 43,
+            ..c.clone()
+        }
+        .windows()
+        .unwrap()
+        .1;
         assert_ne!(ra.starts, other.starts);
         // SplitMix64 is specified: the first draw of seed 42 is fixed forever.
         assert_eq!(SplitMix64(42).next(), 0xBDD7_3226_2FEB_6E95);

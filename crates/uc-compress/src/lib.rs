@@ -9,11 +9,16 @@
 //! deterministic the final pack is byte-identical to an uninterrupted run's.
 #![deny(missing_docs)]
 
+pub mod alloc;
 mod calib;
 mod pipeline;
 
+pub use alloc::Sensitivity;
 pub use calib::{Calibration, CalibrationRecord, Gram};
-pub use pipeline::{compress, BlockSummary, Event, Method, Options, Summary, TensorSummary};
+pub use pipeline::{
+    compress, BlockSummary, BudgetScope, Event, Method, Options, Summary, TensorSummary,
+    BUDGET_BITS,
+};
 
 /// Everything that can stop a compression.
 #[derive(Debug, thiserror::Error)]

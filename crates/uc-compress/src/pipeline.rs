@@ -1,11 +1,13 @@
 //! The per-block loop.
 
+use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
+use crate::calib::{Calibration, Gram};
 use crate::{CompressError, Result};
+use candle_core::Tensor;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
-use crate::calib::{Calibration, Gram};
-use candle_core::Tensor;
 use uc_codec::{CodecSpec, GptqOptions, Kernel, QuantTensor};
 use uc_format::{
     block_container, ContainerBuilder, DenseDtype, Manifest, PackWriter, Role, SourceFile,
@@ -33,8 +35,15 @@ pub enum Method {
 pub struct Options {
     /// Encoder of the block linears.
     pub method: Method,
-    /// Codec of the block linears.
+    /// Codec of the block linears; with a budget, its group size (and scale dtype) is
+    /// kept and only the bits vary per tensor.
     pub body: CodecSpec,
+    /// Budget on the block linears' stored bits per weight: bits chosen per tensor from
+    /// [`BUDGET_BITS`] by measured sensitivity (see [`crate::alloc`]). Needs calibration.
+    pub budget_bpw: Option<f64>,
+    /// Where the budget may move bits: across the whole model, or only between the
+    /// linears of each block (every block then meets the budget on its own).
+    pub budget_scope: BudgetScope,
     /// Codec of the token embedding and (untied) head.
     pub embed: CodecSpec,
     /// Calibration data (required by [`Method::Gptq`]).
@@ -43,9 +52,33 @@ pub struct Options {
     pub gptq: GptqOptions,
 }
 
+/// Where a bit budget may move bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetScope {
+    /// Between any two block linears of the model.
+    #[default]
+    Model,
+    /// Only between the linears of one block.
+    Block,
+}
+
+/// Candidate bits per code when a budget is set.
+pub const BUDGET_BITS: [u8; 5] = [3, 4, 5, 6, 8];
+
+/// Calibration windows the sensitivity probe runs on (the first ones drawn).
+const PROBE_SEQS: usize = 4;
+
 /// Progress notifications for a front end.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The sensitivity probe (budgeted runs) finished block `index` of `blocks`.
+    Probed {
+        /// Block index.
+        index: usize,
+        /// Number of blocks.
+        blocks: usize,
+    },
     /// Work is starting: `blocks` transformer blocks, `resumed` of them already done.
     Start {
         /// Number of blocks.
@@ -103,6 +136,8 @@ pub struct Summary {
     pub tensors: Vec<TensorSummary>,
     /// Calibrated runs: every block's output error.
     pub blocks: Vec<BlockSummary>,
+    /// Budgeted runs: every block linear's measured sensitivity, in block order.
+    pub sensitivity: Vec<Sensitivity>,
 }
 
 /// SHA-256 and size of each file of the source directory that defines the model.
@@ -180,7 +215,9 @@ fn quantize_into(
     gram: Option<(&Gram, GptqOptions)>,
 ) -> Result<(TensorSummary, Vec<f32>)> {
     let [rows, cols] = shape[..] else {
-        return Err(CompressError::Settings(format!("{name}: expected a 2-D weight, got {shape:?}")));
+        return Err(CompressError::Settings(format!(
+            "{name}: expected a 2-D weight, got {shape:?}"
+        )));
     };
     let qt: QuantTensor = match gram {
         None => uc_codec::encode_rtn(w, rows, cols, spec, None),
@@ -250,18 +287,60 @@ pub fn compress(
         resumed,
     });
 
-    let mut stream = match (opts.method, &opts.calibration) {
-        (Method::Rtn, _) => None,
-        (Method::Gptq, Some(cal)) => {
-            let (ids, record) = cal.windows().map_err(CompressError::Settings)?;
-            writer.set_calibration(serde_json::to_value(&record).map_err(|e| {
-                CompressError::Settings(format!("calibration record: {e}"))
-            })?)?;
-            Some(Stream::new(&ck, &ids)?)
+    let needs_calibration = opts.method == Method::Gptq || opts.budget_bpw.is_some();
+    let windows = match (&opts.calibration, needs_calibration) {
+        (Some(cal), true) => Some(cal.windows().map_err(CompressError::Settings)?),
+        (None, true) => {
+            return Err(CompressError::Settings(
+                "the gptq method and a bpw budget need calibration text".into(),
+            ))
         }
-        (Method::Gptq, None) => {
-            return Err(CompressError::Settings("the gptq method needs calibration text".into()))
+        (_, false) => None,
+    };
+    // Per-tensor codecs: the budget's allocation, or the body codec everywhere.
+    let mut sensitivity = Vec::new();
+    let mut specs: HashMap<String, CodecSpec> = HashMap::new();
+    if let (Some(budget), Some((ids, _))) = (opts.budget_bpw, &windows) {
+        sensitivity = probe(&ck, ids, &opts.body, progress)?;
+        let candidates: Vec<CodecSpec> = BUDGET_BITS
+            .iter()
+            .map(|&bits| CodecSpec { bits, ..opts.body })
+            .collect();
+        let chosen = match opts.budget_scope {
+            BudgetScope::Model => allocate(&sensitivity, &candidates, budget)?,
+            BudgetScope::Block => {
+                let mut all = Vec::with_capacity(sensitivity.len());
+                for block in sensitivity.chunks(BLOCK_LINEARS.len()) {
+                    all.extend(allocate(block, &candidates, budget)?);
+                }
+                all
+            }
+        };
+        specs = sensitivity
+            .iter()
+            .map(|s| s.name.clone())
+            .zip(chosen)
+            .collect();
+    }
+    if let Some((_, record)) = &windows {
+        let mut cal = serde_json::to_value(record)
+            .map_err(|e| CompressError::Settings(format!("calibration record: {e}")))?;
+        if let Some(budget) = opts.budget_bpw {
+            cal["allocation"] = serde_json::json!({
+                "budget_bpw": budget,
+                "scope": opts.budget_scope,
+                "candidate_bits": BUDGET_BITS,
+                "probe_bits": PROBE_BITS,
+                "probe_seqs": PROBE_SEQS,
+                "sensitivity": sensitivity,
+            });
         }
+        writer.set_calibration(cal)?;
+    }
+    let spec_of = |name: &str| *specs.get(name).unwrap_or(&opts.body);
+    let mut stream = match (opts.method, &windows) {
+        (Method::Gptq, Some((ids, _))) => Some(Stream::new(&ck, ids)?),
+        _ => None,
     };
 
     let mut tensors = Vec::new();
@@ -280,13 +359,14 @@ pub fn compress(
             None => {
                 for lin in BLOCK_LINEARS {
                     let name = format!("{p}.{lin}.weight");
-                    tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &opts.body)?);
+                    let spec = spec_of(&name);
+                    tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &spec)?);
                 }
             }
             Some(st) => {
                 // A resumed block is recomputed (deterministically: the same codes) so
                 // the quantized stream can be carried forward; its file is kept.
-                let (ts, mse) = st.block(&ck, layer, &mut c, opts)?;
+                let (ts, mse) = st.block(&ck, layer, &mut c, opts, &spec_of)?;
                 if !complete {
                     tensors.extend(ts);
                 }
@@ -306,7 +386,12 @@ pub fn compress(
                 dense_into(&ck, &mut c, &format!("{p}.{lin}.bias"), Role::Other)?;
             }
         }
-        for norm in ["input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"] {
+        for norm in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "self_attn.q_norm",
+            "self_attn.k_norm",
+        ] {
             let name = format!("{p}.{norm}.weight");
             if ck.contains(&name) {
                 dense_into(&ck, &mut c, &name, Role::Norm)?;
@@ -324,7 +409,13 @@ pub fn compress(
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
         tensors.push(quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
         if !cfg.tie_word_embeddings {
-            tensors.push(quantize_from(&ck, &mut c, LM_HEAD, Role::Head, &opts.embed)?);
+            tensors.push(quantize_from(
+                &ck,
+                &mut c,
+                LM_HEAD,
+                Role::Head,
+                &opts.embed,
+            )?);
         }
         dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?;
         writer.write_container(c)?;
@@ -343,7 +434,70 @@ pub fn compress(
         resumed_blocks: resumed,
         tensors,
         blocks,
+        sensitivity,
     })
+}
+
+/// The sensitivity probe: on the teacher stream of the first [`PROBE_SEQS`] calibration
+/// windows, block by block, the relative MSE that round-to-nearest at [`PROBE_BITS`]
+/// bits (group and scale dtype of `body`) of each linear alone adds to the block
+/// output. One block's weights resident at a time, like the main pass.
+fn probe(
+    ck: &Checkpoint,
+    ids: &Tensor,
+    body: &CodecSpec,
+    progress: &mut dyn FnMut(Event),
+) -> Result<Vec<Sensitivity>> {
+    let cfg = ck.config();
+    let n = ids.dim(0).map_err(uc_model::ModelError::from)?;
+    let sub = ids
+        .narrow(0, 0, PROBE_SEQS.min(n))
+        .map_err(uc_model::ModelError::from)?;
+    let seq = sub.dim(1).map_err(uc_model::ModelError::from)?;
+    let rope = RotaryTables::new(&cfg.rope, cfg.head_dim, seq)?;
+    let mut x = Globals::load(ck)?.embed(&sub)?;
+    let spec = CodecSpec {
+        bits: PROBE_BITS,
+        ..*body
+    };
+    let mut out = Vec::new();
+    for layer in 0..cfg.num_layers {
+        let block = Block::load(ck, layer)?;
+        let y = block.forward(&x, &rope)?;
+        let p = block_prefix(layer);
+        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
+            let name = format!("{p}.{lin}.weight");
+            let weight = &block.linears[k].weight;
+            let shape = weight.dims().to_vec();
+            let [rows, cols] = shape[..] else {
+                return Err(CompressError::Settings(format!(
+                    "{name}: expected a 2-D weight, got {shape:?}"
+                )));
+            };
+            let w = weight
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(uc_model::ModelError::from)?;
+            let qt = uc_codec::encode_rtn(&w, rows, cols, &spec, None).map_err(codec_err(&name))?;
+            let recon =
+                uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(&name))?;
+            let mut probed = block.clone();
+            probed.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
+                .map_err(uc_model::ModelError::from)?;
+            out.push(Sensitivity {
+                name,
+                rows,
+                cols,
+                probe_rel_mse: rel_mse(&probed.forward(&x, &rope)?, &y)?,
+            });
+        }
+        x = y;
+        progress(Event::Probed {
+            index: layer,
+            blocks: cfg.num_layers,
+        });
+    }
+    Ok(out)
 }
 
 /// Hidden states of the calibration windows through the teacher and through the
@@ -358,11 +512,16 @@ struct Stream {
 const CHUNK: usize = 4;
 
 /// `f` applied to `x` in chunks of [`CHUNK`] windows, concatenated.
-fn chunked(x: &Tensor, mut f: impl FnMut(&Tensor) -> uc_model::error::Result<Tensor>) -> Result<Tensor> {
+fn chunked(
+    x: &Tensor,
+    mut f: impl FnMut(&Tensor) -> uc_model::error::Result<Tensor>,
+) -> Result<Tensor> {
     let n = x.dim(0).map_err(uc_model::ModelError::from)?;
     let mut outs = Vec::with_capacity(n.div_ceil(CHUNK));
     for s in (0..n).step_by(CHUNK) {
-        let part = x.narrow(0, s, CHUNK.min(n - s)).map_err(uc_model::ModelError::from)?;
+        let part = x
+            .narrow(0, s, CHUNK.min(n - s))
+            .map_err(uc_model::ModelError::from)?;
         outs.push(f(&part)?);
     }
     Ok(Tensor::cat(&outs, 0).map_err(uc_model::ModelError::from)?)
@@ -400,6 +559,7 @@ impl Stream {
         layer: usize,
         c: &mut ContainerBuilder,
         opts: &Options,
+        spec_of: &dyn Fn(&str) -> CodecSpec,
     ) -> Result<(Vec<TensorSummary>, f64)> {
         let teacher = Block::load(ck, layer)?;
         // Gram matrices of the four distinct linear inputs, from the quantized stream.
@@ -426,14 +586,18 @@ impl Stream {
             let name = format!("{p}.{lin}.weight");
             let weight = &teacher.linears[k].weight;
             let shape = weight.dims().to_vec();
-            let w = weight.flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(uc_model::ModelError::from)?;
+            let w = weight
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(uc_model::ModelError::from)?;
             let gram = grams
                 .iter()
                 .find(|(t, _)| *t == Tap::of_linear(k))
                 .map(|(_, g)| (g, opts.gptq));
-            let (summary, recon) = quantize_into(c, &name, &w, &shape, Role::Body, &opts.body, gram)?;
-            student.linears[k].weight =
-                Tensor::from_vec(recon, shape, weight.device()).map_err(uc_model::ModelError::from)?;
+            let spec = spec_of(&name);
+            let (summary, recon) = quantize_into(c, &name, &w, &shape, Role::Body, &spec, gram)?;
+            student.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
+                .map_err(uc_model::ModelError::from)?;
             summaries.push(summary);
         }
         self.teacher = chunked(&self.teacher, |x| teacher.forward(x, rope))?;

@@ -6,6 +6,10 @@
 //! reference's logits -> per-position NLL, KL(reference || candidate) over the full
 //! vocabulary and top-1 agreement ([`metrics`]) -> an [`EvalReport`].
 //!
+//! Identity of what was scored: [`tokens_sha256`] hashes the exact token ids of the
+//! windows, so two receipts with equal hashes scored identical tokens; the report also
+//! carries each window's mean NLL, so a difference can be located.
+//!
 //! Determinism: per-position values are computed in parallel but written to fixed
 //! slots and summed sequentially in f64, so the report has the same digits for any
 //! thread count.
@@ -85,6 +89,19 @@ pub fn windows(tokens: &[u32], seq_len: usize, n: usize) -> Result<Vec<&[u32]>, 
     Ok(tokens.chunks_exact(seq_len).take(n).collect())
 }
 
+/// SHA-256 (lowercase hex) of the token ids of `windows`: all windows concatenated
+/// in order, each id as a u32 little-endian (4 bytes per token, no separators).
+pub fn tokens_sha256(windows: &[&[u32]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for w in windows {
+        for id in w.iter() {
+            h.update(id.to_le_bytes());
+        }
+    }
+    hex::encode(h.finalize())
+}
+
 /// Metric totals of one evaluation.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EvalReport {
@@ -94,6 +111,10 @@ pub struct EvalReport {
     pub nll: f64,
     /// Perplexity: exp(nll).
     pub ppl: f64,
+    /// Mean NLL of the model over each window's predicted positions (nats), in window
+    /// order. Every window has seq_len - 1 positions, so their plain mean equals `nll`
+    /// up to f64 rounding (`nll` itself is one sequential sum over all positions).
+    pub window_nll: Vec<f64>,
     /// Against a reference: its NLL, perplexity, the ratio, KL and top-1.
     pub against: Option<Comparison>,
 }
@@ -111,6 +132,9 @@ pub struct Comparison {
     pub kld: f64,
     /// Fraction of positions where both argmaxes agree.
     pub top1: f64,
+    /// Mean NLL of the reference over each window's predicted positions (nats), in
+    /// window order; pairs with `window_nll` of the report.
+    pub ref_window_nll: Vec<f64>,
 }
 
 /// Evaluates `model` (and `reference`, when given) on `windows`; `progress` is
@@ -142,4 +166,27 @@ pub fn evaluate(
         progress(i + 1);
     }
     Ok(totals.report(reference.is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_sha256_hashes_u32_little_endian_concatenated() {
+        // SHA-256 of the 8 bytes 01 00 00 00 02 01 00 00 (ids 1 and 258).
+        let a: &[u32] = &[1];
+        let b: &[u32] = &[258];
+        let split = tokens_sha256(&[a, b]);
+        let joined = tokens_sha256(&[&[1, 258]]);
+        assert_eq!(split, joined);
+        use sha2::{Digest, Sha256};
+        let want = hex::encode(Sha256::digest([1u8, 0, 0, 0, 2, 1, 0, 0]));
+        assert_eq!(split, want);
+        // The empty input is the SHA-256 of no bytes.
+        assert_eq!(
+            tokens_sha256(&[]),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
 }

@@ -80,7 +80,7 @@ pub fn window_metrics(
         .collect()
 }
 
-/// Running sums over positions, added in a fixed order.
+/// Running sums over positions, added in a fixed order, plus each window's mean NLL.
 #[derive(Debug, Default, Clone)]
 pub struct Totals {
     n: usize,
@@ -88,20 +88,28 @@ pub struct Totals {
     ref_nll: f64,
     kld: f64,
     agree: usize,
+    window_nll: Vec<f64>,
+    ref_window_nll: Vec<f64>,
 }
 
 impl Totals {
-    /// Adds a window's positions in order.
+    /// Adds a window's positions in order (one call per window).
     pub fn add(&mut self, positions: &[Position]) {
+        let (mut w_nll, mut w_ref) = (0f64, 0f64);
         for p in positions {
             self.n += 1;
             self.nll += p.nll;
+            w_nll += p.nll;
             if let Some((r, k, a)) = p.against {
                 self.ref_nll += r;
+                w_ref += r;
                 self.kld += k;
                 self.agree += usize::from(a);
             }
         }
+        let k = positions.len().max(1) as f64;
+        self.window_nll.push(w_nll / k);
+        self.ref_window_nll.push(w_ref / k);
     }
 
     /// The report; `with_reference` says whether the comparison fields are meaningful.
@@ -116,12 +124,14 @@ impl Totals {
                 ppl_ratio: (nll - ref_nll).exp(),
                 kld: self.kld / n,
                 top1: self.agree as f64 / n,
+                ref_window_nll: self.ref_window_nll.clone(),
             }
         });
         EvalReport {
             n_pos: self.n,
             nll,
             ppl: nll.exp(),
+            window_nll: self.window_nll.clone(),
             against,
         }
     }
@@ -162,6 +172,26 @@ mod tests {
         let got = kl(&r, logsumexp(&r), &c, logsumexp(&c));
         let want = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
         assert!((got - want).abs() < 1e-7, "{got} vs {want}");
+    }
+
+    #[test]
+    fn window_means_are_per_window_and_average_to_the_total() {
+        let vocab = 3;
+        let a: Vec<f32> = (0..12).map(|i| ((i * 5) % 7) as f32 * 0.4).collect();
+        let b: Vec<f32> = (0..12).map(|i| ((i * 3) % 5) as f32 * 0.7).collect();
+        let (w1, w2) = ([0u32, 2, 1, 0], [1u32, 1, 2, 0]);
+        let p1 = window_metrics(&a, Some(&b), &w1, vocab);
+        let p2 = window_metrics(&b, Some(&a), &w2, vocab);
+        let mut t = Totals::default();
+        t.add(&p1);
+        t.add(&p2);
+        let r = t.report(true);
+        let mean = |p: &[Position]| p.iter().map(|x| x.nll).sum::<f64>() / p.len() as f64;
+        assert_eq!(r.window_nll, vec![mean(&p1), mean(&p2)]);
+        assert!(((r.window_nll[0] + r.window_nll[1]) / 2.0 - r.nll).abs() < 1e-12);
+        let c = r.against.unwrap();
+        assert_eq!(c.ref_window_nll.len(), 2);
+        assert!(((c.ref_window_nll[0] + c.ref_window_nll[1]) / 2.0 - c.ref_nll).abs() < 1e-12);
     }
 
     #[test]

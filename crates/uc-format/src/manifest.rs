@@ -31,7 +31,8 @@ pub struct Manifest {
     pub bpw_body: f64,
     /// Stored bits per weight over all tensors (0 when there are none).
     pub bpw_model: f64,
-    /// [`fingerprint`] of `files`: one hash naming the pack's exact contents.
+    /// [`fingerprint`] of the rest of the manifest: one hash naming the pack's exact
+    /// contents and everything recorded about them.
     pub fingerprint: String,
 }
 
@@ -215,16 +216,58 @@ impl TensorRecord {
     }
 }
 
-/// The pack fingerprint: SHA-256 (lower-case hex) of the UTF-8 text made of one line
-/// `"{path}\t{size}\t{sha256}\n"` per file, in ascending byte order of `path`.
-pub fn fingerprint(files: &[FileEntry]) -> String {
-    let mut sorted: Vec<&FileEntry> = files.iter().collect();
-    sorted.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
-    let text: String = sorted
-        .iter()
-        .map(|f| format!("{}\t{}\t{}\n", f.path, f.size, f.sha256))
-        .collect();
+/// The pack fingerprint of a manifest given as a JSON value: SHA-256 (lower-case hex) of
+/// its canonical text with the top-level `fingerprint` member removed. Every other field,
+/// unknown ones included, is covered, so the fingerprint names the pack's exact bytes
+/// (through `files`) and everything the manifest says about them (provenance, codecs,
+/// digests, calibration, statistics). Canonical text: see [`canonical_json`].
+pub fn fingerprint(manifest: &Value) -> String {
+    let mut text = String::new();
+    match manifest {
+        Value::Object(map) => {
+            let mut rest = map.clone();
+            rest.remove("fingerprint");
+            canonical_json(&Value::Object(rest), &mut text);
+        }
+        other => canonical_json(other, &mut text),
+    }
     sha256_hex(text.as_bytes())
+}
+
+/// Appends the canonical JSON text of `v` to `out`: no whitespace, object members in
+/// ascending bytewise order of their keys, strings escaped as serde_json escapes them,
+/// numbers as serde_json prints them (integers in decimal, floats in the shortest form
+/// that parses back to the same f64).
+pub fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                if let Some(x) = map.get(k) {
+                    canonical_json(x, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }
 
 /// `(bpw_body, bpw_model)`: stored bits divided by logical elements, over `body` tensors
@@ -260,6 +303,11 @@ pub fn bpw(tensors: &[TensorRecord]) -> (f64, f64) {
 pub(crate) fn read_versioned_json<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
 ) -> crate::Result<T> {
+    parse_versioned_json(path, &read_bounded_json(path)?)
+}
+
+/// The bytes of a JSON file, refusing files over [`crate::MAX_JSON_BYTES`].
+pub(crate) fn read_bounded_json(path: &std::path::Path) -> crate::Result<Vec<u8>> {
     use crate::FormatError;
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(FormatError::io(path))?;
@@ -283,7 +331,7 @@ pub(crate) fn read_versioned_json<T: serde::de::DeserializeOwned>(
             cap: crate::MAX_JSON_BYTES,
         });
     }
-    parse_versioned_json(path, &bytes)
+    Ok(bytes)
 }
 
 /// Parses JSON bytes after the `format_version` gate (see [`read_versioned_json`]).

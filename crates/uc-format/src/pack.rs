@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{bpw, fingerprint, read_versioned_json, FileEntry, Manifest, TensorRecord};
+use crate::manifest::{
+    bpw, fingerprint, parse_versioned_json, read_bounded_json, FileEntry, Manifest, TensorRecord,
+};
 use crate::{
     sha256_file, Container, FormatError, Result, JOURNAL_FILE, MANIFEST_FILE, TENSORS_DIR,
 };
@@ -37,6 +39,8 @@ pub struct FileCheck {
     pub path: String,
     /// Bytes read (0 when the file could not be read).
     pub size: u64,
+    /// SHA-256 of the bytes read (empty when the file could not be read).
+    pub sha256: String,
     /// Size and SHA-256 both match the manifest.
     pub ok: bool,
 }
@@ -54,6 +58,8 @@ pub struct FilesReport {
 pub struct Pack {
     dir: PathBuf,
     manifest: Manifest,
+    /// [`fingerprint`] recomputed from the manifest bytes on disk.
+    content_fingerprint: String,
     /// Tensor name -> index into `manifest.tensors`.
     by_name: HashMap<String, usize>,
     /// Containers mapped so far, by pack path.
@@ -95,7 +101,17 @@ impl Pack {
     /// refuses newer format versions, unsafe paths and duplicate file or tensor names.
     pub fn open(dir: impl AsRef<Path>) -> Result<Pack> {
         let dir = dir.as_ref().to_path_buf();
-        let manifest: Manifest = read_versioned_json(&dir.join(MANIFEST_FILE))?;
+        let mpath = dir.join(MANIFEST_FILE);
+        let bytes = read_bounded_json(&mpath)?;
+        let manifest: Manifest = parse_versioned_json(&mpath, &bytes)?;
+        // The fingerprint is over the manifest as written, unknown fields included, so
+        // it is computed from the raw JSON rather than from the typed struct.
+        let raw: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|source| FormatError::Json {
+                path: mpath.clone(),
+                source,
+            })?;
+        let content_fingerprint = fingerprint(&raw);
         let mut paths = BTreeSet::new();
         for f in &manifest.files {
             check_pack_path(&f.path)?;
@@ -117,6 +133,7 @@ impl Pack {
         Ok(Pack {
             dir,
             manifest,
+            content_fingerprint,
             by_name,
             containers: Mutex::new(HashMap::new()),
         })
@@ -162,13 +179,13 @@ impl Pack {
     pub fn check_manifest(&self) -> Vec<Finding> {
         let m = &self.manifest;
         let mut out = Vec::new();
-        let fp = fingerprint(&m.files);
-        if fp != m.fingerprint {
+        if self.content_fingerprint != m.fingerprint {
             out.push(Finding::new(
                 MANIFEST_FILE,
                 format!(
-                    "fingerprint {} does not match files list ({fp})",
-                    m.fingerprint
+                    "fingerprint {} does not match the manifest's content ({}): a field \
+                     was edited after the pack was written",
+                    m.fingerprint, self.content_fingerprint
                 ),
             ));
         }
@@ -206,6 +223,7 @@ impl Pack {
                 FileCheck {
                     path: entry.path.clone(),
                     size: 0,
+                    sha256: String::new(),
                     ok: false,
                 },
                 Some(Finding::new(&entry.path, e.to_string())),
@@ -222,6 +240,7 @@ impl Pack {
                     path: entry.path.clone(),
                     size,
                     ok: problem.is_none(),
+                    sha256: sha,
                 };
                 (check, problem.map(|p| Finding::new(&entry.path, p)))
             }

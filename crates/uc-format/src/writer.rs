@@ -307,18 +307,23 @@ impl PackWriter {
         files.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
         tensors.sort_by(|a, b| (&a.file, &a.name).cmp(&(&b.file, &b.name)));
         let (bpw_body, bpw_model) = bpw(&tensors);
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             format_version: FORMAT_VERSION,
             tool,
             source,
             calibration,
-            fingerprint: fingerprint(&files),
+            fingerprint: String::new(),
             files,
             tensors,
             bpw_body,
             bpw_model,
         };
         let mpath = self.dir.join(MANIFEST_FILE);
+        let json_err = |source| FormatError::Json {
+            path: mpath.clone(),
+            source,
+        };
+        manifest.fingerprint = fingerprint(&serde_json::to_value(&manifest).map_err(json_err)?);
         let mut bytes =
             serde_json::to_vec_pretty(&manifest).map_err(|source| FormatError::Json {
                 path: mpath.clone(),

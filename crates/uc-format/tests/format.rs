@@ -156,23 +156,34 @@ fn writer_is_deterministic() {
 }
 
 #[test]
-fn fingerprint_is_sha256_of_sorted_tab_separated_lines() {
-    let files = vec![
-        FileEntry {
-            path: "tensors/b".into(),
-            size: 2,
-            sha256: "bb".into(),
-        },
-        FileEntry {
-            path: "config.json".into(),
-            size: 1,
-            sha256: "aa".into(),
-        },
-    ];
+fn fingerprint_is_sha256_of_canonical_json_without_itself() {
+    let v = json!({"b": [1, 2.5, "x"], "a": {"z": null, "y": true}, "fingerprint": "f"});
     assert_eq!(
-        fingerprint(&files),
-        sha256_hex(b"config.json\t1\taa\ntensors/b\t2\tbb\n")
+        fingerprint(&v),
+        sha256_hex(br#"{"a":{"y":true,"z":null},"b":[1,2.5,"x"]}"#)
     );
+    let written = make_pack(tempfile::tempdir().unwrap().path());
+    let mut v = serde_json::to_value(&written).unwrap();
+    assert_eq!(fingerprint(&v), written.fingerprint);
+    v["fingerprint"] = json!("anything");
+    assert_eq!(fingerprint(&v), written.fingerprint, "own field excluded");
+}
+
+#[test]
+fn edited_provenance_field_fails_naming_the_manifest() {
+    // Fields no other check looks at: only the fingerprint can catch these edits.
+    let edits: [fn(&mut serde_json::Value); 4] = [
+        |v| v["tool"]["version"] = json!("9.9.9"),
+        |v| v["source"]["architecture"] = json!("mistral"),
+        |v| v["source"]["config"]["hidden_size"] = json!(1),
+        |v| v["an_added_field"] = json!(1),
+    ];
+    for edit in edits {
+        let d = tempfile::tempdir().unwrap();
+        make_pack(d.path());
+        edit_manifest(d.path(), edit);
+        assert_eq!(failing_subjects(d.path()), vec!["manifest.json"]);
+    }
 }
 
 #[test]
@@ -466,4 +477,26 @@ fn resume_without_journal_is_an_error() {
         PackWriter::resume(d.path()),
         Err(FormatError::NoJournal { .. })
     ));
+}
+
+#[test]
+fn bpw_totals_survive_the_json_round_trip() {
+    // Regression: without serde_json's float_roundtrip feature some ratios (a q3g128 pack
+    // of SmolLM2 was one) came back one ulp off and `uc verify` failed a sound pack.
+    let mut bad = Vec::new();
+    for bytes in 1u64..2000 {
+        for elems in [576u64, 1536, 49152, 331_776, 884_736, 28_311_552] {
+            let x = (bytes * 7919) as f64 * 8.0 / elems as f64;
+            let back: f64 = serde_json::from_str(&serde_json::to_string(&x).unwrap()).unwrap();
+            if back.to_bits() != x.to_bits() {
+                bad.push(x);
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} values changed, e.g. {:?}",
+        bad.len(),
+        &bad[..bad.len().min(3)]
+    );
 }

@@ -1,0 +1,231 @@
+//! Element-wise math of the forward pass: exp (softmax, SiLU), RMSNorm, rotary.
+//!
+//! The scalar functions use `f32::exp` and are the references. The AVX-512 exp is a
+//! Cephes-style polynomial (range reduction by ln 2, degree-6 polynomial, `vscalefps`),
+//! within [`EXP_REL_TOL`] of `f32::exp` over the range softmax and SiLU feed it.
+
+use super::Isa;
+
+/// Relative tolerance of the SIMD exp against `f32::exp` for arguments in [-87, 88].
+pub const EXP_REL_TOL: f32 = 4e-7;
+
+/// `xs[i] = exp(xs[i] - shift)`, returns the sum of the results (f32, in order for the
+/// reference; lane-wise for SIMD).
+pub fn exp_shifted_sum(isa: Isa, xs: &mut [f32], shift: f32) -> f32 {
+    match isa {
+        // SAFETY: the guard checked the CPU supports AVX-512F.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if Isa::Avx512.is_available() => unsafe { x86::exp_shifted_sum(xs, shift) },
+        _ => exp_shifted_sum_scalar(xs, shift),
+    }
+}
+
+/// Reference for [`exp_shifted_sum`].
+pub fn exp_shifted_sum_scalar(xs: &mut [f32], shift: f32) -> f32 {
+    let mut s = 0.0f32;
+    for x in xs.iter_mut() {
+        *x = (*x - shift).exp();
+        s += *x;
+    }
+    s
+}
+
+/// In-place softmax of `xs` (numerically stable: the maximum is subtracted first).
+pub fn softmax(isa: Isa, xs: &mut [f32]) {
+    if xs.is_empty() {
+        return;
+    }
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum = exp_shifted_sum(isa, xs, max);
+    let inv = 1.0 / sum;
+    xs.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` with `silu(v) = v / (1 + exp(-v))`.
+pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "silu_mul: lengths");
+    match isa {
+        // SAFETY: the guard checked the CPU supports AVX-512F; lengths are equal.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if Isa::Avx512.is_available() => unsafe { x86::silu_mul(gate, up) },
+        _ => silu_mul_scalar(gate, up),
+    }
+}
+
+/// Reference for [`silu_mul`].
+pub fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
+    gate.iter_mut()
+        .zip(up)
+        .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x` into `out`: `x / sqrt(mean(x^2) + eps) * w`,
+/// with candle's rounding sequence (f32 sum of squares, divide, then multiply).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    assert!(
+        n > 0 && x.len() == out.len() && x.len().is_multiple_of(n),
+        "rms_norm: shapes"
+    );
+    for (src, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum2: f32 = src.iter().map(|v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        dst.iter_mut()
+            .zip(src)
+            .zip(w)
+            .for_each(|((d, s), a)| *d = s / m * a);
+    }
+}
+
+/// In-place RMSNorm of each `w.len()`-wide row (per-head q/k norm).
+pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for row in x.chunks_exact_mut(n) {
+        let sum2: f32 = row.iter().map(|v| v * v).sum();
+        let m = (sum2 / n as f32 + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(d, a)| *d = *d / m * a);
+    }
+}
+
+/// Rotary embedding of one head vector (`x.len() == 2 * cos.len()`), transformers'
+/// rotate-half layout: `(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)`.
+#[inline]
+pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// exp of 16 lanes (Cephes expf polynomial; inputs clamped to [-87.3, 88.7]).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(super) unsafe fn exp512(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.336_55)),
+            _mm512_set1_ps(88.722_83),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5e-1,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        _mm512_scalef_ps(y, n)
+    }
+
+    #[inline(always)]
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let s = _mm512_set1_ps(shift);
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            let m = lanes(n - i);
+            let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), s));
+            let e = _mm512_maskz_mov_ps(m, e);
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+            acc = _mm512_add_ps(acc, e);
+            i += 16;
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// # Safety
+    /// AVX-512F available; `gate.len() == up.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len();
+        let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let m = lanes(n - i);
+            let g = _mm512_maskz_loadu_ps(m, pg.add(i));
+            let e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let v = _mm512_mul_ps(
+                _mm512_div_ps(g, _mm512_add_ps(one, e)),
+                _mm512_maskz_loadu_ps(m, pu.add(i)),
+            );
+            _mm512_mask_storeu_ps(pg.add(i), m, v);
+            i += 16;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_exp_is_within_named_tolerance_of_std_exp() {
+        let xs: Vec<f32> = (0..20001)
+            .map(|i| -87.0 + i as f32 * (175.0 / 20000.0))
+            .collect();
+        let mut want = xs.clone();
+        let mut got = xs.clone();
+        exp_shifted_sum_scalar(&mut want, 0.0);
+        exp_shifted_sum(Isa::detect(), &mut got, 0.0);
+        for ((g, w), x) in got.iter().zip(&want).zip(&xs) {
+            assert!(
+                (g - w).abs() <= EXP_REL_TOL * w.abs(),
+                "exp({x}) = {g}, std {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_masks_nothing() {
+        for n in [1, 5, 16, 17, 100] {
+            let mut v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
+            softmax(Isa::detect(), &mut v);
+            let s: f32 = v.iter().sum();
+            assert!((s - 1.0).abs() < 1e-5, "n={n}: {s}");
+            assert!(v.iter().all(|p| *p > 0.0));
+        }
+    }
+
+    #[test]
+    fn simd_silu_matches_reference() {
+        let g: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) / 25.0).collect();
+        let u: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.1).cos()).collect();
+        let (mut a, mut b) = (g.clone(), g.clone());
+        silu_mul_scalar(&mut a, &u);
+        silu_mul(Isa::detect(), &mut b, &u);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! uc-runtime: inference for dense checkpoints and packs.
+//!
+//! Data flow, in order:
+//! - [`weights`]: a model directory -> [`weights::WeightLoader`] ([`weights::PackLoader`]
+//!   verifies the pack first; [`weights::CheckpointLoader`] reads safetensors) -> per
+//!   block [`weights::BlockWeights`] whose linears are [`linear::Linear`] trait objects:
+//!   [`linear::DenseLinear`] (f32) or [`linear::PackedLinear`] (codebook + scales + codes
+//!   + overlay, never expanded to f32 as a whole).
+//! - [`kernels`]: the compute -- fused quantized mat-vec, exact tile dequantization,
+//!   GEMM, exp/softmax/RMSNorm/rotary -- each SIMD kernel beside its scalar reference.
+//! - [`decoder::Decoder`]: Llama-family blocks over a KV cache; prefill in one pass,
+//!   then one token at a time; blocks resident or streamed from disk ([`stream`], the
+//!   next block prefetched on a background thread).
+//! - [`kv`]: the KV cache, in memory or (streaming) in an unlinked file whose pages
+//!   leave the resident set after each layer.
+//! - [`team`]: spinning worker threads for the decode step's short parallel loops.
+//! - [`sampler`]: greedy / temperature / top-p with a seeded PRNG.
+//! - [`generate`]: the generation loop, stop tokens, streaming detokenization.
+//! - [`bench`]: time to first token, prefill / decode throughput, peak RSS, machine.
+#![deny(missing_docs)]
+
+pub mod bench;
+pub mod decoder;
+pub mod error;
+pub mod generate;
+pub mod kernels;
+pub mod kv;
+pub mod linear;
+pub mod sampler;
+pub mod stream;
+pub mod team;
+pub mod weights;
+
+pub use decoder::{Decoder, DecoderOptions, Logits};
+pub use error::{Result, RuntimeError};
+pub use generate::{generate, GenerateOptions, GenerationStats};
+pub use sampler::{Sampler, SamplingParams};
+pub use weights::{Verify, WeightLoader};

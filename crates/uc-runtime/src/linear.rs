@@ -1,0 +1,659 @@
+//! Linear layers behind one trait, [`Linear`]: dense f32 ([`DenseLinear`]) or the
+//! codec's packed form ([`PackedLinear`]), and [`forward`], which runs several linears
+//! that share an input (q/k/v, gate/up) in one parallel pass over output-row blocks.
+//!
+//! Shapes: a weight is `(rows, cols)` = `(out_features, in_features)`; inputs are
+//! `(n, cols)` row-major (n tokens), outputs `(n, rows)`.
+//!
+//! Strategy by batch size:
+//! - `n <= FUSED_MAX_TOKENS` (decode): mat-vec per token. Packed weights use the fused
+//!   kernel ([`crate::kernels::quant::dot_rows`]) that reads codes, scales and codebook
+//!   directly; the f32 weight is never materialised.
+//! - larger `n` (prefill): per block of `PREFILL_TILE` rows, packed weights are
+//!   dequantized into a thread-local tile and multiplied with the `gemm` crate.
+//! - A low-rank overlay `W += A B` is applied as `(x B^T) A^T`: `x B^T` once per call
+//!   ([`Linear::prologue`]), then a rank-r update per row block.
+
+use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
+use crate::kernels::quant::{self, QuantRows, CODE_PAD};
+use crate::kernels::Isa;
+use crate::{Result, RuntimeError};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::Arc;
+
+/// Batches up to this many tokens use the fused mat-vec; larger ones dequantize tiles.
+pub const FUSED_MAX_TOKENS: usize = 4;
+/// Output rows per task when decoding (a few tasks per thread for balance).
+pub const DECODE_ROWS: usize = 64;
+/// Output rows per dequantized tile when prefilling.
+pub const PREFILL_TILE: usize = 128;
+
+/// One linear layer's weight, however it is stored.
+pub trait Linear: Send + Sync {
+    /// Output features.
+    fn rows(&self) -> usize;
+    /// Input features.
+    fn cols(&self) -> usize;
+    /// Bytes this weight holds in memory.
+    fn resident_bytes(&self) -> usize;
+    /// `"dense_f32"` or the codec name.
+    fn kind(&self) -> String;
+    /// Row `i` of the weight as the format defines it (exact reconstruction, overlay
+    /// included), into `out` (`cols` long). Used for embedding lookups.
+    fn row_into(&self, isa: Isa, i: usize, out: &mut [f32]);
+    /// Whether [`Self::prologue`] computes anything.
+    fn has_prologue(&self) -> bool {
+        false
+    }
+    /// Work shared by every row block of one call (the overlay's `x B^T`, `(n, r)`).
+    fn prologue(&self, _isa: Isa, _x: &[f32], _n: usize) -> Vec<f32> {
+        Vec::new()
+    }
+    /// `out (n, rows.len()) = x (n, cols) . W[rows]^T`, with `aux` from [`Self::prologue`]
+    /// and `scratch` a reusable per-thread buffer.
+    fn block(&self, isa: Isa, x: &[f32], aux: &[f32], out: &mut ColBlock, scratch: &mut Vec<f32>);
+    /// The whole weight as f32, overlay excluded: borrowed when stored dense, else
+    /// reconstructed into `buf` (rows in parallel).
+    fn weight_f32<'s>(&'s self, isa: Isa, buf: &'s mut Vec<f32>) -> &'s [f32];
+    /// `out (n, rows) += aux (n, r) . A^T`: the overlay's second factor (nothing
+    /// without an overlay).
+    fn overlay_apply(&self, _aux: &[f32], _n: usize, _out: &mut [f32]) {}
+}
+
+/// A dense f32 weight, `(rows, cols)` row-major.
+pub struct DenseLinear {
+    rows: usize,
+    cols: usize,
+    w: Vec<f32>,
+}
+
+impl DenseLinear {
+    /// Wraps `w` (`rows * cols` values).
+    pub fn new(name: &str, w: Vec<f32>, rows: usize, cols: usize) -> Result<Self> {
+        if rows == 0 || cols == 0 || w.len() != rows * cols {
+            return Err(RuntimeError::bad(
+                name,
+                format!("{} values for a {rows} x {cols} weight", w.len()),
+            ));
+        }
+        Ok(DenseLinear { rows, cols, w })
+    }
+}
+
+impl Linear for DenseLinear {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn resident_bytes(&self) -> usize {
+        self.w.len() * 4
+    }
+    fn kind(&self) -> String {
+        "dense_f32".into()
+    }
+    fn row_into(&self, _isa: Isa, i: usize, out: &mut [f32]) {
+        out.copy_from_slice(&self.w[i * self.cols..(i + 1) * self.cols]);
+    }
+    fn weight_f32<'s>(&'s self, _isa: Isa, _buf: &'s mut Vec<f32>) -> &'s [f32] {
+        &self.w
+    }
+    fn block(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        _aux: &[f32],
+        out: &mut ColBlock,
+        _scratch: &mut Vec<f32>,
+    ) {
+        let (c, r0, len) = (self.cols, out.first(), out.len());
+        let w = &self.w[r0 * c..(r0 + len) * c];
+        if out.n() <= FUSED_MAX_TOKENS {
+            for t in 0..out.n() {
+                dense::matvec(isa, w, c, &x[t * c..(t + 1) * c], out.row_mut(t));
+            }
+        } else {
+            out.gemm(c, Mat::rows(x, c), Mat::rows_t(w, c), false);
+        }
+    }
+}
+
+/// A low-rank overlay `W += A B` with factors widened to f32.
+struct Overlay {
+    rank: usize,
+    /// `(rows, rank)`.
+    a: Vec<f32>,
+    /// `(rank, cols)`.
+    b: Vec<f32>,
+}
+
+/// A quantized weight in the codec's stored form (see `docs/format.md`): codebook, f32
+/// copies of the group scales, packed codes (plus [`CODE_PAD`] zero bytes), optional
+/// overlay.
+pub struct PackedLinear {
+    rows: usize,
+    cols: usize,
+    bits: usize,
+    group: usize,
+    name: String,
+    codebook: Box<[f32; 256]>,
+    /// `(rows, n_groups)`.
+    scales: Vec<f32>,
+    /// `(rows, row_bytes)` + `CODE_PAD`.
+    codes: Codes,
+    overlay: Option<Overlay>,
+    /// Where `codes` goes back to when this weight is dropped (streamed weights).
+    recycler: Option<Arc<Recycler>>,
+}
+
+/// Where a packed weight's codes live.
+enum Codes {
+    /// An ordinary allocation (streamed weights, tests).
+    Heap(Vec<u8>),
+    /// A slot of the [`CodeArena`] shared by all resident weights.
+    Arena(ArenaSlot),
+}
+
+impl Codes {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Codes::Heap(v) => v,
+            Codes::Arena(a) => a.bytes(),
+        }
+    }
+}
+
+/// One anonymous memory region holding the codes of every resident quantized weight,
+/// filled slot by slot while the model loads and read-only afterwards. It is allocated
+/// outside the heap so it can ask for transparent huge pages (`MADV_HUGEPAGE`): a decode
+/// step reads all of it, and with 4 KiB pages the TLB misses cost ~7% of decode speed
+/// here, whatever the allocator's own huge-page policy.
+pub struct CodeArena {
+    map: memmap2::MmapMut,
+    /// Base pointer of `map`, taken once from `&mut` at construction; slots are written
+    /// through it (see [`CodeArena::put`]).
+    base: *mut u8,
+    next: std::sync::Mutex<usize>,
+}
+
+// SAFETY: `base` points into `map`, which lives as long as the arena and is never
+// remapped; writes through it happen only in `put`, under the mutex, to a range no one
+// else has been handed yet.
+unsafe impl Send for CodeArena {}
+unsafe impl Sync for CodeArena {}
+
+impl CodeArena {
+    /// A zeroed region of `bytes` bytes (huge pages requested where the OS offers them).
+    pub fn new(bytes: usize) -> std::io::Result<Arc<Self>> {
+        let mut map = memmap2::MmapMut::map_anon(bytes.max(1))?;
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage); // a hint: ignore refusal
+        let base = map.as_mut_ptr();
+        Ok(Arc::new(CodeArena {
+            map,
+            base,
+            next: std::sync::Mutex::new(0),
+        }))
+    }
+
+    /// Copies `data` followed by `pad` zero bytes into a fresh slot (64-byte aligned);
+    /// `None` when the arena is full.
+    pub fn put(self: &Arc<Self>, data: &[u8], pad: usize) -> Option<ArenaSlot> {
+        let len = data.len().checked_add(pad)?;
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let start = next.checked_add(63)? / 64 * 64;
+        let end = start.checked_add(len)?;
+        if end > self.map.len() {
+            return None;
+        }
+        // SAFETY: [start, end) is inside the mapping and has not been handed out (the
+        // bump pointer only grows, under the lock); nothing reads it before this returns.
+        // The mapping is zero-filled, so the padding needs no write.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(start), data.len()) };
+        *next = end;
+        Some(ArenaSlot {
+            arena: self.clone(),
+            start,
+            len,
+        })
+    }
+}
+
+/// A filled, immutable range of a [`CodeArena`].
+pub struct ArenaSlot {
+    arena: Arc<CodeArena>,
+    start: usize,
+    len: usize,
+}
+
+impl ArenaSlot {
+    fn bytes(&self) -> &[u8] {
+        &self.arena.map[self.start..self.start + self.len]
+    }
+}
+
+/// Keeps the code buffers of dropped streamed weights for the next load, so streaming
+/// block after block reuses the same few megabytes instead of allocating and freeing
+/// them (which an allocator may return to the OS and fault in again every time). Holds
+/// at most `cap` bytes: enough for the units in flight, never a copy of the model.
+pub struct Recycler {
+    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
+    cap: usize,
+}
+
+impl Recycler {
+    /// A recycler keeping at most `cap` bytes of buffers.
+    pub fn new(cap: usize) -> Self {
+        Recycler {
+            bufs: std::sync::Mutex::new(Vec::new()),
+            cap,
+        }
+    }
+
+    /// An empty buffer with capacity at least `cap` (the smallest kept one that fits).
+    pub fn take(&self, cap: usize) -> Vec<u8> {
+        let mut bufs = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
+        let best = (0..bufs.len())
+            .filter(|&i| bufs[i].capacity() >= cap)
+            .min_by_key(|&i| bufs[i].capacity());
+        match best {
+            Some(i) => {
+                let mut v = bufs.swap_remove(i);
+                v.clear();
+                v
+            }
+            None => Vec::with_capacity(cap),
+        }
+    }
+
+    /// Keeps `v` for a later [`Recycler::take`], dropping the smallest kept buffers
+    /// while the total would exceed the cap.
+    pub fn give(&self, v: Vec<u8>) {
+        if v.capacity() == 0 || v.capacity() > self.cap {
+            return;
+        }
+        let mut bufs = self.bufs.lock().unwrap_or_else(|p| p.into_inner());
+        bufs.push(v);
+        let mut total: usize = bufs.iter().map(|b| b.capacity()).sum();
+        bufs.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+        while total > self.cap {
+            match bufs.pop() {
+                Some(b) => total -= b.capacity(),
+                None => break,
+            }
+        }
+    }
+}
+
+impl Drop for PackedLinear {
+    fn drop(&mut self) {
+        if let (Some(r), Codes::Heap(v)) = (&self.recycler, &mut self.codes) {
+            r.give(std::mem::take(v));
+        }
+    }
+}
+
+/// Where [`PackedLinear::from_quant_in`] puts the codes.
+#[derive(Clone, Default)]
+pub enum CodeHome {
+    /// A heap allocation of its own.
+    #[default]
+    Heap,
+    /// A heap allocation returned to this recycler when the weight is dropped.
+    Recycled(Arc<Recycler>),
+    /// A slot of this arena (heap if the arena is full).
+    Arena(Arc<CodeArena>),
+}
+
+/// `codes` followed by the kernels' zero padding (no reallocation when the capacity
+/// allows, as loaders arrange).
+fn padded(mut codes: Vec<u8>) -> Vec<u8> {
+    codes.extend_from_slice(&[0u8; CODE_PAD]);
+    codes
+}
+
+impl PackedLinear {
+    /// Takes a quantized tensor (validated here: lengths, codebook, scales, padding).
+    pub fn from_quant(name: &str, qt: uc_codec::QuantTensor) -> Result<Self> {
+        Self::from_quant_recycled(name, qt, None)
+    }
+
+    /// [`Self::from_quant`], returning the code buffer to `recycler` when dropped.
+    pub fn from_quant_recycled(
+        name: &str,
+        qt: uc_codec::QuantTensor,
+        recycler: Option<Arc<Recycler>>,
+    ) -> Result<Self> {
+        let home = recycler.map_or(CodeHome::Heap, CodeHome::Recycled);
+        Self::from_quant_in(name, qt, home)
+    }
+
+    /// [`Self::from_quant`] with the codes placed in `home`.
+    pub fn from_quant_in(name: &str, qt: uc_codec::QuantTensor, home: CodeHome) -> Result<Self> {
+        qt.validate().map_err(|e| RuntimeError::Codec {
+            tensor: name.into(),
+            source: e,
+        })?;
+        let codebook = quant::periodic_codebook(&qt.codebook);
+        let scales = qt
+            .scales
+            .iter()
+            .map(|&s| uc_codec::scale_to_f32(s, qt.spec.scale_dtype))
+            .collect();
+        let (codes, recycler) = match home {
+            CodeHome::Arena(a) => match a.put(&qt.codes, CODE_PAD) {
+                Some(slot) => (Codes::Arena(slot), None),
+                None => (Codes::Heap(padded(qt.codes)), None),
+            },
+            CodeHome::Recycled(r) => (Codes::Heap(padded(qt.codes)), Some(r)),
+            CodeHome::Heap => (Codes::Heap(padded(qt.codes)), None),
+        };
+        let overlay = qt.overlay.map(|o| Overlay {
+            rank: o.rank,
+            a: o.a.iter().map(|&v| uc_codec::bf16_to_f32(v)).collect(),
+            b: o.b.iter().map(|&v| uc_codec::bf16_to_f32(v)).collect(),
+        });
+        let p = PackedLinear {
+            rows: qt.rows,
+            cols: qt.cols,
+            bits: qt.spec.bits.into(),
+            group: qt.spec.group as usize,
+            name: qt.spec.name(),
+            codebook,
+            scales,
+            codes,
+            overlay,
+            recycler,
+        };
+        if QuantRows::new(
+            p.bits,
+            p.group,
+            p.cols,
+            &p.codebook,
+            &p.scales,
+            p.codes.bytes(),
+        )
+        .is_none_or(|q| q.rows() != p.rows)
+        {
+            return Err(RuntimeError::bad(
+                name,
+                "codec buffers inconsistent with the shape",
+            ));
+        }
+        Ok(p)
+    }
+
+    fn view(&self) -> QuantRows<'_> {
+        QuantRows::new(
+            self.bits,
+            self.group,
+            self.cols,
+            &self.codebook,
+            &self.scales,
+            self.codes.bytes(),
+        )
+        .expect("checked in PackedLinear::from_quant")
+    }
+}
+
+impl Linear for PackedLinear {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn resident_bytes(&self) -> usize {
+        let ov = self
+            .overlay
+            .as_ref()
+            .map_or(0, |o| (o.a.len() + o.b.len()) * 4);
+        self.codes.bytes().len() + self.scales.len() * 4 + 256 * 4 + ov
+    }
+    fn kind(&self) -> String {
+        self.name.clone()
+    }
+    fn row_into(&self, isa: Isa, i: usize, out: &mut [f32]) {
+        quant::dequant_row(isa, &self.view(), i, out);
+        if let Some(o) = &self.overlay {
+            // The specification's order: acc = sum_k A[i,k] * B[k,j] in k order (no FMA),
+            // then w = base + acc.
+            for (j, w) in out.iter_mut().enumerate() {
+                let mut acc = 0.0f32;
+                for k in 0..o.rank {
+                    acc += o.a[i * o.rank + k] * o.b[k * self.cols + j];
+                }
+                *w += acc;
+            }
+        }
+    }
+    fn has_prologue(&self) -> bool {
+        self.overlay.is_some()
+    }
+    fn prologue(&self, _isa: Isa, x: &[f32], n: usize) -> Vec<f32> {
+        let Some(o) = &self.overlay else {
+            return Vec::new();
+        };
+        // xb (n, r) = x (n, cols) . B^T
+        let mut xb = vec![0f32; n * o.rank];
+        dense::gemm(
+            n,
+            o.rank,
+            self.cols,
+            Mat::rows(x, self.cols),
+            Mat::rows_t(&o.b, self.cols),
+            &mut xb,
+            o.rank,
+            false,
+        );
+        xb
+    }
+    fn weight_f32<'s>(&'s self, isa: Isa, buf: &'s mut Vec<f32>) -> &'s [f32] {
+        let c = self.cols;
+        buf.resize(self.rows * c, 0.0);
+        let q = self.view();
+        buf.par_chunks_mut(c * 16)
+            .enumerate()
+            .for_each(|(k, rows)| {
+                for (r, row) in rows.chunks_exact_mut(c).enumerate() {
+                    quant::dequant_row(isa, &q, k * 16 + r, row);
+                }
+            });
+        buf
+    }
+    fn overlay_apply(&self, aux: &[f32], n: usize, out: &mut [f32]) {
+        if let Some(o) = &self.overlay {
+            let bounds = [0, self.rows];
+            for mut b in split_columns(out, n, self.rows, &bounds) {
+                b.gemm(
+                    o.rank,
+                    Mat::rows(aux, o.rank),
+                    Mat::rows_t(&o.a, o.rank),
+                    true,
+                );
+            }
+        }
+    }
+    fn block(&self, isa: Isa, x: &[f32], aux: &[f32], out: &mut ColBlock, scratch: &mut Vec<f32>) {
+        let (c, r0, len, n) = (self.cols, out.first(), out.len(), out.n());
+        let q = self.view();
+        if n <= FUSED_MAX_TOKENS {
+            for t in 0..n {
+                quant::dot_rows(isa, &q, &x[t * c..(t + 1) * c], r0, out.row_mut(t));
+            }
+        } else {
+            scratch.resize(len * c, 0.0);
+            for (r, row) in scratch.chunks_exact_mut(c).enumerate() {
+                quant::dequant_row(isa, &q, r0 + r, row);
+            }
+            out.gemm(c, Mat::rows(x, c), Mat::rows_t(scratch, c), false);
+        }
+        if let Some(o) = &self.overlay {
+            let a = &o.a[r0 * o.rank..(r0 + len) * o.rank];
+            if n <= FUSED_MAX_TOKENS {
+                for t in 0..n {
+                    let xb = &aux[t * o.rank..(t + 1) * o.rank];
+                    for (i, y) in out.row_mut(t).iter_mut().enumerate() {
+                        *y += dense::dot(isa, &a[i * o.rank..(i + 1) * o.rank], xb);
+                    }
+                }
+            } else {
+                // out (n, len) += xb (n, r) . A[rows]^T
+                out.gemm(o.rank, Mat::rows(aux, o.rank), Mat::rows_t(a, o.rank), true);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static WEIGHT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One linear of a [`forward`] call, with its optional bias `(rows,)`.
+pub struct Op<'a> {
+    /// The weight.
+    pub w: &'a dyn Linear,
+    /// Added to every output row.
+    pub bias: Option<&'a [f32]>,
+}
+
+/// Runs every op on the same input `x (n, cols)` in one parallel pass over output-row
+/// blocks (rayon), returning each op's output `(n, rows)`.
+pub fn forward(isa: Isa, ops: &[Op], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = ops.iter().map(|op| vec![0f32; n * op.w.rows()]).collect();
+    let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+    forward_into(isa, ops, x, n, &mut refs);
+    outs
+}
+
+/// [`forward`] with the decode loops on `par`.
+pub fn forward_with(par: Par, isa: Isa, ops: &[Op], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = ops.iter().map(|op| vec![0f32; n * op.w.rows()]).collect();
+    let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+    forward_into_with(par, isa, ops, x, n, &mut refs);
+    outs
+}
+
+/// [`forward`] into caller-owned outputs: `outs[i]` is op `i`'s `(n, rows)` output
+/// (every element is overwritten).
+pub fn forward_into(isa: Isa, ops: &[Op], x: &[f32], n: usize, outs: &mut [&mut [f32]]) {
+    forward_into_with(Par::Team, isa, ops, x, n, outs)
+}
+
+/// Which threads run the small (decode) loops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Par {
+    /// The spinning team ([`crate::team`]): lowest latency per loop.
+    Team,
+    /// The rayon pool: idle threads sleep, leaving the cores to others (the layer
+    /// streamer's loader thread).
+    Rayon,
+}
+
+/// Calls `f(i)` for `i in 0..n` in parallel on `par`'s threads.
+pub fn par_for_each(par: Par, n: usize, f: &(dyn Fn(usize) + Sync)) {
+    match par {
+        Par::Team => crate::team::Team::global().for_each(n, f),
+        Par::Rayon => (0..n).into_par_iter().for_each(f),
+    }
+}
+
+/// [`forward_into`] with the decode loops on `par`.
+pub fn forward_into_with(
+    par: Par,
+    isa: Isa,
+    ops: &[Op],
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    assert_eq!(ops.len(), outs.len(), "forward_into: one output per op");
+    let aux: Vec<Vec<f32>> = if ops.iter().any(|op| op.w.has_prologue()) {
+        ops.par_iter().map(|op| op.w.prologue(isa, x, n)).collect()
+    } else {
+        vec![Vec::new(); ops.len()]
+    };
+    if n > FUSED_MAX_TOKENS && whole_weight_prefill() {
+        // Prefill: each weight reconstructed once, then one multi-threaded GEMM.
+        WEIGHT.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            for (i, (op, y)) in ops.iter().zip(outs.iter_mut()).enumerate() {
+                let (rows, cols) = (op.w.rows(), op.w.cols());
+                let w = op.w.weight_f32(isa, &mut buf);
+                dense::gemm_par(
+                    n,
+                    rows,
+                    cols,
+                    Mat::rows(x, cols),
+                    Mat::rows_t(w, cols),
+                    y,
+                    rows,
+                );
+                op.w.overlay_apply(&aux[i], n, y);
+            }
+        });
+        add_bias(ops, outs);
+        return;
+    }
+    let step = if n <= FUSED_MAX_TOKENS {
+        DECODE_ROWS
+    } else {
+        PREFILL_TILE
+    };
+    let mut tasks: Vec<(usize, ColBlock)> = Vec::new();
+    for (i, (op, y)) in ops.iter().zip(outs.iter_mut()).enumerate() {
+        let rows = op.w.rows();
+        let bounds: Vec<usize> = (0..rows)
+            .step_by(step)
+            .chain(std::iter::once(rows))
+            .collect();
+        tasks.extend(
+            split_columns(y, n, rows, &bounds)
+                .into_iter()
+                .map(|b| (i, b)),
+        );
+    }
+    let run = |(i, mut block): (usize, ColBlock)| {
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            ops[i].w.block(isa, x, &aux[i], &mut block, &mut s);
+        })
+    };
+    if n <= FUSED_MAX_TOKENS {
+        // Decode: microsecond-sized tasks (on the spinning team unless told otherwise).
+        let slots: Vec<std::sync::Mutex<Option<(usize, ColBlock)>>> = tasks
+            .into_iter()
+            .map(|t| std::sync::Mutex::new(Some(t)))
+            .collect();
+        par_for_each(par, slots.len(), &|k| {
+            let task = slots[k].lock().ok().and_then(|mut t| t.take());
+            if let Some(t) = task {
+                run(t);
+            }
+        });
+    } else {
+        tasks.into_par_iter().for_each(run);
+    }
+    add_bias(ops, outs);
+}
+
+fn add_bias(ops: &[Op], outs: &mut [&mut [f32]]) {
+    for (op, y) in ops.iter().zip(outs.iter_mut()) {
+        if let Some(b) = op.bias {
+            y.chunks_exact_mut(b.len())
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+        }
+    }
+}
+
+/// Prefill strategy: per-tile reconstruction + single-threaded GEMMs, one task per tile
+/// (default: measured faster here, and a tile is all the f32 weight ever in memory), or
+/// whole-weight reconstruction + one multi-threaded GEMM (`UC_PREFILL=whole`, kept for
+/// comparison on other machines).
+fn whole_weight_prefill() -> bool {
+    static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WHOLE.get_or_init(|| std::env::var("UC_PREFILL").is_ok_and(|v| v == "whole"))
+}

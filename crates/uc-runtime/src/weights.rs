@@ -1,0 +1,992 @@
+//! Where the decoder's weights come from: a dense Hugging Face checkpoint
+//! ([`CheckpointLoader`]) or a pack ([`PackLoader`]), both behind [`WeightLoader`], which
+//! hands out one block at a time so the decoder can keep every block resident or stream
+//! them from disk.
+//!
+//! Neither loader keeps a file mapped between calls: each `block` / `globals` call maps
+//! the files it needs, copies (and, for packs, decodes) the tensors into owned memory,
+//! and unmaps them. So a streamed model's resident set holds only the blocks the decoder
+//! holds, never the page-cache pages of the rest of the file.
+//!
+//! Packs are verified before they run: [`PackLoader::open`] checks the manifest and every
+//! file's size and SHA-256 (always), and with [`Verify::Full`] every tensor's
+//! reconstruction digest as it is first loaded ([`WeightLoader::check_all`] runs that
+//! pass up front, block by block, in bounded memory).
+
+use crate::linear::{CodeArena, CodeHome, DenseLinear, Linear, PackedLinear, Recycler};
+use crate::{Result, RuntimeError};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use uc_codec::{CodecSpec, Kernel, Overlay, QuantTensor, Reconstructor};
+use uc_format::{Container, Dtype, Encoding, Pack};
+use uc_model::checkpoint::Checkpoint;
+use uc_model::config::{Family, ModelConfig};
+use uc_model::llama::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
+use uc_model::source::WeightSource;
+
+/// One transformer block's weights.
+pub struct BlockWeights {
+    /// Block index.
+    pub layer: usize,
+    /// Attention input norm, `(hidden,)`.
+    pub input_norm: Vec<f32>,
+    /// MLP input norm, `(hidden,)`.
+    pub post_attn_norm: Vec<f32>,
+    /// Per-head q and k norms (qwen3), `(head_dim,)` each.
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// q, k, v, o, gate, up, down in [`BLOCK_LINEARS`] order.
+    pub linears: [Box<dyn Linear>; 7],
+    /// q, k, v biases (qwen2, `attention_bias`).
+    pub qkv_bias: Option<[Vec<f32>; 3]>,
+}
+
+impl BlockWeights {
+    /// Bytes held in memory.
+    pub fn resident_bytes(&self) -> usize {
+        let v = |x: &Vec<f32>| x.len() * 4;
+        self.linears
+            .iter()
+            .map(|l| l.resident_bytes())
+            .sum::<usize>()
+            + v(&self.input_norm)
+            + v(&self.post_attn_norm)
+            + self.qk_norm.as_ref().map_or(0, |(a, b)| v(a) + v(b))
+            + self.qkv_bias.as_ref().map_or(0, |b| b.iter().map(v).sum())
+    }
+}
+
+/// Embedding, final norm and head.
+pub struct GlobalWeights {
+    /// Token embedding `(vocab, hidden)`; rows are looked up.
+    pub embed: Arc<dyn Linear>,
+    /// Final norm `(hidden,)`.
+    pub norm: Vec<f32>,
+    /// Output head `(vocab, hidden)`; the same object as `embed` when tied.
+    pub head: Arc<dyn Linear>,
+}
+
+impl GlobalWeights {
+    /// Bytes held in memory (a tied head counted once).
+    pub fn resident_bytes(&self) -> usize {
+        let head = if Arc::ptr_eq(&self.embed, &self.head) {
+            0
+        } else {
+            self.head.resident_bytes()
+        };
+        self.embed.resident_bytes() + head + self.norm.len() * 4
+    }
+}
+
+/// A source of a model's weights, one block at a time.
+pub trait WeightLoader: Send + Sync {
+    /// The model configuration.
+    fn config(&self) -> &ModelConfig;
+    /// The model directory.
+    fn dir(&self) -> &Path;
+    /// `"pack"` or `"checkpoint"`.
+    fn kind(&self) -> &'static str;
+    /// Loads embedding, final norm and head.
+    fn globals(&self) -> Result<GlobalWeights>;
+    /// Loads block `layer`.
+    fn block(&self, layer: usize) -> Result<BlockWeights>;
+    /// Runs every check a load would run, one block at a time, keeping nothing; with
+    /// `globals`, also the embedding and head, a few rows at a time.
+    fn check_all(&self, globals: bool) -> Result<()>;
+    /// Rows `rows` (in that order) of the 2-D tensor `name` as a linear layer, reading
+    /// only those rows from disk; `None` when this source cannot (the decoder then keeps
+    /// embedding and head resident even when streaming).
+    fn select_rows(&self, _name: &str, _rows: &[usize]) -> Result<Option<Box<dyn Linear>>> {
+        Ok(None)
+    }
+    /// The final norm `(hidden,)`.
+    fn final_norm(&self) -> Result<Vec<f32>>;
+    /// Called before loading every block to keep: a loader may lay the weights out for
+    /// resident use (packs: one huge-page region for all codes).
+    fn prepare_resident(&self) -> Result<()> {
+        Ok(())
+    }
+    /// A stable identity of the weights (SHA-256 hex).
+    fn fingerprint(&self) -> Result<String>;
+    /// Bits per weight of the stored model as `(body, whole model)`, when known.
+    fn bits_per_weight(&self) -> Option<(f64, f64)> {
+        None
+    }
+}
+
+/// Opens `dir` as a pack (if it has a manifest) or as a Hugging Face checkpoint.
+pub fn open(dir: &Path, verify: Verify) -> Result<Arc<dyn WeightLoader>> {
+    if uc_model::pack_source::is_pack(dir) {
+        Ok(Arc::new(PackLoader::open(dir, verify)?))
+    } else {
+        Ok(Arc::new(CheckpointLoader::open(dir)?))
+    }
+}
+
+/// Expected shapes of a block's seven linears, `(rows, cols)`.
+fn linear_shapes(cfg: &ModelConfig) -> [(usize, usize); 7] {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+}
+
+/// Reads named tensors from one opened source; shared assembly code builds blocks.
+trait Reader {
+    /// A dense tensor of exactly `shape`, as f32.
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// A `(rows, cols)` linear weight, dense or packed.
+    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Box<dyn Linear>>;
+}
+
+fn read_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<BlockWeights> {
+    let p = block_prefix(layer);
+    let shapes = linear_shapes(cfg);
+    let mut linears = Vec::with_capacity(7);
+    for (name, (rows, cols)) in BLOCK_LINEARS.iter().zip(shapes) {
+        linears.push(r.linear(&format!("{p}.{name}.weight"), rows, cols)?);
+    }
+    let qkv_bias = if cfg.attention_bias {
+        let mut b = Vec::with_capacity(3);
+        for (name, (rows, _)) in BLOCK_LINEARS.iter().zip(shapes).take(3) {
+            b.push(r.dense(&format!("{p}.{name}.bias"), &[rows])?);
+        }
+        b.try_into().ok()
+    } else {
+        None
+    };
+    let qk_norm = if cfg.family == Family::Qwen3 {
+        let hd = cfg.head_dim;
+        Some((
+            r.dense(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
+            r.dense(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
+        ))
+    } else {
+        None
+    };
+    let h = cfg.hidden_size;
+    Ok(BlockWeights {
+        layer,
+        input_norm: r.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
+        post_attn_norm: r.dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+        qk_norm,
+        linears: linears
+            .try_into()
+            .map_err(|_| RuntimeError::bad(&p, "seven linears"))?,
+        qkv_bias,
+    })
+}
+
+fn read_globals(r: &mut dyn Reader, cfg: &ModelConfig) -> Result<GlobalWeights> {
+    let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+    let embed: Arc<dyn Linear> = Arc::from(r.linear(EMBED, v, h)?);
+    let norm = r.dense(FINAL_NORM, &[h])?;
+    // Some checkpoints ship lm_head even when tied; the config decides (as uc-model does).
+    let head = if cfg.tie_word_embeddings {
+        embed.clone()
+    } else {
+        Arc::from(r.linear(LM_HEAD, v, h)?)
+    };
+    Ok(GlobalWeights { embed, norm, head })
+}
+
+// ---------------------------------------------------------------------------------------
+// Dense checkpoints
+
+/// A Hugging Face checkpoint directory (f32 / f16 / bf16 safetensors, sharded or not).
+/// Every call opens (maps) the shards afresh and unmaps them when done.
+pub struct CheckpointLoader {
+    dir: PathBuf,
+    config: ModelConfig,
+}
+
+impl CheckpointLoader {
+    /// Opens `dir`: parses config.json and the shard headers (reads no weights).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let ck = Checkpoint::open(dir)?;
+        Ok(CheckpointLoader {
+            dir: dir.to_path_buf(),
+            config: ck.config().clone(),
+        })
+    }
+}
+
+struct CheckpointReader(Checkpoint);
+
+impl Reader for CheckpointReader {
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (v, s) = self.0.tensor_f32(name)?;
+        if s != shape {
+            return Err(uc_model::ModelError::ShapeMismatch {
+                name: name.into(),
+                found: s,
+                expected: shape.to_vec(),
+            }
+            .into());
+        }
+        Ok(v)
+    }
+    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Box<dyn Linear>> {
+        let v = self.dense(name, &[rows, cols])?;
+        Ok(Box::new(DenseLinear::new(name, v, rows, cols)?))
+    }
+}
+
+impl WeightLoader for CheckpointLoader {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+    fn kind(&self) -> &'static str {
+        "checkpoint"
+    }
+    fn globals(&self) -> Result<GlobalWeights> {
+        read_globals(
+            &mut CheckpointReader(Checkpoint::open(&self.dir)?),
+            &self.config,
+        )
+    }
+    fn block(&self, layer: usize) -> Result<BlockWeights> {
+        read_block(
+            &mut CheckpointReader(Checkpoint::open(&self.dir)?),
+            &self.config,
+            layer,
+        )
+    }
+    fn check_all(&self, _globals: bool) -> Result<()> {
+        Ok(())
+    }
+    fn final_norm(&self) -> Result<Vec<f32>> {
+        CheckpointReader(Checkpoint::open(&self.dir)?).dense(FINAL_NORM, &[self.config.hidden_size])
+    }
+    /// Same value as uc-model's `Checkpoint::fingerprint` (SHA-256 over the shards'
+    /// SHA-256s), computed with buffered reads so no shard stays mapped.
+    fn fingerprint(&self) -> Result<String> {
+        let files: Vec<PathBuf> = Checkpoint::open(&self.dir)?
+            .files()
+            .iter()
+            .map(|p| p.to_path_buf())
+            .collect();
+        let mut outer = sha2::Sha256::new();
+        for f in files {
+            let (_, hex_digest) = uc_format::sha256_file(&f).map_err(|e| RuntimeError::Format {
+                dir: self.dir.clone(),
+                source: e,
+            })?;
+            let raw = hex::decode(&hex_digest)
+                .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
+            outer.update(raw);
+        }
+        Ok(hex::encode(outer.finalize()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packs
+
+/// Buffers waiting between a unit's drop and the next load. Used units are freed on the
+/// loader thread right before it loads the next one, so one block's worth (the largest
+/// block container) is enough; head chunks are smaller.
+fn recycle_cap(pack: &Pack) -> usize {
+    let largest = pack
+        .manifest()
+        .files
+        .iter()
+        .filter(|f| f.path.starts_with("tensors/block_"))
+        .map(|f| f.size)
+        .max()
+        .unwrap_or(0);
+    usize::try_from(largest).unwrap_or(usize::MAX)
+}
+
+/// Largest container header read by positioned reads (as the safetensors crate's cap).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Stored bytes per chunk when a big tensor is checked a few rows at a time.
+const CHECK_CHUNK_BYTES: usize = 1 << 20;
+
+/// How much of a pack to verify before running it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verify {
+    /// Manifest, file sizes and SHA-256s, and every tensor's reconstruction digest.
+    Full,
+    /// Manifest, file sizes and SHA-256s only (never less).
+    FilesOnly,
+}
+
+/// A pack directory. Holds the parsed manifest only; containers are mapped per call.
+pub struct PackLoader {
+    dir: PathBuf,
+    pack: Pack,
+    config: ModelConfig,
+    verify: Verify,
+    /// Per block, then one for the globals: reconstruction digests already checked.
+    checked: Vec<AtomicBool>,
+    /// Code buffers of dropped (streamed) weights, reused by later loads.
+    recycler: Arc<Recycler>,
+    /// The region resident weights' codes are loaded into (see [`CodeArena`]).
+    arena: std::sync::OnceLock<Arc<CodeArena>>,
+}
+
+impl PackLoader {
+    /// Opens and file-verifies the pack in `dir`: manifest consistency, every listed
+    /// file's size and SHA-256, no unlisted files. Any failure is
+    /// [`RuntimeError::Verify`] with one line per finding.
+    pub fn open(dir: &Path, verify: Verify) -> Result<Self> {
+        let pack = Pack::open(dir).map_err(|e| RuntimeError::Verify {
+            report: format!("manifest.json: {e}"),
+        })?;
+        let report = pack.verify_files();
+        if !report.failures.is_empty() {
+            let lines: Vec<String> = report
+                .failures
+                .iter()
+                .map(|f| format!("  {}: {}", f.subject, f.problem))
+                .collect();
+            return Err(RuntimeError::Verify {
+                report: lines.join("\n"),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let checked = (0..=config.num_layers)
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        let recycler = Arc::new(Recycler::new(recycle_cap(&pack)));
+        Ok(PackLoader {
+            dir: dir.to_path_buf(),
+            pack,
+            config,
+            verify,
+            checked,
+            recycler,
+            arena: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// Checks tensor `name`'s reconstruction digest a few rows at a time (bounded
+    /// memory: each chunk maps the container afresh and unmaps it), reconstructing with
+    /// the runtime's row kernel, which is bit-identical to uc-codec's.
+    fn check_rows_digest(&self, name: &str) -> Result<()> {
+        let rec = self.pack.tensor(name).map_err(|e| RuntimeError::Format {
+            dir: self.dir.clone(),
+            source: e,
+        })?;
+        let (rows, cols) = match rec.shape.as_slice() {
+            &[r, c] => (r as usize, c as usize),
+            s => return Err(RuntimeError::bad(name, format!("shape {s:?} is not 2-D"))),
+        };
+        let isa = crate::kernels::Isa::detect();
+        let chunk = (CHECK_CHUNK_BYTES / cols.max(1)).max(1);
+        let mut h = sha2::Sha256::new();
+        let mut row = vec![0f32; cols];
+        for r0 in (0..rows).step_by(chunk) {
+            let sel: Vec<usize> = (r0..(r0 + chunk).min(rows)).collect();
+            let lin = self
+                .select_rows(name, &sel)?
+                .ok_or_else(|| RuntimeError::bad(name, "rows unreadable"))?;
+            for i in 0..sel.len() {
+                lin.row_into(isa, i, &mut row);
+                let bytes: Vec<u8> = row.iter().flat_map(|x| x.to_le_bytes()).collect();
+                h.update(&bytes);
+            }
+        }
+        let d = hex::encode(h.finalize());
+        if d != rec.recon_sha256 {
+            return Err(RuntimeError::Verify {
+                report: format!(
+                    "  {name}: reconstruction sha256 {d}, manifest says {}",
+                    rec.recon_sha256
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Rows `sel` of tensor `name` read with positioned reads, not through a memory map:
+    /// for scattered rows (embedding lookups) a map's fault-around would bring up to 16
+    /// neighbouring cached pages per row into the resident set. Entries are checked
+    /// against the manifest record as in the mapped path.
+    #[cfg(unix)]
+    fn pread_rows(&self, name: &str, sel: &[usize]) -> Result<Box<dyn Linear>> {
+        use std::os::unix::fs::FileExt;
+        let rec = self.pack.tensor(name).map_err(|e| RuntimeError::Format {
+            dir: self.dir.clone(),
+            source: e,
+        })?;
+        let (rows, cols) = match rec.shape.as_slice() {
+            &[r, c] => (r as usize, c as usize),
+            s => return Err(RuntimeError::bad(name, format!("shape {s:?} is not 2-D"))),
+        };
+        if let Some(&bad) = sel.iter().find(|&&i| i >= rows) {
+            return Err(RuntimeError::bad(name, format!("row {bad} of {rows}")));
+        }
+        let path = self.dir.join(&rec.file);
+        let io = |e: std::io::Error| RuntimeError::Io {
+            path: path.clone(),
+            source: e,
+        };
+        let file = std::fs::File::open(&path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut n8 = [0u8; 8];
+        file.read_exact_at(&mut n8, 0).map_err(io)?;
+        let n = u64::from_le_bytes(n8);
+        if n > MAX_HEADER || 8 + n > len {
+            return Err(RuntimeError::bad(
+                name,
+                format!("container header of {n} bytes"),
+            ));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact_at(&mut header, 8).map_err(io)?;
+        let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+            .map_err(|e| RuntimeError::bad(name, format!("container header: {e}")))?;
+        let data_len = len - 8 - n;
+        // Byte offset of entry `entry` with the dtype and shape the record implies.
+        let locate = |entry: &str, dtype: Dtype, shape: &[usize]| -> Result<u64> {
+            let info = meta.info(entry).ok_or_else(|| {
+                RuntimeError::bad(name, format!("entry {entry:?} missing from {}", rec.file))
+            })?;
+            let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            let (a, b) = info.data_offsets;
+            if info.dtype != dtype
+                || info.shape != shape
+                || b < a
+                || b - a != bytes
+                || b as u64 > data_len
+            {
+                return Err(RuntimeError::bad(
+                    name,
+                    format!(
+                        "entry {entry:?} is {:?} {:?}, the manifest implies {dtype:?} {shape:?}",
+                        info.dtype, info.shape
+                    ),
+                ));
+            }
+            Ok(8 + n + a as u64)
+        };
+        // Row i of a (rows, width)-byte entry at `base`, for each selected row.
+        let read_rows = |base: u64, width: usize, extra: usize| -> Result<Vec<u8>> {
+            let mut out = self.recycler.take(sel.len() * width + extra);
+            out.resize(sel.len() * width, 0);
+            for (k, &i) in sel.iter().enumerate() {
+                file.read_exact_at(
+                    &mut out[k * width..(k + 1) * width],
+                    base + (i * width) as u64,
+                )
+                .map_err(io)?;
+            }
+            Ok(out)
+        };
+        match &rec.encoding {
+            Encoding::Dense(dt) => {
+                let base = locate(name, dt.dtype(), &[rows, cols])?;
+                let bytes = read_rows(base, cols * dt.size(), 0)?;
+                let v = dense_values(dt.dtype(), &bytes)
+                    .ok_or_else(|| RuntimeError::bad(name, "dense dtype"))?;
+                Ok(Box::new(DenseLinear::new(name, v, sel.len(), cols)?))
+            }
+            Encoding::Codec(cr) => {
+                let codec = |e: uc_codec::CodecError| RuntimeError::Codec {
+                    tensor: name.into(),
+                    source: e,
+                };
+                let spec = CodecSpec::from_record(cr).map_err(codec)?;
+                let l = spec.layout(rows, cols).map_err(codec)?;
+                let mut codebook = vec![0u8; l.codebook * 4];
+                file.read_exact_at(
+                    &mut codebook,
+                    locate(&format!("{name}.codebook"), Dtype::F32, &[l.codebook])?,
+                )
+                .map_err(io)?;
+                let sdt = spec.scale_dtype.dtype();
+                let scales = read_rows(
+                    locate(&format!("{name}.scales"), sdt, &[rows, l.n_groups])?,
+                    l.n_groups * 2,
+                    0,
+                )?;
+                let codes = read_rows(
+                    locate(&format!("{name}.codes"), Dtype::U8, &[rows, l.row_bytes])?,
+                    l.row_bytes,
+                    crate::kernels::quant::CODE_PAD,
+                )?;
+                let r = spec.rank as usize;
+                let overlay = if r > 0 {
+                    let a = read_rows(
+                        locate(&format!("{name}.overlay_a"), Dtype::BF16, &[rows, r])?,
+                        r * 2,
+                        0,
+                    )?;
+                    let mut b = vec![0u8; r * cols * 2];
+                    file.read_exact_at(
+                        &mut b,
+                        locate(&format!("{name}.overlay_b"), Dtype::BF16, &[r, cols])?,
+                    )
+                    .map_err(io)?;
+                    Some(Overlay {
+                        rank: r,
+                        a: le_u16(&a),
+                        b: le_u16(&b),
+                    })
+                } else {
+                    None
+                };
+                let qt = QuantTensor {
+                    rows: sel.len(),
+                    cols,
+                    spec,
+                    codebook: dense_values(Dtype::F32, &codebook).unwrap_or_default(),
+                    scales: le_u16(&scales),
+                    codes,
+                    overlay,
+                };
+                qt.validate().map_err(codec)?;
+                Ok(Box::new(PackedLinear::from_quant_recycled(
+                    name,
+                    qt,
+                    Some(self.recycler.clone()),
+                )?))
+            }
+        }
+    }
+
+    fn reader(&self, slot: usize) -> PackReader<'_> {
+        let check = self.verify == Verify::Full && !self.checked[slot].load(Ordering::Acquire);
+        PackReader {
+            loader: self,
+            containers: HashMap::new(),
+            check,
+        }
+    }
+}
+
+struct PackReader<'a> {
+    loader: &'a PackLoader,
+    /// Containers mapped during this call; unmapped when the reader drops.
+    containers: HashMap<String, Container>,
+    /// Compare reconstruction digests with the manifest.
+    check: bool,
+}
+
+fn le_u16(b: &[u8]) -> Vec<u16> {
+    b.chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+fn dense_values(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => le_u16(b).into_iter().map(uc_codec::bf16_to_f32).collect(),
+        Dtype::F16 => le_u16(b)
+            .into_iter()
+            .map(|x| half::f16::from_bits(x).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+fn digest_f32(v: &[f32]) -> String {
+    let mut h = sha2::Sha256::new();
+    for chunk in v.chunks(16384) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+        h.update(&bytes);
+    }
+    hex::encode(h.finalize())
+}
+
+impl PackReader<'_> {
+    fn container(&mut self, file: &str) -> Result<&Container> {
+        let l = self.loader;
+        if !self.containers.contains_key(file) {
+            if !l.pack.manifest().files.iter().any(|f| f.path == file) {
+                return Err(RuntimeError::Format {
+                    dir: l.dir.clone(),
+                    source: uc_format::FormatError::UnsafePath { path: file.into() },
+                });
+            }
+            let c = Container::open(&l.dir.join(file)).map_err(|e| RuntimeError::Format {
+                dir: l.dir.clone(),
+                source: e,
+            })?;
+            self.containers.insert(file.to_string(), c);
+        }
+        Ok(&self.containers[file])
+    }
+
+    /// Entry `entry` of tensor `tensor`, with the dtype and shape its record implies.
+    fn entry<'c>(
+        c: &'c Container,
+        tensor: &str,
+        entry: &str,
+        dtype: Dtype,
+        shape: &[usize],
+    ) -> Result<&'c [u8]> {
+        let e = c.get(entry).ok_or_else(|| {
+            RuntimeError::bad(
+                tensor,
+                format!("entry {entry:?} missing from {}", c.path().display()),
+            )
+        })?;
+        if e.dtype != dtype || e.shape != shape {
+            return Err(RuntimeError::bad(
+                tensor,
+                format!(
+                    "entry {entry:?} is {:?} {:?}, the manifest implies {dtype:?} {shape:?}",
+                    e.dtype, e.shape
+                ),
+            ));
+        }
+        Ok(e.data)
+    }
+
+    fn mismatch(&self, tensor: &str, what: &str, found: &str, want: &str) -> RuntimeError {
+        RuntimeError::Verify {
+            report: format!("  {tensor}: {what} sha256 {found}, manifest says {want}"),
+        }
+    }
+
+    /// Record, shape check, container.
+    fn record(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<(uc_format::TensorRecord, &Container)> {
+        let rec = self
+            .loader
+            .pack
+            .tensor(name)
+            .map_err(|e| RuntimeError::Format {
+                dir: self.loader.dir.clone(),
+                source: e,
+            })?
+            .clone();
+        let found: Vec<usize> = rec.shape.iter().map(|&d| d as usize).collect();
+        if found != shape {
+            return Err(uc_model::ModelError::ShapeMismatch {
+                name: name.into(),
+                found,
+                expected: shape.to_vec(),
+            }
+            .into());
+        }
+        let file = rec.file.clone();
+        Ok((rec, self.container(&file)?))
+    }
+
+    /// The quantized tensor `name` (`None` if it is stored dense), all rows or only
+    /// `select` (in that order). Digests are checked only for whole tensors.
+    fn quant(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        select: Option<&[usize]>,
+    ) -> Result<Option<QuantTensor>> {
+        let recycler = self.loader.recycler.clone();
+        let (rec, c) = self.record(name, &[rows, cols])?;
+        let Encoding::Codec(cr) = &rec.encoding else {
+            return Ok(None);
+        };
+        let codec = |e: uc_codec::CodecError| RuntimeError::Codec {
+            tensor: name.into(),
+            source: e,
+        };
+        let spec = CodecSpec::from_record(cr).map_err(codec)?;
+        let l = spec.layout(rows, cols).map_err(codec)?;
+        let codebook = Self::entry(
+            c,
+            name,
+            &format!("{name}.codebook"),
+            Dtype::F32,
+            &[l.codebook],
+        )?;
+        let scales = Self::entry(
+            c,
+            name,
+            &format!("{name}.scales"),
+            spec.scale_dtype.dtype(),
+            &[rows, l.n_groups],
+        )?;
+        let codes = Self::entry(
+            c,
+            name,
+            &format!("{name}.codes"),
+            Dtype::U8,
+            &[rows, l.row_bytes],
+        )?;
+        let r = spec.rank as usize;
+        let overlay = if r > 0 {
+            let a = Self::entry(
+                c,
+                name,
+                &format!("{name}.overlay_a"),
+                Dtype::BF16,
+                &[rows, r],
+            )?;
+            let b = Self::entry(
+                c,
+                name,
+                &format!("{name}.overlay_b"),
+                Dtype::BF16,
+                &[r, cols],
+            )?;
+            Some(Overlay {
+                rank: r,
+                a: le_u16(a),
+                b: le_u16(b),
+            })
+        } else {
+            None
+        };
+        let picked: Vec<usize> = match select {
+            Some(sel) => {
+                if let Some(&bad) = sel.iter().find(|&&i| i >= rows) {
+                    return Err(RuntimeError::bad(name, format!("row {bad} of {rows}")));
+                }
+                sel.to_vec()
+            }
+            None => Vec::new(),
+        };
+        // Row i of a (rows, width) buffer of `unit`-byte elements, for each picked row.
+        let gather = |data: &[u8], width: usize, unit: usize, extra: usize| -> Vec<u8> {
+            let row = width * unit;
+            let n = if select.is_some() {
+                picked.len() * row
+            } else {
+                data.len()
+            };
+            let mut out = recycler.take(n + extra);
+            match select {
+                Some(_) => picked
+                    .iter()
+                    .for_each(|&i| out.extend_from_slice(&data[i * row..(i + 1) * row])),
+                None => out.extend_from_slice(data),
+            }
+            out
+        };
+        let overlay = overlay.map(|o| Overlay {
+            a: match select {
+                Some(_) => picked
+                    .iter()
+                    .flat_map(|&i| o.a[i * o.rank..(i + 1) * o.rank].iter().copied())
+                    .collect(),
+                None => o.a,
+            },
+            ..o
+        });
+        let qt = QuantTensor {
+            rows: if select.is_some() { picked.len() } else { rows },
+            cols,
+            spec,
+            codebook: dense_values(Dtype::F32, codebook).unwrap_or_default(),
+            scales: le_u16(&gather(scales, l.n_groups, 2, 0)),
+            // Room for the kernels' zero padding, so PackedLinear need not reallocate.
+            codes: gather(codes, l.row_bytes, 1, crate::kernels::quant::CODE_PAD),
+            overlay,
+        };
+        qt.validate().map_err(codec)?;
+        if self.check && select.is_none() {
+            let d = Reconstructor::new(&qt, Kernel::select(false))
+                .and_then(|r| r.digest())
+                .map_err(codec)?;
+            let d = hex::encode(d);
+            if d != rec.recon_sha256 {
+                return Err(self.mismatch(name, "reconstruction", &d, &rec.recon_sha256));
+            }
+        }
+        Ok(Some(qt))
+    }
+}
+
+impl PackReader<'_> {
+    /// Rows `select` of the 2-D tensor `name`, dense or quantized.
+    fn select(&mut self, name: &str, select: &[usize]) -> Result<Box<dyn Linear>> {
+        let rec = self
+            .loader
+            .pack
+            .tensor(name)
+            .map_err(|e| RuntimeError::Format {
+                dir: self.loader.dir.clone(),
+                source: e,
+            })?;
+        let (rows, cols) = match rec.shape.as_slice() {
+            &[r, c] => (r as usize, c as usize),
+            s => return Err(RuntimeError::bad(name, format!("shape {s:?} is not 2-D"))),
+        };
+        if let Some(qt) = self.quant(name, rows, cols, Some(select))? {
+            return Ok(Box::new(PackedLinear::from_quant_recycled(
+                name,
+                qt,
+                Some(self.loader.recycler.clone()),
+            )?));
+        }
+        let (rec, c) = self.record(name, &[rows, cols])?;
+        let Encoding::Dense(dt) = rec.encoding else {
+            return Err(RuntimeError::bad(name, "encoding changed"));
+        };
+        let data = Self::entry(c, name, name, dt.dtype(), &[rows, cols])?;
+        let row = cols * dt.size();
+        let mut v = Vec::with_capacity(select.len() * cols);
+        for &i in select {
+            if i >= rows {
+                return Err(RuntimeError::bad(name, format!("row {i} of {rows}")));
+            }
+            v.extend(dense_values(dt.dtype(), &data[i * row..(i + 1) * row]).unwrap_or_default());
+        }
+        Ok(Box::new(DenseLinear::new(name, v, select.len(), cols)?))
+    }
+}
+
+impl Reader for PackReader<'_> {
+    fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (rec, c) = self.record(name, shape)?;
+        let v = match &rec.encoding {
+            Encoding::Dense(dt) => {
+                let data = Self::entry(c, name, name, dt.dtype(), shape)?;
+                dense_values(dt.dtype(), data)
+                    .ok_or_else(|| RuntimeError::bad(name, "unsupported dense dtype"))?
+            }
+            Encoding::Codec(_) => {
+                let (rows, cols) = match shape {
+                    [r, c] => (*r, *c),
+                    _ => return Err(RuntimeError::bad(name, "a quantized tensor must be 2-D")),
+                };
+                let qt = self
+                    .quant(name, rows, cols, None)?
+                    .ok_or_else(|| RuntimeError::bad(name, "encoding changed"))?;
+                uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(|e| {
+                    RuntimeError::Codec {
+                        tensor: name.into(),
+                        source: e,
+                    }
+                })?
+            }
+        };
+        if self.check && matches!(rec.encoding, Encoding::Dense(_)) {
+            let d = digest_f32(&v);
+            if d != rec.recon_sha256 {
+                return Err(self.mismatch(name, "reconstruction", &d, &rec.recon_sha256));
+            }
+        }
+        Ok(v)
+    }
+
+    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Box<dyn Linear>> {
+        let home = match self.loader.arena.get() {
+            Some(a) => CodeHome::Arena(a.clone()),
+            None => CodeHome::Recycled(self.loader.recycler.clone()),
+        };
+        match self.quant(name, rows, cols, None)? {
+            Some(qt) => Ok(Box::new(PackedLinear::from_quant_in(name, qt, home)?)),
+            None => Ok(Box::new(DenseLinear::new(
+                name,
+                self.dense(name, &[rows, cols])?,
+                rows,
+                cols,
+            )?)),
+        }
+    }
+}
+
+impl WeightLoader for PackLoader {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn dir(&self) -> &Path {
+        &self.dir
+    }
+    fn kind(&self) -> &'static str {
+        "pack"
+    }
+    fn globals(&self) -> Result<GlobalWeights> {
+        let slot = self.config.num_layers;
+        let g = read_globals(&mut self.reader(slot), &self.config)?;
+        self.checked[slot].store(true, Ordering::Release);
+        Ok(g)
+    }
+    fn block(&self, layer: usize) -> Result<BlockWeights> {
+        if layer >= self.config.num_layers {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "block {layer} of {}",
+                self.config.num_layers
+            )));
+        }
+        let b = read_block(&mut self.reader(layer), &self.config, layer)?;
+        self.checked[layer].store(true, Ordering::Release);
+        Ok(b)
+    }
+    fn check_all(&self, globals: bool) -> Result<()> {
+        if self.verify == Verify::Full {
+            for l in 0..self.config.num_layers {
+                drop(self.block(l)?);
+            }
+            if globals {
+                let mut names = vec![EMBED];
+                if !self.config.tie_word_embeddings {
+                    names.push(LM_HEAD);
+                }
+                names
+                    .into_iter()
+                    .try_for_each(|n| self.check_rows_digest(n))?;
+                self.final_norm()?;
+            }
+        }
+        Ok(())
+    }
+    fn select_rows(&self, name: &str, rows: &[usize]) -> Result<Option<Box<dyn Linear>>> {
+        #[cfg(unix)]
+        if rows.windows(2).any(|w| w[1] != w[0] + 1) {
+            return self.pread_rows(name, rows).map(Some);
+        }
+        let mut r = PackReader {
+            loader: self,
+            containers: HashMap::new(),
+            check: false,
+        };
+        r.select(name, rows).map(Some)
+    }
+    fn prepare_resident(&self) -> Result<()> {
+        if self.arena.get().is_some() {
+            return Ok(());
+        }
+        // Every quantized tensor's codes + padding, each slot 64-byte aligned.
+        let mut total = 0usize;
+        for t in &self.pack.manifest().tensors {
+            let (Encoding::Codec(cr), [rows, cols]) = (&t.encoding, t.shape.as_slice()) else {
+                continue;
+            };
+            let (rows, cols) = (*rows as usize, *cols as usize);
+            let Ok(l) = CodecSpec::from_record(cr).and_then(|s| s.layout(rows, cols)) else {
+                continue; // reported when the tensor is loaded
+            };
+            total = total.saturating_add(l.codes + crate::kernels::quant::CODE_PAD + 64);
+        }
+        let arena = CodeArena::new(total).map_err(|e| RuntimeError::Io {
+            path: "<anonymous memory for weights>".into(),
+            source: e,
+        })?;
+        let _ = self.arena.set(arena);
+        Ok(())
+    }
+    fn final_norm(&self) -> Result<Vec<f32>> {
+        let slot = self.config.num_layers;
+        self.reader(slot)
+            .dense(FINAL_NORM, &[self.config.hidden_size])
+    }
+    fn fingerprint(&self) -> Result<String> {
+        Ok(self.pack.manifest().fingerprint.clone())
+    }
+    fn bits_per_weight(&self) -> Option<(f64, f64)> {
+        let m = self.pack.manifest();
+        Some((m.bpw_body, m.bpw_model))
+    }
+}

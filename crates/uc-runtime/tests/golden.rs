@@ -1,0 +1,246 @@
+//! The incremental decoder against uc-model's full-sequence forward (itself checked
+//! against transformers) on every tiny fixture: the logits of every position agree
+//! within `TOLERANCE`, whether the sequence is prefilled at once, in chunks, or one
+//! token at a time, with every kernel ISA, resident or streamed.
+
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uc_model::checkpoint::Checkpoint;
+use uc_model::llama::Model;
+use uc_runtime::kernels::Isa;
+use uc_runtime::weights::CheckpointLoader;
+use uc_runtime::{Decoder, DecoderOptions, Logits, WeightLoader};
+
+/// Max |decoder - uc_model| over a fixture's logits (|logit| up to ~57 on tied fixtures).
+const TOLERANCE: f32 = 1e-4;
+
+const FIXTURES: [&str; 6] = [
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "llama_bf16_sharded",
+];
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../uc-model/tests/fixtures")
+        .join(name)
+}
+
+/// (input ids per sequence, reference logits per sequence as (seq, vocab) rows).
+fn reference(name: &str) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let dir = fixture(name);
+    let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
+    let ids = io["input_ids"].to_dtype(DType::U32).unwrap();
+    let (_, seq) = ids.dims2().unwrap();
+    let ck = Checkpoint::open(&dir).unwrap();
+    let model = Model::load(&ck, seq).unwrap();
+    let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+    let logits = ids.iter().map(|s| model.logits_for(s).unwrap()).collect();
+    (ids, logits)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn decoder(name: &str, stream: bool) -> Decoder {
+    let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(&fixture(name)).unwrap());
+    Decoder::new(
+        loader,
+        DecoderOptions {
+            capacity: 32,
+            stream_layers: stream,
+        },
+    )
+    .unwrap()
+}
+
+/// Runs `ids` split into `chunks` (sizes), returning all positions' logits.
+fn run_chunked(dec: &mut Decoder, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
+    dec.reset();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &c in chunks {
+        out.extend(dec.forward(&ids[at..at + c], Logits::All).unwrap());
+        at += c;
+    }
+    while at < ids.len() {
+        out.extend(dec.forward(&ids[at..at + 1], Logits::Last).unwrap());
+        at += 1;
+    }
+    out
+}
+
+fn check(name: &str, stream: bool) {
+    let (ids, want) = reference(name);
+    let mut dec = decoder(name, stream);
+    for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
+        dec.set_isa(isa);
+        for (s, (ids, want)) in ids.iter().zip(&want).enumerate() {
+            let n = ids.len();
+            for (how, chunks) in [
+                ("prefill", vec![n]),
+                ("chunks", vec![10, 7]),
+                ("token by token", vec![1]),
+            ] {
+                let got = run_chunked(&mut dec, ids, &chunks);
+                let d = max_diff(&got, want);
+                if std::env::var("UC_PRINT_DIFF").is_ok() {
+                    eprintln!("{name} {isa:?} {s} {how}: {d:e}");
+                }
+                assert!(
+                    d <= TOLERANCE,
+                    "{name} {isa:?} seq {s} {how}: max |diff| {d} > {TOLERANCE}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn llama_decoder_matches_full_forward() {
+    check("llama", false);
+}
+
+#[test]
+fn llama3_rope_scaling_tied_decoder_matches_full_forward() {
+    check("llama3", false);
+}
+
+#[test]
+fn mistral_decoder_matches_full_forward() {
+    check("mistral", false);
+}
+
+#[test]
+fn qwen2_qkv_bias_decoder_matches_full_forward() {
+    check("qwen2", false);
+}
+
+#[test]
+fn qwen3_qk_norm_decoder_matches_full_forward() {
+    check("qwen3", false);
+}
+
+#[test]
+fn bf16_sharded_decoder_matches_full_forward() {
+    check("llama_bf16_sharded", false);
+}
+
+#[test]
+fn streamed_layers_give_the_same_logits_as_resident() {
+    for name in FIXTURES {
+        let (ids, _) = reference(name);
+        let mut a = decoder(name, false);
+        let mut b = decoder(name, true);
+        assert!(b.is_streaming());
+        let x = run_chunked(&mut a, &ids[0], &[9]);
+        let y = run_chunked(&mut b, &ids[0], &[9]);
+        assert_eq!(x, y, "{name}: streaming changed the logits");
+    }
+}
+
+#[test]
+fn a_perturbed_weight_is_detected() {
+    // The comparison can fail: the mistral fixture's logits against llama's reference.
+    let (ids, want) = reference("llama");
+    let mut dec = decoder("mistral", false);
+    let got = run_chunked(&mut dec, &ids[0], &[ids[0].len()]);
+    assert!(max_diff(&got, &want[0]) > 100.0 * TOLERANCE);
+}
+
+#[test]
+fn rejects_tokens_outside_the_vocabulary_and_context_overflow() {
+    let mut dec = decoder("llama", false);
+    let e = dec.forward(&[1, 128], Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    let e = dec.forward(&[1; 33], Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("context full"), "{e}");
+    assert!(dec.forward(&[], Logits::Last).is_err());
+}
+
+/// A copy of fixture `name` with `key` set in config.json.
+fn fixture_with(name: &str, key: &str, value: serde_json::Value) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    cfg[key] = value;
+    std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    dir
+}
+
+/// uc-model's logits for `ids` (one sequence) from the checkpoint in `dir`.
+fn model_logits(dir: &Path, ids: &[u32]) -> Vec<f32> {
+    let ck = Checkpoint::open(dir).unwrap();
+    Model::load(&ck, ids.len())
+        .unwrap()
+        .logits_for(ids)
+        .unwrap()
+}
+
+fn ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i.wrapping_mul(2654435761) ^ seed) % 128)
+        .collect()
+}
+
+#[test]
+fn mistral_sliding_window_matches_full_forward_past_the_window() {
+    let dir = fixture_with("mistral", "sliding_window", serde_json::json!(8));
+    let ids = ids(24, 5);
+    let want = model_logits(dir.path(), &ids);
+    let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir.path()).unwrap());
+    let mut dec = Decoder::new(
+        loader,
+        DecoderOptions {
+            capacity: 32,
+            stream_layers: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(dec.config().sliding_window, Some(8));
+    for chunks in [vec![24], vec![5, 11], vec![1]] {
+        let got = run_chunked(&mut dec, &ids, &chunks);
+        let d = max_diff(&got, &want);
+        assert!(d <= TOLERANCE, "{chunks:?}: max |diff| {d}");
+    }
+    // The window matters: without it the logits differ.
+    let full = model_logits(&fixture("mistral"), &ids);
+    assert!(max_diff(&full, &want) > 100.0 * TOLERANCE);
+}
+
+/// Long inputs take the chunked paths: MLP in 256-token passes, attention in 64-query
+/// blocks, and (streaming) the whole model in 512-token passes.
+#[test]
+fn long_prompts_match_full_forward_resident_and_streamed() {
+    let dir = fixture_with("qwen2", "max_position_embeddings", serde_json::json!(2048));
+    let ids = ids(600, 9);
+    let want = model_logits(dir.path(), &ids);
+    for stream in [false, true] {
+        let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir.path()).unwrap());
+        let mut dec = Decoder::new(
+            loader,
+            DecoderOptions {
+                capacity: 640,
+                stream_layers: stream,
+            },
+        )
+        .unwrap();
+        let got = dec.forward(&ids, Logits::All).unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d <= TOLERANCE, "stream={stream}: max |diff| {d}");
+    }
+}
