@@ -21,8 +21,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SCRATCH=${UC_SCRATCH:-/work/scratch/llamacpp}
 MODEL=$ROOT/assets/smollm2-135m
 # Two packs, both 5-bit (q5g128) in the blocks; they differ in the token embedding /
-# tied head: q8g64 (uc compress's default, 8.25 bpw, like llama.cpp's Q8_0 for this model)
-# and q6g64 (6.25 bpw). The head is a fifth of the weights a decode step reads, and an
+# tied head: q8g64 (8.25 bpw, like llama.cpp's Q8_0 for this model; the measurement
+# predates uc compress's q8g32 default) and q6g64 (6.25 bpw). The head is a fifth of the weights a decode step reads, and an
 # 8-bit codebook lookup costs about twice a 5- or 6-bit one.
 PACK=$SCRATCH/smollm2-135m-q5g128
 PACK6=$SCRATCH/smollm2-135m-q5g128-e6

@@ -3,8 +3,11 @@
 #
 #   scripts/llamacpp_rows.sh [ROW...]
 #       ROW = a llama-quantize type, optionally "+imatrix":  Q6_K  Q4_K_M+imatrix  ...
-#       default rows: Q6_K Q5_K_M Q4_K_M+imatrix Q3_K_M+imatrix F32
+#       default rows: Q6_K Q5_K_M Q4_K_M+imatrix Q3_K_M+imatrix
 #       (the row F32 is the teacher's own F32 GGUF: a sanity check of the round trip)
+#   UC_REUSE_EVAL=1 keeps a row's earlier uc eval receipt instead of rerunning the eval
+#   (each eval is ~2 x 32k tokens through the model; the receipt records uc's version and
+#   both fingerprints, so a reused one still says what it measured).
 #
 # What it measures, per row (the protocol of the llama.cpp anchor table, but with uc's code
 # doing the scoring instead of transformers):
@@ -28,7 +31,7 @@
 # scripts/bench_run.sh, so one source tree serves both; nothing of llama.cpp is committed.
 # Intermediate GGUFs, the imatrix and the imported directories live in
 # $UC_SCRATCH/rows-0.3.36 and are reused by later runs (delete it to redo them); the uc
-# import and eval are always rerun.
+# import and eval are rerun unless UC_REUSE_EVAL=1.
 #
 # Needs: target/release/uc (cargo build --release -p uc-cli), assets/ from
 # scripts/fetch_assets.sh (teacher GGUF, SOTU speeches, assets/smollm2-135m), python3,
@@ -45,7 +48,7 @@ SOTU=$ROOT/assets/sotu
 OUT=$ROOT/results/llamacpp_rows.json
 WORK=$SCRATCH/rows-$LCP_VERSION
 QTHREADS=2
-if [ $# -gt 0 ]; then ROWS=("$@"); else ROWS=(Q6_K Q5_K_M Q4_K_M+imatrix Q3_K_M+imatrix F32); fi
+if [ $# -gt 0 ]; then ROWS=("$@"); else ROWS=(Q6_K Q5_K_M Q4_K_M+imatrix Q3_K_M+imatrix); fi
 
 for f in "$UC" "$TEACHER_GGUF" "$REF/config.json"; do
   [ -e "$f" ] || { echo "error: missing $f (cargo build --release -p uc-cli; scripts/fetch_assets.sh)" >&2; exit 1; }
@@ -149,12 +152,22 @@ for row in "${ROWS[@]}"; do
     t1=$(now_s)
     python3 -c "print(f'{$t1 - $t0:.3f}')" > "$R/quantize.seconds"
   fi
-  echo "import + eval $row" >&2
-  rm -rf "$R/hf"
-  "$UC" import gguf "$R/out.gguf" -o "$R/hf" --json > "$R/import.json"
-  "$UC" eval "$R/hf" --against "$REF" --sotu "$SOTU" --split eval --windows 32 --seq-len 1024 \
-    --json > "$R/eval.json"
-  python3 -c 'import json,sys; a=json.load(open(sys.argv[1]))["against"]; print(f"  ratio {a[\"ppl_ratio\"]:.4f}  KLD {a[\"kld\"]:.5f}  top-1 {a[\"top1\"]:.4f}")' "$R/eval.json" >&2
+  if [ "${UC_REUSE_EVAL:-0}" = 1 ] && [ -s "$R/eval.json" ] && [ -s "$R/import.json" ] \
+     && [ "$R/eval.json" -nt "$R/out.gguf" ]; then
+    echo "reuse eval $row" >&2
+  else
+    echo "import + eval $row" >&2
+    rm -rf "$R/hf" "$R/eval.json"
+    "$UC" import gguf "$R/out.gguf" -o "$R/hf" --json > "$R/import.json"
+    "$UC" eval "$R/hf" --against "$REF" --sotu "$SOTU" --split eval --windows 32 \
+      --seq-len 1024 --json > "$R/eval.json.tmp"
+    mv "$R/eval.json.tmp" "$R/eval.json"
+  fi
+  python3 - "$R/eval.json" >&2 <<'PY'
+import json, sys
+a = json.load(open(sys.argv[1]))["against"]
+print("  ratio %.4f  KLD %.5f  top-1 %.4f" % (a["ppl_ratio"], a["kld"], a["top1"]))
+PY
 done
 
 # --- results/llamacpp_rows.json -------------------------------------------------------

@@ -242,11 +242,12 @@ fn a_budget_below_every_codec_is_a_clear_error() {
     let m = model_with_tokenizer("llama");
     let text = text_file(m.path());
     let out = tempfile::tempdir().unwrap();
+    let pack = out.path().join("q");
     let args = [
         "compress",
         m.path().to_str().unwrap(),
         "-o",
-        out.path().join("q").to_str().unwrap(),
+        pack.to_str().unwrap(),
         "--calib",
         text.to_str().unwrap(),
         "--bpw",

@@ -16,7 +16,11 @@
 //! - order: descending `H_jj` ("act-order"), ties by index;
 //! - update: rows are independent, so each row runs the whole recursion on its own
 //!   (rayon over rows); `U` is the upper Cholesky factor of `H^-1` in visiting order:
-//!   after column `i`, `w[j] -= (w[i] - q[i]) / U[i,i] * U[i,j]` for `j > i`.
+//!   after column `i`, `w[j] -= (w[i] - q[i]) / U[i,i] * U[i,j]` for `j > i`;
+//! - refit: after the pass, each row's group scales are re-solved by least squares in
+//!   the H norm for the chosen codes and the codes chosen again against them; each
+//!   candidate is kept only if its H-weighted error is lower
+//!   ([`GptqOptions::refit_rounds`]).
 //!
 //! Deterministic: every row's arithmetic is sequential and the factorisation runs on
 //! one thread, so the codes do not depend on the thread count.
@@ -37,7 +41,8 @@ pub struct GptqOptions {
     /// Visit columns by descending `H_jj` instead of left to right.
     pub act_order: bool,
     /// Rounds of (scale refit to the chosen codes, then codes chosen again against the
-    /// refitted scales) after the first error-feedback pass; 0 keeps the grid scales.
+    /// refitted scales) after the first error-feedback pass, each candidate kept only if
+    /// it lowers the H-weighted error; 0 keeps the grid scales.
     pub refit_rounds: usize,
 }
 
@@ -113,25 +118,34 @@ pub fn encode_gptq(
                 h[i * cols + j]
             }
         });
+        let dt = spec.scale_dtype;
+        // Neither step is guaranteed to help once scales are rounded to the stored dtype
+        // and codes re-chosen greedily, so every candidate is scored by its H-weighted
+        // error and the best one kept.
+        let mut best_err = h_error(w, cols, g, &hd, &codes, &qt.codebook, &scales);
         for _ in 0..opts.refit_rounds {
-            refit_scales_h(
-                w,
-                cols,
-                g,
-                &hd,
-                &codes,
-                &qt.codebook,
-                spec.scale_dtype,
-                &mut scales,
-            );
-            // Stored precision first, so the codes are chosen against the exact scales.
-            qt.scales = store_scales(&scales, spec.scale_dtype);
-            scales = qt
-                .scales
-                .iter()
-                .map(|&b| scale_to_f32(b, spec.scale_dtype))
-                .collect();
-            codes = feedback_codes(w, cols, g, &order, &u, &scales, &qt.codebook);
+            let mut refit = scales.clone();
+            refit_scales_h(w, cols, g, &hd, &codes, &qt.codebook, dt, &mut refit);
+            let stored = store_scales(&refit, dt);
+            let refit: Vec<f32> = stored.iter().map(|&b| scale_to_f32(b, dt)).collect();
+            let recoded = feedback_codes(w, cols, g, &order, &u, &refit, &qt.codebook);
+            let mut improved = false;
+            for cand in [None, Some(recoded)] {
+                let c = cand.as_ref().unwrap_or(&codes);
+                let e = h_error(w, cols, g, &hd, c, &qt.codebook, &refit);
+                if e < best_err {
+                    best_err = e;
+                    qt.scales.clone_from(&stored);
+                    scales.clone_from(&refit);
+                    if let Some(c) = cand {
+                        codes = c;
+                    }
+                    improved = true;
+                }
+            }
+            if !improved {
+                break;
+            }
         }
     }
     qt.codes = pack_codes(&codes, rows, cols, spec.bits.into());
@@ -183,6 +197,51 @@ fn store_scales(scales: &[f32], dt: ScaleDtype) -> Vec<u16> {
             ScaleDtype::Bf16 => half::bf16::from_f32(s).to_bits(),
         })
         .collect()
+}
+
+/// The H-weighted error `sum_i e_i H e_i^T` of `e = w - s o cb[codes]` (rows x cols),
+/// summed over fixed row chunks in order, so it does not depend on the thread count.
+fn h_error(
+    w: &[f32],
+    cols: usize,
+    g: usize,
+    hd: &Mat<f64>,
+    codes: &[u8],
+    cb: &[f32],
+    scales: &[f32],
+) -> f64 {
+    use faer::linalg::matmul::matmul;
+    use faer::{Accum, Par};
+    let ng = cols.div_ceil(g);
+    let parts: Vec<f64> = w
+        .par_chunks(REFIT_ROWS * cols)
+        .zip(codes.par_chunks(REFIT_ROWS * cols))
+        .zip(scales.par_chunks(REFIT_ROWS * ng))
+        .map(|((wc, cc), sc)| {
+            let m = wc.len() / cols;
+            let e = Mat::<f64>::from_fn(m, cols, |i, j| {
+                let q = cb[usize::from(cc[i * cols + j])];
+                f64::from(wc[i * cols + j] - sc[i * ng + j / g] * q)
+            });
+            let mut eh = Mat::<f64>::zeros(m, cols);
+            matmul(
+                eh.as_mut(),
+                Accum::Replace,
+                e.as_ref(),
+                hd.as_ref(),
+                1.0,
+                Par::Seq,
+            );
+            let mut total = 0.0;
+            for i in 0..m {
+                for j in 0..cols {
+                    total += e[(i, j)] * eh[(i, j)];
+                }
+            }
+            total
+        })
+        .collect();
+    parts.iter().sum()
 }
 
 /// Rows per work item of [`refit_scales_h`]: fixed, so the arithmetic (and the bytes)

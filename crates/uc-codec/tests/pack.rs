@@ -315,7 +315,15 @@ fn edited_stored_bytes_fails_naming_tensor_and_manifest() {
     let name = body_name(&CodecSpec::parse("q3g32").unwrap());
     let i = tensor_index(d.path(), &name);
     edit_manifest(d.path(), |v| v["tensors"][i]["stored_bytes"] = json!(1));
-    assert_eq!(subjects(d.path()), vec!["manifest.json".to_string(), name]);
+    // Twice on the manifest: its fingerprint and its bits-per-weight totals.
+    assert_eq!(
+        subjects(d.path()),
+        vec![
+            "manifest.json".to_string(),
+            "manifest.json".to_string(),
+            name
+        ]
+    );
 }
 
 #[test]

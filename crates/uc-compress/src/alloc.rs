@@ -3,13 +3,16 @@
 //! Each block linear `k` gets its own codec. The choice rests on one measurement per
 //! tensor, made by [`crate::pipeline`] before any encoding: the relative MSE that
 //! round-to-nearest at [`PROBE_BITS`] bits of that tensor alone adds to its block's
-//! output (teacher stream, a few calibration windows). A tensor's added error at `b`
+//! output (teacher stream, a few calibration windows), per hidden channel relative to
+//! that channel's mean square and averaged over channels. A tensor's added error at `b`
 //! bits is modelled as `m_k * 4^-b` (each bit halves the rounding step), so the probe
 //! gives `m_k`. [`allocate`] then spends the budget greedily: every tensor starts at the
 //! cheapest candidate, and the upgrade with the largest modelled error reduction per
-//! stored bit is taken while the total fits. The errors of different blocks are in the
-//! same currency (MSE relative to the residual stream's energy at that block), so the
-//! budget moves freely between blocks as well as between tensors of one block.
+//! stored bit is taken while the total fits. Per-channel normalisation puts the errors of
+//! different blocks in one currency: relative to the whole residual stream's energy
+//! instead, blocks after the stream grows a few huge channels look 20x less sensitive
+//! than they are, and a 5.0-bpw budget spent that way gave KLD 0.064 instead of 0.027
+//! (docs/research-log.md). So the budget moves between blocks as well as within one.
 //!
 //! Stored bits are counted exactly ([`CodecSpec::stored_bytes`]: codes, scales,
 //! codebook), so the pack's `bpw_body` is at most the budget.
@@ -31,7 +34,7 @@ pub struct Sensitivity {
     pub rows: usize,
     /// Columns (input features).
     pub cols: usize,
-    /// Relative MSE the probe added to the block output.
+    /// Per-channel relative MSE the probe added to the block output.
     pub probe_rel_mse: f64,
 }
 

@@ -64,7 +64,7 @@ pub enum BudgetScope {
 }
 
 /// Candidate bits per code when a budget is set.
-pub const BUDGET_BITS: [u8; 5] = [3, 4, 5, 6, 8];
+pub const BUDGET_BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
 
 /// Calibration windows the sensitivity probe runs on (the first ones drawn).
 const PROBE_SEQS: usize = 4;
@@ -109,6 +109,8 @@ pub struct TensorSummary {
     pub encoding: String,
     /// Stored bits per weight.
     pub bpw: f64,
+    /// Weights (rows x cols).
+    pub elements: u64,
     /// ||W - W_hat||_F / ||W||_F.
     pub rel_err: f64,
 }
@@ -120,6 +122,8 @@ pub struct BlockSummary {
     pub index: usize,
     /// Relative MSE of the quantized block stream against the teacher stream.
     pub out_rel_mse: f64,
+    /// Stored bits per weight of the block's linears.
+    pub bpw: f64,
     /// Seconds.
     pub seconds: f64,
 }
@@ -233,6 +237,7 @@ fn quantize_into(
         name: name.to_string(),
         encoding: spec.name(),
         bpw: spec.bits_per_weight(rows, cols).map_err(codec_err(name))?,
+        elements: (rows * cols) as u64,
         rel_err: err,
     };
     Ok((summary, recon))
@@ -367,12 +372,15 @@ pub fn compress(
                 // A resumed block is recomputed (deterministically: the same codes) so
                 // the quantized stream can be carried forward; its file is kept.
                 let (ts, mse) = st.block(&ck, layer, &mut c, opts, &spec_of)?;
+                let bits: f64 = ts.iter().map(|t| t.bpw * t.elements as f64).sum();
+                let elements: u64 = ts.iter().map(|t| t.elements).sum();
                 if !complete {
                     tensors.extend(ts);
                 }
                 blocks.push(BlockSummary {
                     index: layer,
                     out_rel_mse: mse,
+                    bpw: bits / elements.max(1) as f64,
                     seconds: start.elapsed().as_secs_f64(),
                 });
                 out_rel_mse = Some(mse);
@@ -439,9 +447,10 @@ pub fn compress(
 }
 
 /// The sensitivity probe: on the teacher stream of the first [`PROBE_SEQS`] calibration
-/// windows, block by block, the relative MSE that round-to-nearest at [`PROBE_BITS`]
-/// bits (group and scale dtype of `body`) of each linear alone adds to the block
-/// output. One block's weights resident at a time, like the main pass.
+/// windows, block by block, the per-channel relative MSE ([`channel_rel_mse`]) that
+/// round-to-nearest at [`PROBE_BITS`] bits (group and scale dtype of `body`) of each
+/// linear alone adds to the block output. One block's weights resident at a time, like
+/// the main pass.
 fn probe(
     ck: &Checkpoint,
     ids: &Tensor,
@@ -488,7 +497,7 @@ fn probe(
                 name,
                 rows,
                 cols,
-                probe_rel_mse: rel_mse(&probed.forward(&x, &rope)?, &y)?,
+                probe_rel_mse: channel_rel_mse(&probed.forward(&x, &rope)?, &y)?,
             });
         }
         x = y;
@@ -534,6 +543,21 @@ fn rel_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
     };
     let diff = (a - b).map_err(uc_model::ModelError::from)?;
     Ok(m(diff)? / m(b.clone())?.max(f64::MIN_POSITIVE))
+}
+
+/// Mean over hidden channels of each channel's MSE relative to its mean square in `b`
+/// (`a`, `b`: (n, seq, hidden)). Unlike [`rel_mse`], a few channels of huge magnitude
+/// (the "massive activations" that appear in the residual stream a few blocks in) do not
+/// swamp the measure, so errors in different blocks are comparable.
+fn channel_rel_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let f = || -> uc_model::error::Result<f64> {
+        let h = b.dim(2)?;
+        let err = (a - b)?.sqr()?.reshape(((), h))?.mean(0)?;
+        let ms = b.sqr()?.reshape(((), h))?.mean(0)?;
+        let ratio = err.broadcast_div(&ms.clamp(f32::MIN_POSITIVE, f32::MAX)?)?;
+        Ok(f64::from(ratio.mean_all()?.to_scalar::<f32>()?))
+    };
+    Ok(f()?)
 }
 
 impl Stream {

@@ -265,15 +265,15 @@ fn edited_tensor_record_fails_manifest_checks() {
     edit_manifest(d.path(), |v| v["tensors"][0]["stored_bytes"] = json!(999));
     assert_eq!(
         failing_subjects(d.path()),
-        vec!["manifest.json"],
-        "bpw totals no longer match"
+        vec!["manifest.json", "manifest.json"],
+        "fingerprint and bpw totals no longer match"
     );
     let d = tempfile::tempdir().unwrap();
     make_pack(d.path());
     edit_manifest(d.path(), |v| v["tensors"][0]["file"] = json!("config.json"));
     assert_eq!(
         failing_subjects(d.path()),
-        vec!["model.layers.0.input_layernorm.weight"]
+        vec!["manifest.json", "model.layers.0.input_layernorm.weight"]
     );
 }
 

@@ -247,7 +247,7 @@ fn a_corrupted_pack_refuses_to_load_with_the_verify_message() {
 
 #[test]
 fn a_pack_with_a_wrong_reconstruction_digest_fails_the_full_check_only() {
-    // Rewrite one record's recon_sha256 and re-seal the manifest's file list: the file
+    // Rewrite one record's recon_sha256 and re-seal the manifest's fingerprint: the file
     // hashes pass, the reconstruction check catches it.
     let tmp = tempfile::tempdir().unwrap();
     let pack = tmp.path().join("pack");
@@ -261,6 +261,7 @@ fn a_pack_with_a_wrong_reconstruction_digest_fails_the_full_check_only() {
         .find(|t| t["name"] == "model.layers.0.mlp.up_proj.weight")
         .unwrap();
     t["recon_sha256"] = serde_json::Value::String("0".repeat(64));
+    m["fingerprint"] = serde_json::Value::String(uc_format::fingerprint(&m));
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
     let full = PackLoader::open(&pack, Verify::Full).unwrap();
     let e = Decoder::new(
