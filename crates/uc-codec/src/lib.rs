@@ -22,6 +22,8 @@ mod gptq;
 pub mod pack;
 mod recon;
 mod simd;
+#[cfg(target_arch = "x86_64")]
+pub use simd::unpack_tables;
 mod spec;
 mod tensor;
 

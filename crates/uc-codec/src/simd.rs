@@ -51,8 +51,9 @@ pub(crate) fn row(k: Kernel, p: &Prepared, i: usize, out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 /// Per-lane shuffle control and shift for `lanes` codes of `bits` bits taken from a
-/// `window`-byte little-endian word replicated in every 128-bit lane.
-fn unpack_tables<const LANES: usize, const BYTES: usize>(
+/// `window`-byte little-endian word replicated in every 128-bit lane. Shared with the
+/// runtime's fused kernels, which unpack codes the same way.
+pub fn unpack_tables<const LANES: usize, const BYTES: usize>(
     bits: usize,
     window: usize,
 ) -> ([u8; BYTES], [u32; LANES]) {

@@ -52,8 +52,9 @@ impl RotaryTables {
     }
 }
 
-/// `1 / theta^(2i / d)` in f32, with Llama-3 scaling when configured.
-fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
+/// `1 / theta^(2i / d)` in f32, with Llama-3 scaling when configured (shared with the
+/// runtime, so both forward passes rotate identically).
+pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
     let base = rope.theta as f32;
     let inv: Vec<f32> = (0..head_dim / 2)
         .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))

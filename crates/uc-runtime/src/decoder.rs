@@ -23,7 +23,7 @@ use crate::weights::{BlockWeights, GlobalWeights, WeightLoader};
 use crate::{Result, RuntimeError};
 use rayon::prelude::*;
 use std::sync::Arc;
-use uc_model::config::{ModelConfig, Rope};
+use uc_model::config::ModelConfig;
 use uc_model::llama::{EMBED, LM_HEAD};
 
 /// Which logits a forward call returns.
@@ -84,35 +84,7 @@ pub struct Decoder {
     capacity: usize,
 }
 
-/// `1 / theta^(2i / d)` in f32, with Llama-3 scaling when configured (the same formula
-/// and f32 operation order as `uc_model::llama`).
-pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
-    let base = rope.theta as f32;
-    let inv: Vec<f32> = (0..head_dim / 2)
-        .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
-        .collect();
-    let Some(s) = &rope.llama3 else { return inv };
-    let (factor, lo, hi, old) = (
-        s.factor as f32,
-        s.low_freq_factor as f32,
-        s.high_freq_factor as f32,
-        s.original_max_position_embeddings as f32,
-    );
-    let (low_wavelen, high_wavelen) = (old / lo, old / hi);
-    inv.into_iter()
-        .map(|f| {
-            let wavelen = 2.0 * std::f32::consts::PI / f;
-            if wavelen < high_wavelen {
-                f
-            } else if wavelen > low_wavelen {
-                f / factor
-            } else {
-                let smooth = (old / wavelen - lo) / (hi - lo);
-                (1.0 - smooth) * f / factor + smooth * f
-            }
-        })
-        .collect()
-}
+pub use uc_model::llama::inverse_frequencies;
 
 impl Decoder {
     /// Loads the globals (and, unless streaming, every block) from `loader`. When

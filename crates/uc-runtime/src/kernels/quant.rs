@@ -177,28 +177,8 @@ mod x86 {
     use super::QuantRows;
     use std::arch::x86_64::*;
 
-    /// Shuffle control (bytes) and per-lane shifts for `LANES` codes of `bits` bits held
-    /// in a `window`-byte word replicated in every 128-bit lane.
-    fn tables<const LANES: usize, const BYTES: usize>(
-        bits: usize,
-        window: usize,
-    ) -> ([u8; BYTES], [u32; LANES]) {
-        let mut ctrl = [0x80u8; BYTES];
-        let mut shift = [0u32; LANES];
-        for k in 0..LANES {
-            let lo = k * bits / 8;
-            ctrl[4 * k] = lo as u8;
-            // The high byte only matters when the code crosses a byte boundary; past the
-            // window it is zero (0x80 = zero in a byte shuffle).
-            ctrl[4 * k + 1] = if lo + 1 < window {
-                (lo + 1) as u8
-            } else {
-                0x80
-            };
-            shift[k] = (k * bits % 8) as u32;
-        }
-        (ctrl, shift)
-    }
+    /// Shuffle control (bytes) and per-lane shifts, exactly as reconstruction unpacks.
+    use uc_codec::unpack_tables as tables;
 
     /// Codebook registers and unpack tables for AVX-512.
     struct Unpack512 {
