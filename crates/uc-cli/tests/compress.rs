@@ -23,10 +23,13 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-fn compress(
+/// `uc compress` of `src` into `out`, calibrated on `text` (6 windows of 40 tokens,
+/// group 32) with `width` (e.g. `["--bits", "4"]` or `["--bpw", "4.5"]`) and `extra`.
+fn compress_with(
     src: &Path,
     out: &Path,
     text: &Path,
+    width: [&str; 2],
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> std::process::Output {
@@ -41,13 +44,23 @@ fn compress(
         "6",
         "--calib-len",
         "40",
-        "--bits",
-        "4",
         "--group",
         "32",
     ];
+    args.extend(width);
     args.extend(extra);
     uc(&args, env)
+}
+
+/// [`compress_with`] at 4 bits everywhere.
+fn compress(
+    src: &Path,
+    out: &Path,
+    text: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    compress_with(src, out, text, ["--bits", "4"], extra, env)
 }
 
 #[test]
@@ -194,24 +207,12 @@ fn a_bpw_budget_is_met_spread_by_sensitivity_and_deterministic() {
     let out = tempfile::tempdir().unwrap();
     let run = |name: &str, threads: &str| {
         let pack = out.path().join(name);
-        let o = uc(
-            &[
-                "compress",
-                m.path().to_str().unwrap(),
-                "-o",
-                pack.to_str().unwrap(),
-                "--calib",
-                text.to_str().unwrap(),
-                "--calib-seqs",
-                "6",
-                "--calib-len",
-                "40",
-                "--group",
-                "32",
-                "--bpw",
-                "4.5",
-                "--json",
-            ],
+        let o = compress_with(
+            m.path(),
+            &pack,
+            &text,
+            ["--bpw", "4.5"],
+            &["--json"],
             &[("RAYON_NUM_THREADS", threads)],
         );
         (pack, json_of(&o))
@@ -242,18 +243,14 @@ fn a_budget_below_every_codec_is_a_clear_error() {
     let m = model_with_tokenizer("llama");
     let text = text_file(m.path());
     let out = tempfile::tempdir().unwrap();
-    let pack = out.path().join("q");
-    let args = [
-        "compress",
-        m.path().to_str().unwrap(),
-        "-o",
-        pack.to_str().unwrap(),
-        "--calib",
-        text.to_str().unwrap(),
-        "--bpw",
-        "1.5",
-    ];
-    let o = uc(&args, &[]);
+    let o = compress_with(
+        m.path(),
+        &out.path().join("q"),
+        &text,
+        ["--bpw", "1.5"],
+        &[],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("below the cheapest"),
