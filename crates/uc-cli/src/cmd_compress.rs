@@ -69,12 +69,24 @@ pub struct CompressArgs {
     /// Columns per scale group (32, 64, 128 or 256).
     #[arg(long, default_value_t = 128)]
     group: u32,
+    /// Storage of the group scales: f16, bf16, or e8 (8-bit minifloat relative to the
+    /// tensor's codebook, docs/format.md section 2: half the bytes).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "e8"])]
+    scales: String,
     /// Codec of the token embedding and untied head (a name from `uc codecs`). Not part
     /// of the --bpw budget (it counts in bpw_model). Default q8g32 (8.5 bpw): the head
     /// turns every embedding error into a logit error, and on SmolLM2 q8g64 alone cost
     /// KLD 0.003 more than q8g32 (docs/research-log.md).
     #[arg(long, default_value = "q8g32")]
     embed_codec: String,
+    /// Refit the final norm weight (per channel, in closed form) to the teacher's
+    /// logits on the calibration windows (experimental: did not help on SmolLM2).
+    #[arg(long)]
+    norm_fit: bool,
+    /// Encode each linear towards its own weights (plain GPTQ) instead of towards the
+    /// teacher's outputs on the teacher's inputs.
+    #[arg(long)]
+    no_teacher_target: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -85,8 +97,12 @@ const DEFAULT_BPW: f64 = 5.0;
 
 pub fn run(a: CompressArgs) -> Result<()> {
     let bits = a.bits.unwrap_or(5);
-    let body = CodecSpec::parse(&format!("q{bits}g{}", a.group))
-        .with_context(|| format!("--bits {bits} --group {}", a.group))?;
+    let suffix = match a.scales.as_str() {
+        "f16" => "",
+        s => &format!("-{s}"),
+    };
+    let body = CodecSpec::parse(&format!("q{bits}g{}{suffix}", a.group))
+        .with_context(|| format!("--bits {bits} --group {} --scales {}", a.group, a.scales))?;
     // A budget unless --bits fixes the width; round-to-nearest stays calibration-free
     // (uniform --bits, default 5) unless --bpw is asked for explicitly.
     let budget_bpw = match (a.bits, a.bpw, a.method.as_str()) {
@@ -128,6 +144,8 @@ pub fn run(a: CompressArgs) -> Result<()> {
             refit_rounds: a.refit_rounds,
             ..GptqOptions::default()
         },
+        fit_final_norm: a.norm_fit,
+        teacher_target: !a.no_teacher_target,
     };
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
     // are written, so tests can exercise resume at an exact point.
@@ -179,6 +197,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "resumed_blocks": summary.resumed_blocks,
             "tensors": summary.tensors,
             "blocks": summary.blocks,
+            "final_norm": summary.final_norm,
         }));
     }
     output::line(&format!(
@@ -198,6 +217,15 @@ pub fn run(a: CompressArgs) -> Result<()> {
                 b.index, b.out_rel_mse, b.bpw, b.seconds
             ))?;
         }
+    }
+    if let Some(f) = &summary.final_norm {
+        output::line(&format!(
+            "final norm refit: logit rel. MSE {:.3e} -> {:.3e}, mean gain {:.4}{}",
+            f.logit_rel_mse_before,
+            f.logit_rel_mse_after,
+            f.mean_gain,
+            if f.kept { "" } else { " (not kept)" }
+        ))?;
     }
     if let Some(w) = worst {
         output::line(&format!(

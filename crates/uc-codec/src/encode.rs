@@ -3,11 +3,10 @@
 //! re-assignment. Deterministic: every reduction has a fixed order, rows are processed
 //! independently, and the parallel sort has a total order.
 
-use half::{bf16, f16};
 use rayon::prelude::*;
 use uc_format::ScaleDtype;
 
-use crate::tensor::{pack_codes, scale_to_f32};
+use crate::tensor::{pack_codes, scale_from_f32, scale_to_f32, E8_MAX};
 use crate::{CodecError, CodecSpec, QuantTensor, Result};
 
 /// Lloyd iterations of the codebook fit (fixed, for determinism and bounded time).
@@ -94,8 +93,8 @@ pub fn encode_rtn(
         })
         .collect();
 
-    let codebook = fit_codebook(w, cols, g, &scales, imp, spec.codebook_len());
-    let mids = midpoints(&codebook);
+    let mut codebook = fit_codebook(w, cols, g, &scales, imp, spec.codebook_len());
+    let mut mids = midpoints(&codebook);
 
     let mut codes = vec![0u8; n];
     for _ in 0..REFIT_ROUNDS {
@@ -103,14 +102,22 @@ pub fn encode_rtn(
         refit_scales(w, cols, g, &mut scales, &codebook, &codes, imp);
     }
 
-    // Round to the stored dtype, then assign codes against exactly the stored scale.
     let dt = spec.scale_dtype;
+    if dt == ScaleDtype::E8 {
+        // e8 scales are relative (largest E8_MAX): the tensor's magnitude moves into
+        // the codebook, which is stored in f32.
+        let max = scales.iter().fold(0f32, |m, &s| m.max(s));
+        if max > 0.0 && max.is_finite() {
+            let base = max / E8_MAX;
+            codebook.iter_mut().for_each(|c| *c *= base);
+            scales.iter_mut().for_each(|s| *s /= base);
+            mids = midpoints(&codebook);
+        }
+    }
+    // Round to the stored dtype, then assign codes against exactly the stored scale.
     let mut stored = Vec::with_capacity(scales.len());
     for (idx, &s) in scales.iter().enumerate() {
-        let bits = match dt {
-            ScaleDtype::F16 => f16::from_f32(s).to_bits(),
-            ScaleDtype::Bf16 => bf16::from_f32(s).to_bits(),
-        };
+        let bits = scale_from_f32(s, dt);
         if !scale_to_f32(bits, dt).is_finite() {
             return Err(CodecError::ScaleOverflow {
                 tensor: String::new(),

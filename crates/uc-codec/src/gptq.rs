@@ -29,7 +29,7 @@ use faer::linalg::solvers::{DenseSolveCore, Solve};
 use faer::{Mat, Side};
 use rayon::prelude::*;
 
-use crate::tensor::{pack_codes, scale_to_f32};
+use crate::tensor::{pack_codes, scale_from_f32, scale_to_f32};
 use crate::{encode_rtn, CodecError, CodecSpec, QuantTensor, Result};
 use uc_format::ScaleDtype;
 
@@ -190,13 +190,7 @@ fn feedback_codes(
 
 /// f32 scales rounded to the stored dtype's bits.
 fn store_scales(scales: &[f32], dt: ScaleDtype) -> Vec<u16> {
-    scales
-        .iter()
-        .map(|&s| match dt {
-            ScaleDtype::F16 => half::f16::from_f32(s).to_bits(),
-            ScaleDtype::Bf16 => half::bf16::from_f32(s).to_bits(),
-        })
-        .collect()
+    scales.iter().map(|&s| scale_from_f32(s, dt)).collect()
 }
 
 /// The H-weighted error `sum_i e_i H e_i^T` of `e = w - s o cb[codes]` (rows x cols),

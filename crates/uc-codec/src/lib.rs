@@ -32,7 +32,10 @@ pub use error::CodecError;
 pub use gptq::{encode_gptq, GptqOptions};
 pub use recon::{reconstruct, reconstruct_scalar, Kernel, Reconstructor, FORCE_SCALAR_ENV};
 pub use spec::{CodecSpec, Layout, CODECS, GROUPS};
-pub use tensor::{bf16_to_f32, code_at, pack_codes, scale_to_f32, Overlay, QuantTensor};
+pub use tensor::{
+    bf16_to_f32, code_at, pack_codes, scale_from_f32, scale_to_f32, scales_from_le, scales_to_le,
+    Overlay, QuantTensor, E8_MAX,
+};
 pub use uc_format::ScaleDtype;
 
 /// Result alias for this crate.

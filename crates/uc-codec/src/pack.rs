@@ -3,7 +3,7 @@
 //! name, and whole-pack verification.
 //!
 //! A quantized tensor `NAME` is stored as entries, in digest order:
-//! `NAME.codebook` F32 (2^b,), `NAME.scales` F16|BF16 (rows, n_groups),
+//! `NAME.codebook` F32 (2^b,), `NAME.scales` F16|BF16|U8 (rows, n_groups),
 //! `NAME.codes` U8 (rows, row_bytes), and with an overlay `NAME.overlay_a` BF16 (rows, r),
 //! `NAME.overlay_b` BF16 (r, cols). A dense tensor is one entry `NAME`.
 
@@ -154,7 +154,7 @@ pub fn quant_entries(name: &str, qt: &QuantTensor) -> Result<Vec<Entry>> {
             format!("{name}.scales"),
             qt.spec.scale_dtype.dtype(),
             vec![l.rows, l.n_groups],
-            u16s(&qt.scales),
+            crate::scales_to_le(&qt.scales, qt.spec.scale_dtype),
         ),
         entry(
             format!("{name}.codes"),
@@ -288,7 +288,7 @@ fn quant_from_entries(rec: &TensorRecord, parts: &[EntryRef]) -> Result<QuantTen
         cols,
         spec,
         codebook: le_f32(data(0)),
-        scales: le_u16(data(1)),
+        scales: crate::scales_from_le(data(1), spec.scale_dtype),
         codes: data(2).to_vec(),
         overlay,
     };

@@ -66,8 +66,10 @@ pub struct Layout {
     pub row_bytes: usize,
     /// Codebook entries (f32): 2^bits.
     pub codebook: usize,
-    /// Scales (u16): rows * n_groups.
+    /// Scales: rows * n_groups.
     pub scales: usize,
+    /// Bytes per scale (2 for f16/bf16, 1 for e8).
+    pub scale_bytes: usize,
     /// Code bytes: rows * row_bytes.
     pub codes: usize,
     /// Overlay A elements (bf16): rows * rank.
@@ -80,7 +82,7 @@ impl Layout {
     /// Every stored payload byte: codebook + scales + codes + overlay.
     pub fn stored_bytes(&self) -> u64 {
         (self.codebook as u64) * 4
-            + (self.scales as u64) * 2
+            + (self.scales as u64) * self.scale_bytes as u64
             + self.codes as u64
             + (self.overlay_a as u64 + self.overlay_b as u64) * 2
     }
@@ -103,17 +105,18 @@ impl CodecSpec {
     }
 
     /// Canonical name: `q<bits>g<group>`, then `r<rank>` if rank > 0, then `-bf16` for
-    /// bf16 scales (`q5g128`, `q4g64r16-bf16`).
+    /// bf16 scales or `-e8` for 8-bit minifloat scales (`q5g128`, `q4g64r16-bf16`,
+    /// `q5g64-e8`).
     pub fn name(&self) -> String {
         let rank = if self.rank > 0 {
             format!("r{}", self.rank)
         } else {
             String::new()
         };
-        let dt = if self.scale_dtype == ScaleDtype::Bf16 {
-            "-bf16"
-        } else {
-            ""
+        let dt = match self.scale_dtype {
+            ScaleDtype::F16 => "",
+            ScaleDtype::Bf16 => "-bf16",
+            ScaleDtype::E8 => "-e8",
         };
         format!("q{}g{}{rank}{dt}", self.bits, self.group)
     }
@@ -121,9 +124,10 @@ impl CodecSpec {
     /// Parses a canonical name (see [`CodecSpec::name`]) and validates it.
     pub fn parse(name: &str) -> Result<Self> {
         let unknown = || CodecError::UnknownCodec { name: name.into() };
-        let (body, scale_dtype) = match name.strip_suffix("-bf16") {
-            Some(b) => (b, ScaleDtype::Bf16),
-            None => (name, ScaleDtype::F16),
+        let (body, scale_dtype) = match (name.strip_suffix("-bf16"), name.strip_suffix("-e8")) {
+            (Some(b), _) => (b, ScaleDtype::Bf16),
+            (None, Some(b)) => (b, ScaleDtype::E8),
+            (None, None) => (name, ScaleDtype::F16),
         };
         let rest = body.strip_prefix('q').ok_or_else(unknown)?;
         let (bits, rest) = rest.split_once('g').ok_or_else(unknown)?;
@@ -203,6 +207,7 @@ impl CodecSpec {
             row_bytes,
             codebook: self.codebook_len(),
             scales: mul(rows, n_groups)?,
+            scale_bytes: self.scale_dtype.size(),
             codes: mul(rows, row_bytes)?,
             overlay_a: mul(rows, rank)?,
             overlay_b: mul(rank, cols)?,

@@ -26,7 +26,8 @@ pub struct QuantTensor {
     pub spec: CodecSpec,
     /// (2^bits,) codebook, ascending, finite.
     pub codebook: Vec<f32>,
-    /// (rows, n_groups) scale bits (f16 or bf16 per `spec.scale_dtype`), finite.
+    /// (rows, n_groups) scale bits (f16, bf16 or an e8 code per `spec.scale_dtype`),
+    /// finite.
     pub scales: Vec<u16>,
     /// (rows, row_bytes) codes, `bits` bits each, LSB-first, rows padded with zero bits.
     pub codes: Vec<u8>,
@@ -40,12 +41,69 @@ pub fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
-/// Stored scale bits -> f32 (exact for both dtypes, subnormals included).
+/// Stored scale bits -> f32 (exact for every dtype, subnormals included). An e8 code
+/// above 255 (not storable) reads as NaN, so validation rejects it.
 #[inline]
 pub fn scale_to_f32(bits: u16, dtype: ScaleDtype) -> f32 {
     match dtype {
         ScaleDtype::F16 => half::f16::from_bits(bits).to_f32(),
         ScaleDtype::Bf16 => bf16_to_f32(bits),
+        ScaleDtype::E8 if bits > 255 => f32::NAN,
+        ScaleDtype::E8 => {
+            // (32 + m) * 2^(x - 12): an integer below 64 times a power of two, exact.
+            let (x, m) = (u32::from(bits >> 5), f32::from(32 + (bits & 31)));
+            m * f32::from_bits((x + 127 - 12) << 23)
+        }
+    }
+}
+
+/// Largest e8 scale value (code 255).
+pub const E8_MAX: f32 = 63.0 / 32.0;
+
+/// The stored bits of the scale nearest to `s` (f32 -> f16/bf16 round to nearest even;
+/// e8: the nearest of the 256 values, ties to the lower code, clamped into range).
+pub fn scale_from_f32(s: f32, dtype: ScaleDtype) -> u16 {
+    match dtype {
+        ScaleDtype::F16 => half::f16::from_f32(s).to_bits(),
+        ScaleDtype::Bf16 => half::bf16::from_f32(s).to_bits(),
+        ScaleDtype::E8 => {
+            let v = |c: u16| scale_to_f32(c, ScaleDtype::E8);
+            // First code whose value is >= s (monotone table), then the nearer neighbour.
+            let (mut lo, mut hi) = (0u16, 255u16);
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if v(mid) < s {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            if lo > 0 && (s - v(lo - 1)) <= (v(lo) - s) {
+                lo - 1
+            } else {
+                lo
+            }
+        }
+    }
+}
+
+/// Scale bits from their little-endian stored bytes (`dtype.size()` bytes each).
+pub fn scales_from_le(bytes: &[u8], dtype: ScaleDtype) -> Vec<u16> {
+    match dtype.size() {
+        1 => bytes.iter().map(|&b| u16::from(b)).collect(),
+        _ => bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect(),
+    }
+}
+
+/// Scale bits as their little-endian stored bytes (inverse of [`scales_from_le`]; e8
+/// codes above 255 are not storable and are rejected by validation first).
+pub fn scales_to_le(scales: &[u16], dtype: ScaleDtype) -> Vec<u8> {
+    match dtype.size() {
+        1 => scales.iter().map(|&s| s as u8).collect(),
+        _ => scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
     }
 }
 

@@ -117,7 +117,7 @@ fn encoder_is_deterministic_across_thread_counts() {
 fn scales_are_stored_rounded_and_codes_fit_the_stored_scale() {
     let mut rng = Prng(4);
     let w = gaussian(&mut rng, 8 * 64, 1.0);
-    for name in ["q4g32", "q4g32-bf16"] {
+    for name in ["q4g32", "q4g32-bf16", "q4g32-e8"] {
         let spec = CodecSpec::parse(name).unwrap();
         let qt = encode_rtn(&w, 8, 64, &spec, None).unwrap();
         // Every weight's code is the best one for the stored scale.
@@ -135,6 +135,51 @@ fn scales_are_stored_rounded_and_codes_fit_the_stored_scale() {
             }
         }
     }
+}
+
+#[test]
+fn e8_scales_are_an_exact_monotone_minifloat() {
+    let v = |c: u16| scale_to_f32(c, ScaleDtype::E8);
+    assert_eq!(v(0), 1.0 / 128.0);
+    assert_eq!(v(31), 63.0 / 4096.0);
+    assert_eq!(v(32), 1.0 / 64.0);
+    assert_eq!(v(255), E8_MAX);
+    assert!(v(256).is_nan(), "codes above 255 are not storable");
+    for c in 0..255u16 {
+        assert!(v(c) < v(c + 1), "code {c}");
+        // Every value round-trips, and midpoints go to a neighbour.
+        assert_eq!(scale_from_f32(v(c), ScaleDtype::E8), c);
+        let mid = scale_from_f32((v(c) + v(c + 1)) / 2.0, ScaleDtype::E8);
+        assert!(mid == c || mid == c + 1);
+    }
+    // Out of range clamps instead of overflowing.
+    assert_eq!(scale_from_f32(1e9, ScaleDtype::E8), 255);
+    assert_eq!(scale_from_f32(0.0, ScaleDtype::E8), 0);
+    // Relative step at most 1/32.
+    for c in 0..255u16 {
+        assert!(v(c + 1) / v(c) <= 1.0 + 1.0 / 32.0 + 1e-7, "code {c}");
+    }
+}
+
+#[test]
+fn e8_scales_cost_one_byte_and_lose_little() {
+    let (f, e) = (
+        CodecSpec::parse("q5g64").unwrap(),
+        CodecSpec::parse("q5g64-e8").unwrap(),
+    );
+    let (rows, cols) = (64, 512);
+    assert_eq!(
+        f.stored_bytes(rows, cols).unwrap() - e.stored_bytes(rows, cols).unwrap(),
+        (rows * cols / 64) as u64
+    );
+    let mut rng = Prng(9);
+    let w = gaussian(&mut rng, rows * cols, 0.02);
+    let err = |spec: &CodecSpec| {
+        let qt = encode_rtn(&w, rows, cols, spec, None).unwrap();
+        rel_err(&w, &reconstruct(&qt, Kernel::select(false)).unwrap())
+    };
+    let (ef, ee) = (err(&f), err(&e));
+    assert!(ee < ef * 1.02, "e8 rel err {ee} vs f16 {ef}");
 }
 
 #[test]
@@ -173,7 +218,7 @@ fn simd_kernels_match_scalar_on_random_inputs() {
     for bits in 2..=8u8 {
         for cols in [1, 7, 8, 15, 16, 17, 33, 130, 257] {
             for rank in [0, 1, 3] {
-                for dt in [ScaleDtype::F16, ScaleDtype::Bf16] {
+                for dt in [ScaleDtype::F16, ScaleDtype::Bf16, ScaleDtype::E8] {
                     let spec = CodecSpec {
                         bits,
                         group: 32,

@@ -119,8 +119,14 @@ impl Gram {
     /// Adds `x^T x` for `x` of shape `(rows, cols)`; the product is one f32 matmul per
     /// chunk (summing at most a few thousand rows), accumulated across chunks in f64.
     pub fn add(&mut self, x: &Tensor) -> candle_core::Result<()> {
-        let xtx = x.t()?.matmul(x)?.to_dtype(DType::F32)?;
-        let v = xtx.flatten_all()?.to_vec1::<f32>()?;
+        self.add_cross(x, x)
+    }
+
+    /// Adds `a^T b` for `a`, `b` of shape `(rows, cols)` (the cross statistics of two
+    /// inputs seen on the same rows), like [`Gram::add`].
+    pub fn add_cross(&mut self, a: &Tensor, b: &Tensor) -> candle_core::Result<()> {
+        let atb = a.t()?.matmul(b)?.to_dtype(DType::F32)?;
+        let v = atb.flatten_all()?.to_vec1::<f32>()?;
         for (a, b) in self.h.iter_mut().zip(v) {
             *a += f64::from(b);
         }

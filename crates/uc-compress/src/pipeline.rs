@@ -2,6 +2,7 @@
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Gram};
+use crate::normfit::{self, NormFit};
 use crate::{CompressError, Result};
 use candle_core::Tensor;
 use serde::Serialize;
@@ -50,6 +51,12 @@ pub struct Options {
     pub calibration: Option<Calibration>,
     /// Error-feedback settings.
     pub gptq: GptqOptions,
+    /// Calibrated runs: refit the final norm weight to the teacher's logits
+    /// ([`crate::normfit`]).
+    pub fit_final_norm: bool,
+    /// Calibrated runs: encode each linear towards the teacher's outputs on the
+    /// teacher's inputs rather than towards its weights ([`crate::target`]).
+    pub teacher_target: bool,
 }
 
 /// Where a bit budget may move bits.
@@ -142,6 +149,8 @@ pub struct Summary {
     pub blocks: Vec<BlockSummary>,
     /// Budgeted runs: every block linear's measured sensitivity, in block order.
     pub sensitivity: Vec<Sensitivity>,
+    /// Calibrated runs with [`Options::fit_final_norm`]: the final norm refit.
+    pub final_norm: Option<NormFit>,
 }
 
 /// SHA-256 and size of each file of the source directory that defines the model.
@@ -243,16 +252,16 @@ fn quantize_into(
     Ok((summary, recon))
 }
 
-/// Reads weight `name` and encodes it (no calibration).
+/// Reads weight `name` and encodes it (no calibration); returns its reconstruction too.
 fn quantize_from(
     ck: &Checkpoint,
     c: &mut ContainerBuilder,
     name: &str,
     role: Role,
     spec: &CodecSpec,
-) -> Result<TensorSummary> {
+) -> Result<(TensorSummary, Vec<f32>)> {
     let (w, shape) = ck.tensor_f32(name)?;
-    Ok(quantize_into(c, name, &w, &shape, role, spec, None)?.0)
+    quantize_into(c, name, &w, &shape, role, spec, None)
 }
 
 /// Stores tensor `name` of `ck` dense in f32.
@@ -340,6 +349,10 @@ pub fn compress(
                 "sensitivity": sensitivity,
             });
         }
+        if opts.method == Method::Gptq {
+            cal["final_norm_fit"] = opts.fit_final_norm.into();
+            cal["teacher_target"] = opts.teacher_target.into();
+        }
         writer.set_calibration(cal)?;
     }
     let spec_of = |name: &str| *specs.get(name).unwrap_or(&opts.body);
@@ -365,7 +378,7 @@ pub fn compress(
                 for lin in BLOCK_LINEARS {
                     let name = format!("{p}.{lin}.weight");
                     let spec = spec_of(&name);
-                    tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &spec)?);
+                    tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &spec)?.0);
                 }
             }
             Some(st) => {
@@ -413,19 +426,37 @@ pub fn compress(
         });
     }
 
+    let mut final_norm = None;
     if !done(&writer, GLOBALS_CONTAINER) {
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
-        tensors.push(quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
+        let (summary, mut head) = quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?;
+        tensors.push(summary);
         if !cfg.tie_word_embeddings {
-            tensors.push(quantize_from(
-                &ck,
-                &mut c,
-                LM_HEAD,
-                Role::Head,
-                &opts.embed,
-            )?);
+            let (summary, recon) = quantize_from(&ck, &mut c, LM_HEAD, Role::Head, &opts.embed)?;
+            tensors.push(summary);
+            head = recon;
         }
-        dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?;
+        match stream.as_ref().filter(|_| opts.fit_final_norm) {
+            Some(st) => {
+                let (gamma, shape) = ck.tensor_f32(FINAL_NORM)?;
+                let eps = cfg.rms_norm_eps as f32;
+                let (fitted, fit) =
+                    normfit::fit_final_norm(&st.student, &st.teacher, &gamma, &head, eps)?;
+                uc_codec::pack::write_dense_tensor(
+                    &mut c,
+                    FINAL_NORM,
+                    Role::Norm,
+                    &fitted,
+                    &shape,
+                    DenseDtype::F32,
+                    None,
+                )
+                .map_err(codec_err(FINAL_NORM))?;
+                final_norm = Some(fit);
+            }
+            None => dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?,
+        }
+        drop(head);
         writer.write_container(c)?;
     }
     progress(Event::GlobalsDone);
@@ -443,6 +474,7 @@ pub fn compress(
         tensors,
         blocks,
         sensitivity,
+        final_norm,
     })
 }
 
@@ -520,19 +552,37 @@ struct Stream {
 /// Windows per forward chunk: bounds the attention buffers (chunk x heads x L x L).
 const CHUNK: usize = 4;
 
+/// The encoding stages of a block: each input tap with the linears it feeds (indices
+/// into [`BLOCK_LINEARS`]), in forward order.
+const STAGES: [(Tap, &[usize]); 4] = [
+    (Tap::Attention, &[0, 1, 2]),
+    (Tap::AttentionOutput, &[3]),
+    (Tap::Mlp, &[4, 5]),
+    (Tap::MlpDown, &[6]),
+];
+
+/// `f` applied to `x` in chunks of [`CHUNK`] windows, in order.
+fn each_chunk(x: &Tensor, mut f: impl FnMut(&Tensor) -> uc_model::error::Result<()>) -> Result<()> {
+    let n = x.dim(0).map_err(uc_model::ModelError::from)?;
+    for s in (0..n).step_by(CHUNK) {
+        let part = x
+            .narrow(0, s, CHUNK.min(n - s))
+            .map_err(uc_model::ModelError::from)?;
+        f(&part)?;
+    }
+    Ok(())
+}
+
 /// `f` applied to `x` in chunks of [`CHUNK`] windows, concatenated.
 fn chunked(
     x: &Tensor,
     mut f: impl FnMut(&Tensor) -> uc_model::error::Result<Tensor>,
 ) -> Result<Tensor> {
-    let n = x.dim(0).map_err(uc_model::ModelError::from)?;
-    let mut outs = Vec::with_capacity(n.div_ceil(CHUNK));
-    for s in (0..n).step_by(CHUNK) {
-        let part = x
-            .narrow(0, s, CHUNK.min(n - s))
-            .map_err(uc_model::ModelError::from)?;
-        outs.push(f(&part)?);
-    }
+    let mut outs = Vec::new();
+    each_chunk(x, |part| {
+        outs.push(f(part)?);
+        Ok(())
+    })?;
     Ok(Tensor::cat(&outs, 0).map_err(uc_model::ModelError::from)?)
 }
 
@@ -577,6 +627,14 @@ impl Stream {
 
     /// Quantizes block `layer` into `c`, advances both streams, returns the tensor
     /// summaries and the block's output error.
+    ///
+    /// Sequential within the block: the linears are encoded in four stages by input
+    /// (q/k/v, o, gate/up, down), and each stage's Gram matrix is taken on the quantized
+    /// stream through the block as quantized so far, so o sees the quantized q/k/v's
+    /// context and down the quantized gate/up's activation. With
+    /// [`Options::teacher_target`], each stage also pairs its input with the teacher's
+    /// (teacher block on the teacher stream) and encodes towards the teacher's outputs
+    /// ([`crate::target`]).
     fn block(
         &mut self,
         ck: &Checkpoint,
@@ -586,45 +644,78 @@ impl Stream {
         spec_of: &dyn Fn(&str) -> CodecSpec,
     ) -> Result<(Vec<TensorSummary>, f64)> {
         let teacher = Block::load(ck, layer)?;
-        // Gram matrices of the four distinct linear inputs, from the quantized stream.
-        let mut grams: Vec<(Tap, Gram)> = Vec::new();
         let rope = &self.rope;
-        chunked(&self.student, |x| {
-            teacher.forward_tapped(x, rope, &mut |tap, input| {
-                let cols = input.dim(1)?;
-                let pos = match grams.iter().position(|(t, _)| *t == tap) {
-                    Some(p) => p,
-                    None => {
-                        grams.push((tap, Gram::new(cols)));
-                        grams.len() - 1
-                    }
-                };
-                grams[pos].1.add(input)?;
+        // The teacher's linear inputs, per chunk, in stage order (only kept for the
+        // teacher target), and the teacher stream's next state.
+        let mut teacher_taps: Vec<Vec<Tensor>> = Vec::new();
+        let keep = opts.teacher_target;
+        let next_teacher = chunked(&self.teacher, |x| {
+            let mut taps = Vec::with_capacity(STAGES.len());
+            let y = teacher.forward_tapped(x, rope, None, &mut |_, input| {
+                if keep {
+                    taps.push(input.clone());
+                }
                 Ok(())
-            })
+            })?;
+            teacher_taps.push(taps);
+            y.ok_or_else(|| candle_core::Error::Msg("teacher pass stopped".into()).into())
         })?;
         let mut student = teacher.clone();
         let p = block_prefix(layer);
         let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
-        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
-            let name = format!("{p}.{lin}.weight");
-            let weight = &teacher.linears[k].weight;
-            let shape = weight.dims().to_vec();
-            let w = weight
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(uc_model::ModelError::from)?;
-            let gram = grams
-                .iter()
-                .find(|(t, _)| *t == Tap::of_linear(k))
-                .map(|(_, g)| (g, opts.gptq));
-            let spec = spec_of(&name);
-            let (summary, recon) = quantize_into(c, &name, &w, &shape, Role::Body, &spec, gram)?;
-            student.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
-                .map_err(uc_model::ModelError::from)?;
-            summaries.push(summary);
+        for (stage, (tap, linears)) in STAGES.iter().enumerate() {
+            // H = X_s^T X_s and C = X_s^T X_t of this stage's input, chunk by chunk.
+            let mut h: Option<Gram> = None;
+            let mut cross: Option<Gram> = None;
+            let mut chunk = 0;
+            each_chunk(&self.student, |x| {
+                student.forward_tapped(x, rope, Some(*tap), &mut |t, input| {
+                    if t != *tap {
+                        return Ok(());
+                    }
+                    let cols = input.dim(1)?;
+                    h.get_or_insert_with(|| Gram::new(cols)).add(input)?;
+                    if keep {
+                        cross
+                            .get_or_insert_with(|| Gram::new(cols))
+                            .add_cross(input, &teacher_taps[chunk][stage])?;
+                    }
+                    Ok(())
+                })?;
+                chunk += 1;
+                Ok(())
+            })?;
+            let h = h.ok_or_else(|| CompressError::Settings("no calibration rows".into()))?;
+            for &k in *linears {
+                let name = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
+                let weight = &teacher.linears[k].weight;
+                let shape = weight.dims().to_vec();
+                let w = weight
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(uc_model::ModelError::from)?;
+                let (rows, cols) = (shape[0], shape[1]);
+                let target = cross.as_ref().and_then(|cr| {
+                    crate::target::teacher_target(&w, rows, cols, &h.h, &cr.h, opts.gptq.damp)
+                });
+                let spec = spec_of(&name);
+                let (mut summary, recon) = quantize_into(
+                    c,
+                    &name,
+                    target.as_deref().unwrap_or(&w),
+                    &shape,
+                    Role::Body,
+                    &spec,
+                    Some((&h, opts.gptq)),
+                )?;
+                summary.rel_err = rel_err(&w, &recon);
+                student.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
+                    .map_err(uc_model::ModelError::from)?;
+                summaries.push(summary);
+            }
         }
-        self.teacher = chunked(&self.teacher, |x| teacher.forward(x, rope))?;
+        drop(teacher_taps);
+        self.teacher = next_teacher;
         self.student = chunked(&self.student, |x| student.forward(x, rope))?;
         let mse = rel_mse(&self.student, &self.teacher)?;
         Ok((summaries, mse))

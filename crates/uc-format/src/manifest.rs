@@ -144,6 +144,10 @@ pub enum ScaleDtype {
     F16,
     /// bfloat16 (entry dtype `BF16`).
     Bf16,
+    /// 8-bit minifloat code `e` (entry dtype `U8`), value `(32 + e % 32) * 2^(e / 32 -
+    /// 12)`: 5 mantissa bits over 8 octaves, `2^-7 ..= 1.96875`, monotone in `e`. The
+    /// tensor's overall magnitude lives in its (f32) codebook.
+    E8,
 }
 
 impl ScaleDtype {
@@ -152,6 +156,15 @@ impl ScaleDtype {
         match self {
             ScaleDtype::F16 => safetensors::Dtype::F16,
             ScaleDtype::Bf16 => safetensors::Dtype::BF16,
+            ScaleDtype::E8 => safetensors::Dtype::U8,
+        }
+    }
+
+    /// Bytes per stored scale.
+    pub fn size(self) -> usize {
+        match self {
+            ScaleDtype::F16 | ScaleDtype::Bf16 => 2,
+            ScaleDtype::E8 => 1,
         }
     }
 }

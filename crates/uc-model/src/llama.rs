@@ -229,18 +229,25 @@ impl Block {
 
     /// `x`: `(batch, seq, hidden)` at positions `0..seq` -> same shape.
     pub fn forward(&self, x: &Tensor, rope: &RotaryTables) -> Result<Tensor> {
-        self.forward_tapped(x, rope, &mut |_, _| Ok(()))
+        let y = self.forward_tapped(x, rope, None, &mut |_, _| Ok(()))?;
+        y.ok_or_else(|| candle_core::Error::Msg("block forward stopped early".into()).into())
     }
 
     /// [`Block::forward`], also handing each linear group's input to `tap` as it is
     /// computed: `(Tap, (batch*seq, in_features))`. The compressor collects its
-    /// statistics (Gram matrices) this way.
+    /// statistics (Gram matrices) this way. With `until`, the pass ends right after
+    /// that tap (returning `None`): later linears are not computed.
     pub fn forward_tapped(
         &self,
         x: &Tensor,
         rope: &RotaryTables,
+        until: Option<Tap>,
         tap: &mut dyn FnMut(Tap, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
+        let mut tap = |t: Tap, x: &Tensor| -> Result<bool> {
+            tap(t, x)?;
+            Ok(until == Some(t))
+        };
         let (b, t, h) = x.dims3()?;
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps as f32;
@@ -248,7 +255,9 @@ impl Block {
 
         // Attention. Rows are (batch*seq) so every linear is one 2-D matmul.
         let xn = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?.reshape((b * t, h))?;
-        tap(Tap::Attention, &xn)?;
+        if tap(Tap::Attention, &xn)? {
+            return Ok(None);
+        }
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         // (b*t, heads*hd) -> (b, heads, t, hd)
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
@@ -275,15 +284,21 @@ impl Block {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, nh * hd))?;
-        tap(Tap::AttentionOutput, &ctx)?;
+        if tap(Tap::AttentionOutput, &ctx)? {
+            return Ok(None);
+        }
         let x = (x + o_proj.forward(&ctx)?.reshape((b, t, h))?)?;
 
         // MLP: down(silu(gate(x)) * up(x)).
         let xn = candle_nn::ops::rms_norm(&x, &self.post_attn_norm, eps)?.reshape((b * t, h))?;
-        tap(Tap::Mlp, &xn)?;
+        if tap(Tap::Mlp, &xn)? {
+            return Ok(None);
+        }
         let act = (candle_nn::ops::silu(&gate.forward(&xn)?)? * up.forward(&xn)?)?;
-        tap(Tap::MlpDown, &act)?;
-        Ok((x + down.forward(&act)?.reshape((b, t, h))?)?)
+        if tap(Tap::MlpDown, &act)? {
+            return Ok(None);
+        }
+        Ok(Some((x + down.forward(&act)?.reshape((b, t, h))?)?))
     }
 }
 

@@ -507,7 +507,7 @@ impl PackLoader {
                 let sdt = spec.scale_dtype.dtype();
                 let scales = read_rows(
                     locate(&format!("{name}.scales"), sdt, &[rows, l.n_groups])?,
-                    l.n_groups * 2,
+                    l.n_groups * l.scale_bytes,
                     0,
                 )?;
                 let codes = read_rows(
@@ -541,7 +541,7 @@ impl PackLoader {
                     cols,
                     spec,
                     codebook: dense_values(Dtype::F32, &codebook).unwrap_or_default(),
-                    scales: le_u16(&scales),
+                    scales: uc_codec::scales_from_le(&scales, spec.scale_dtype),
                     codes,
                     overlay,
                 };
@@ -788,7 +788,10 @@ impl PackReader<'_> {
             cols,
             spec,
             codebook: dense_values(Dtype::F32, codebook).unwrap_or_default(),
-            scales: le_u16(&gather(scales, l.n_groups, 2, 0)),
+            scales: uc_codec::scales_from_le(
+                &gather(scales, l.n_groups, l.scale_bytes, 0),
+                spec.scale_dtype,
+            ),
             // Room for the kernels' zero padding, so PackedLinear need not reallocate.
             codes: gather(codes, l.row_bytes, 1, crate::kernels::quant::CODE_PAD),
             overlay,

@@ -49,10 +49,7 @@ pub fn random_qt(
     let l = spec.layout(rows, cols).unwrap();
     let mut codebook: Vec<f32> = (0..l.codebook).map(|i| cb(rng, i)).collect();
     codebook.sort_by(f32::total_cmp);
-    let to_bits = |s: f32| match spec.scale_dtype {
-        ScaleDtype::F16 => f16::from_f32(s).to_bits(),
-        ScaleDtype::Bf16 => bf16::from_f32(s).to_bits(),
-    };
+    let to_bits = |s: f32| uc_codec::scale_from_f32(s, spec.scale_dtype);
     let scales = (0..l.scales).map(|_| to_bits(scale(rng))).collect();
     let idx: Vec<u8> = (0..rows * cols)
         .map(|_| rng.below(l.codebook) as u8)

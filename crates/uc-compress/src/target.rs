@@ -1,0 +1,110 @@
+//! Teacher-target correction of a linear's weight before error-feedback encoding.
+//!
+//! The quantized model sees its own, slightly drifted, activations `X_s` where the
+//! teacher saw `X_t` (rows: the same calibration tokens). Encoding `W` to minimise
+//! `|| X_s (Q - W)^T ||` reproduces the teacher's *weights*; what matters is the
+//! teacher's *outputs*, `|| X_s Q^T - X_t W^T ||`. Its least-squares optimum is
+//! `W' = W C^T H^-1` with `H = X_s^T X_s`, `C = X_s^T X_t`, and
+//! `|| X_s Q^T - X_t W^T ||^2 = || X_s (Q - W')^T ||^2 + const`, so encoding `W'` with
+//! the same `H` minimises the output error against the teacher (the asymmetric
+//! calibration of GPTAQ, Li et al. 2025, applied as a target rather than inside the
+//! column loop).
+//!
+//! Written as `W' = W + W (C^T - H) (H + lambda I)^-1`: the damping then only tempers
+//! the correction, and without drift (`C = H`) `W' = W` exactly.
+
+use faer::linalg::solvers::Solve;
+use faer::{Mat, Side};
+
+/// `W'` for `w` (rows x cols, row-major), `h` = `X_s^T X_s`, `c` = `X_s^T X_t` (cols x
+/// cols, row-major), damping `damp` x mean diagonal of `h`. `None` when the damped `h`
+/// is not positive definite or the result is not finite (callers keep `w`).
+pub fn teacher_target(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    c: &[f64],
+    damp: f64,
+) -> Option<Vec<f32>> {
+    let mean = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+    let lambda = damp * mean;
+    let hd = Mat::<f64>::from_fn(cols, cols, |i, j| {
+        h[i * cols + j]
+            + if i == j {
+                lambda.max(f64::MIN_POSITIVE)
+            } else {
+                0.0
+            }
+    });
+    // D = C^T - H; R^T = D^T W^T = (C - H) W^T (cols x rows).
+    let d = Mat::<f64>::from_fn(cols, cols, |i, j| c[i * cols + j] - h[i * cols + j]);
+    let wt = Mat::<f64>::from_fn(cols, rows, |i, r| f64::from(w[r * cols + i]));
+    let rt = &d * &wt;
+    let y = hd.llt(Side::Lower).ok()?.solve(&rt); // (H + lambda I)^-1 R^T
+    let out: Vec<f32> = (0..rows * cols)
+        .map(|k| (f64::from(w[k]) + y[(k % cols, k / cols)]) as f32)
+        .collect();
+    out.iter().all(|v| v.is_finite()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [-1, 1).
+    fn noise(n: usize, seed: u64) -> Vec<f64> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn gram(a: &[f64], b: &[f64], n: usize, cols: usize) -> Vec<f64> {
+        let mut g = vec![0.0; cols * cols];
+        for r in 0..n {
+            for i in 0..cols {
+                for j in 0..cols {
+                    g[i * cols + j] += a[r * cols + i] * b[r * cols + j];
+                }
+            }
+        }
+        g
+    }
+
+    #[test]
+    fn no_drift_keeps_the_weight_and_drift_is_undone() {
+        let (n, rows, cols) = (200, 3, 6);
+        let xs = noise(n * cols, 1);
+        let w: Vec<f32> = noise(rows * cols, 2).iter().map(|&v| v as f32).collect();
+        let h = gram(&xs, &xs, n, cols);
+        let same = teacher_target(&w, rows, cols, &h, &h, 0.01).unwrap();
+        assert_eq!(same, w, "no drift: the target is the weight itself");
+
+        // Teacher inputs: a fixed linear map of the student's, X_t = X_s M^T. Then the
+        // exact answer is W' = W M, which reproduces the teacher outputs exactly.
+        let m = noise(cols * cols, 3);
+        let mut xt = vec![0.0; n * cols];
+        for r in 0..n {
+            for i in 0..cols {
+                xt[r * cols + i] = (0..cols).map(|k| m[i * cols + k] * xs[r * cols + k]).sum();
+            }
+        }
+        let c = gram(&xs, &xt, n, cols);
+        let got = teacher_target(&w, rows, cols, &h, &c, 0.0).unwrap();
+        for r in 0..rows {
+            for k in 0..cols {
+                let want: f64 = (0..cols)
+                    .map(|i| f64::from(w[r * cols + i]) * m[i * cols + k])
+                    .sum();
+                let g = f64::from(got[r * cols + k]);
+                assert!((g - want).abs() < 1e-4, "W'[{r},{k}] = {g}, want {want}");
+            }
+        }
+    }
+}
