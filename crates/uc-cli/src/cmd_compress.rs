@@ -67,11 +67,11 @@ pub struct CompressArgs {
     #[arg(long)]
     bits: Option<u8>,
     /// Columns per scale group (32, 64, 128 or 256).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 64)]
     group: u32,
     /// Storage of the group scales: f16, bf16, or e8 (8-bit minifloat relative to the
     /// tensor's codebook, docs/format.md section 2: half the bytes).
-    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "e8"])]
+    #[arg(long, default_value = "e8", value_parser = ["f16", "bf16", "e8"])]
     scales: String,
     /// Codec of the token embedding and untied head (a name from `uc codecs`). Not part
     /// of the --bpw budget (it counts in bpw_model). Default q8g32 (8.5 bpw): the head
@@ -79,10 +79,6 @@ pub struct CompressArgs {
     /// KLD 0.003 more than q8g32 (docs/research-log.md).
     #[arg(long, default_value = "q8g32")]
     embed_codec: String,
-    /// Refit the final norm weight (per channel, in closed form) to the teacher's
-    /// logits on the calibration windows (experimental: did not help on SmolLM2).
-    #[arg(long)]
-    norm_fit: bool,
     /// Encode each linear towards its own weights (plain GPTQ) instead of towards the
     /// teacher's outputs on the teacher's inputs.
     #[arg(long)]
@@ -144,7 +140,6 @@ pub fn run(a: CompressArgs) -> Result<()> {
             refit_rounds: a.refit_rounds,
             ..GptqOptions::default()
         },
-        fit_final_norm: a.norm_fit,
         teacher_target: !a.no_teacher_target,
     };
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
@@ -197,7 +192,6 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "resumed_blocks": summary.resumed_blocks,
             "tensors": summary.tensors,
             "blocks": summary.blocks,
-            "final_norm": summary.final_norm,
         }));
     }
     output::line(&format!(
@@ -217,15 +211,6 @@ pub fn run(a: CompressArgs) -> Result<()> {
                 b.index, b.out_rel_mse, b.bpw, b.seconds
             ))?;
         }
-    }
-    if let Some(f) = &summary.final_norm {
-        output::line(&format!(
-            "final norm refit: logit rel. MSE {:.3e} -> {:.3e}, mean gain {:.4}{}",
-            f.logit_rel_mse_before,
-            f.logit_rel_mse_after,
-            f.mean_gain,
-            if f.kept { "" } else { " (not kept)" }
-        ))?;
     }
     if let Some(w) = worst {
         output::line(&format!(

@@ -11,13 +11,11 @@
 
 pub mod alloc;
 mod calib;
-mod normfit;
 mod pipeline;
 mod target;
 
 pub use alloc::Sensitivity;
 pub use calib::{Calibration, CalibrationRecord, Gram};
-pub use normfit::NormFit;
 pub use pipeline::{
     compress, BlockSummary, BudgetScope, Event, Method, Options, Summary, TensorSummary,
     BUDGET_BITS,

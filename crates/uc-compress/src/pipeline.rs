@@ -2,7 +2,6 @@
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Gram};
-use crate::normfit::{self, NormFit};
 use crate::{CompressError, Result};
 use candle_core::Tensor;
 use serde::Serialize;
@@ -51,9 +50,6 @@ pub struct Options {
     pub calibration: Option<Calibration>,
     /// Error-feedback settings.
     pub gptq: GptqOptions,
-    /// Calibrated runs: refit the final norm weight to the teacher's logits
-    /// ([`crate::normfit`]).
-    pub fit_final_norm: bool,
     /// Calibrated runs: encode each linear towards the teacher's outputs on the
     /// teacher's inputs rather than towards its weights ([`crate::target`]).
     pub teacher_target: bool,
@@ -149,8 +145,6 @@ pub struct Summary {
     pub blocks: Vec<BlockSummary>,
     /// Budgeted runs: every block linear's measured sensitivity, in block order.
     pub sensitivity: Vec<Sensitivity>,
-    /// Calibrated runs with [`Options::fit_final_norm`]: the final norm refit.
-    pub final_norm: Option<NormFit>,
 }
 
 /// SHA-256 and size of each file of the source directory that defines the model.
@@ -252,16 +246,16 @@ fn quantize_into(
     Ok((summary, recon))
 }
 
-/// Reads weight `name` and encodes it (no calibration); returns its reconstruction too.
+/// Reads weight `name` and encodes it (no calibration).
 fn quantize_from(
     ck: &Checkpoint,
     c: &mut ContainerBuilder,
     name: &str,
     role: Role,
     spec: &CodecSpec,
-) -> Result<(TensorSummary, Vec<f32>)> {
+) -> Result<TensorSummary> {
     let (w, shape) = ck.tensor_f32(name)?;
-    quantize_into(c, name, &w, &shape, role, spec, None)
+    Ok(quantize_into(c, name, &w, &shape, role, spec, None)?.0)
 }
 
 /// Stores tensor `name` of `ck` dense in f32.
@@ -350,7 +344,6 @@ pub fn compress(
             });
         }
         if opts.method == Method::Gptq {
-            cal["final_norm_fit"] = opts.fit_final_norm.into();
             cal["teacher_target"] = opts.teacher_target.into();
         }
         writer.set_calibration(cal)?;
@@ -378,7 +371,7 @@ pub fn compress(
                 for lin in BLOCK_LINEARS {
                     let name = format!("{p}.{lin}.weight");
                     let spec = spec_of(&name);
-                    tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &spec)?.0);
+                    tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &spec)?);
                 }
             }
             Some(st) => {
@@ -426,37 +419,19 @@ pub fn compress(
         });
     }
 
-    let mut final_norm = None;
     if !done(&writer, GLOBALS_CONTAINER) {
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
-        let (summary, mut head) = quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?;
-        tensors.push(summary);
+        tensors.push(quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
         if !cfg.tie_word_embeddings {
-            let (summary, recon) = quantize_from(&ck, &mut c, LM_HEAD, Role::Head, &opts.embed)?;
-            tensors.push(summary);
-            head = recon;
+            tensors.push(quantize_from(
+                &ck,
+                &mut c,
+                LM_HEAD,
+                Role::Head,
+                &opts.embed,
+            )?);
         }
-        match stream.as_ref().filter(|_| opts.fit_final_norm) {
-            Some(st) => {
-                let (gamma, shape) = ck.tensor_f32(FINAL_NORM)?;
-                let eps = cfg.rms_norm_eps as f32;
-                let (fitted, fit) =
-                    normfit::fit_final_norm(&st.student, &st.teacher, &gamma, &head, eps)?;
-                uc_codec::pack::write_dense_tensor(
-                    &mut c,
-                    FINAL_NORM,
-                    Role::Norm,
-                    &fitted,
-                    &shape,
-                    DenseDtype::F32,
-                    None,
-                )
-                .map_err(codec_err(FINAL_NORM))?;
-                final_norm = Some(fit);
-            }
-            None => dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?,
-        }
-        drop(head);
+        dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?;
         writer.write_container(c)?;
     }
     progress(Event::GlobalsDone);
@@ -474,7 +449,6 @@ pub fn compress(
         tensors,
         blocks,
         sensitivity,
-        final_norm,
     })
 }
 
