@@ -5,6 +5,7 @@
 #
 #   scripts/bench_compress.sh [BUDGETS="5.0 4.0 3.0"] [WINDOWS=32]
 #   UC_ARGS="--group 64" SUFFIX=_g64 scripts/bench_compress.sh 5.0   (a variant's rows)
+#   METHODS=gptq scripts/bench_compress.sh                          (only one method's rows)
 #
 # For each budget B: `uc compress --bpw B` (the default method) and
 # `uc compress --method rtn --bpw B` (same sensitivity-guided allocation, no error
@@ -26,7 +27,7 @@ mkdir -p "$PACKS" results
 cargo build --release --locked -p uc-cli >&2
 
 for b in $BUDGETS; do
-    for method in gptq rtn; do
+    for method in ${METHODS:-gptq rtn}; do
         tag=${method}_${b}${SUFFIX:-}
         pack=$PACKS/$tag
         rm -rf "$pack"

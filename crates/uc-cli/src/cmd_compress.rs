@@ -19,8 +19,10 @@ Examples:
   uc compress assets/smollm2-135m -o packs/smollm2-rtn4 --method rtn --bits 4 --group 64 --json
 
 By default the block linears get 5.0 stored bits per weight (codes, scales and codebooks
-counted), spread over tensors by measured sensitivity; --bits fixes one width for all
-(--method rtn defaults to --bits 5, calibration-free).
+counted), spread over tensors by measured sensitivity, in groups of 64 columns with 8-bit
+(e8) scales; --bits fixes one width for all (--method rtn defaults to --bits 5,
+calibration-free). Each block is encoded in four stages (q/k/v, o, gate/up, down) on the
+quantized model's own activations, towards the original model's outputs.
 Without --calib/--calib-sotu, the SOTU calibration split in assets/sotu is used if present.
 An interrupted run is resumed by running the same command again.")]
 pub struct CompressArgs {
@@ -83,6 +85,10 @@ pub struct CompressArgs {
     /// teacher's outputs on the teacher's inputs.
     #[arg(long)]
     no_teacher_target: bool,
+    /// Damping of the teacher-target solve, as a fraction of the mean Gram diagonal
+    /// (0.1: ten times the error-feedback damping, docs/research-log.md).
+    #[arg(long, default_value_t = 0.1)]
+    target_damp: f64,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -92,6 +98,7 @@ pub struct CompressArgs {
 const DEFAULT_BPW: f64 = 5.0;
 
 pub fn run(a: CompressArgs) -> Result<()> {
+    let start = std::time::Instant::now();
     let bits = a.bits.unwrap_or(5);
     let suffix = match a.scales.as_str() {
         "f16" => "",
@@ -113,6 +120,11 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "--bpw {b}: must be a positive number"
         );
     }
+    anyhow::ensure!(
+        a.target_damp.is_finite() && a.target_damp >= 0.0,
+        "--target-damp {}: must be a non-negative number",
+        a.target_damp
+    );
     let embed = CodecSpec::parse(&a.embed_codec)
         .with_context(|| format!("--embed-codec {}", a.embed_codec))?;
     let method = if a.method == "rtn" {
@@ -124,6 +136,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         (Method::Rtn, None) => None,
         _ => Some(calibration(&a)?),
     };
+    let calibration_seconds = start.elapsed().as_secs_f64();
     let opts = Options {
         method,
         body,
@@ -141,6 +154,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             ..GptqOptions::default()
         },
         teacher_target: !a.no_teacher_target,
+        target_damp: a.target_damp,
     };
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
     // are written, so tests can exercise resume at an exact point.
@@ -148,7 +162,6 @@ pub fn run(a: CompressArgs) -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok());
     let pb = output::progress(0, "compress");
-    let start = std::time::Instant::now();
     let summary = uc_compress::compress(&a.src, &a.out, &opts, &mut |e| match e {
         Event::Start { blocks, resumed } => {
             pb.set_length(blocks as u64 + 1);
@@ -189,6 +202,8 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "seconds": start.elapsed().as_secs_f64(),
             "peak_rss_mib": uc_runtime::bench::peak_rss_mib(),
             "budget_bpw": budget_bpw,
+            "calibration_seconds": calibration_seconds,
+            "probe_seconds": summary.probe_seconds,
             "resumed_blocks": summary.resumed_blocks,
             "tensors": summary.tensors,
             "blocks": summary.blocks,

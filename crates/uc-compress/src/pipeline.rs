@@ -15,7 +15,8 @@ use uc_format::{
 };
 use uc_model::checkpoint::Checkpoint;
 use uc_model::llama::{
-    block_prefix, Block, Globals, RotaryTables, Tap, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD,
+    block_prefix, Block, Globals, RotaryTables, Step, Tap, BLOCK_LINEARS, EMBED, FINAL_NORM,
+    LM_HEAD,
 };
 use uc_model::source::WeightSource;
 
@@ -53,6 +54,9 @@ pub struct Options {
     /// Calibrated runs: encode each linear towards the teacher's outputs on the
     /// teacher's inputs rather than towards its weights ([`crate::target`]).
     pub teacher_target: bool,
+    /// Damping of the teacher-target solve, as a fraction of the mean Gram diagonal:
+    /// larger values keep the correction to the well-measured input directions.
+    pub target_damp: f64,
 }
 
 /// Where a bit budget may move bits.
@@ -145,6 +149,8 @@ pub struct Summary {
     pub blocks: Vec<BlockSummary>,
     /// Budgeted runs: every block linear's measured sensitivity, in block order.
     pub sensitivity: Vec<Sensitivity>,
+    /// Budgeted runs: seconds the sensitivity probe took.
+    pub probe_seconds: f64,
 }
 
 /// SHA-256 and size of each file of the source directory that defines the model.
@@ -307,9 +313,12 @@ pub fn compress(
     };
     // Per-tensor codecs: the budget's allocation, or the body codec everywhere.
     let mut sensitivity = Vec::new();
+    let mut probe_seconds = 0.0;
     let mut specs: HashMap<String, CodecSpec> = HashMap::new();
     if let (Some(budget), Some((ids, _))) = (opts.budget_bpw, &windows) {
+        let t = Instant::now();
         sensitivity = probe(&ck, ids, &opts.body, progress)?;
+        probe_seconds = t.elapsed().as_secs_f64();
         let candidates: Vec<CodecSpec> = BUDGET_BITS
             .iter()
             .map(|&bits| CodecSpec { bits, ..opts.body })
@@ -345,6 +354,7 @@ pub fn compress(
         }
         if opts.method == Method::Gptq {
             cal["teacher_target"] = opts.teacher_target.into();
+            cal["target_damp"] = opts.target_damp.into();
         }
         writer.set_calibration(cal)?;
     }
@@ -449,6 +459,7 @@ pub fn compress(
         tensors,
         blocks,
         sensitivity,
+        probe_seconds,
     })
 }
 
@@ -478,7 +489,18 @@ fn probe(
     let mut out = Vec::new();
     for layer in 0..cfg.num_layers {
         let block = Block::load(ck, layer)?;
-        let y = block.forward(&x, &rope)?;
+        // The teacher's forward paused before each stage: a probed linear's block
+        // output is computed from its own stage on (bit-identical to a whole forward,
+        // since everything before it is the teacher's).
+        let mut stages = Vec::with_capacity(STAGES.len());
+        let mut st = block.begin(&x)?;
+        let y = loop {
+            stages.push(st.clone());
+            match block.resume(st, &rope)? {
+                Step::Paused(next) => st = next,
+                Step::Done(y) => break y,
+            }
+        };
         let p = block_prefix(layer);
         for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
@@ -499,11 +521,16 @@ fn probe(
             let mut probed = block.clone();
             probed.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
                 .map_err(uc_model::ModelError::from)?;
+            let from = stages[STAGES
+                .iter()
+                .position(|(_, ls)| ls.contains(&k))
+                .unwrap_or(0)]
+            .clone();
             out.push(Sensitivity {
                 name,
                 rows,
                 cols,
-                probe_rel_mse: channel_rel_mse(&probed.forward(&x, &rope)?, &y)?,
+                probe_rel_mse: channel_rel_mse(&probed.finish(from, &rope)?, &y)?,
             });
         }
         x = y;
@@ -625,41 +652,43 @@ impl Stream {
         let keep = opts.teacher_target;
         let next_teacher = chunked(&self.teacher, |x| {
             let mut taps = Vec::with_capacity(STAGES.len());
-            let y = teacher.forward_tapped(x, rope, None, &mut |_, input| {
+            let y = teacher.forward_tapped(x, rope, &mut |_, input| {
                 if keep {
                     taps.push(input.clone());
                 }
                 Ok(())
             })?;
             teacher_taps.push(taps);
-            y.ok_or_else(|| candle_core::Error::Msg("teacher pass stopped".into()).into())
+            Ok(y)
         })?;
+        // The student's forward, per chunk, paused before the stage being encoded: each
+        // stage's inputs come from the block as quantized so far, and nothing is
+        // computed twice.
+        let mut paused = Vec::new();
+        each_chunk(&self.student, |x| {
+            paused.push(teacher.begin(x)?);
+            Ok(())
+        })?;
+        let mut outputs = Vec::with_capacity(paused.len());
         let mut student = teacher.clone();
         let p = block_prefix(layer);
         let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
         for (stage, (tap, linears)) in STAGES.iter().enumerate() {
-            // H = X_s^T X_s and C = X_s^T X_t of this stage's input, chunk by chunk.
-            let mut h: Option<Gram> = None;
-            let mut cross: Option<Gram> = None;
-            let mut chunk = 0;
-            each_chunk(&self.student, |x| {
-                student.forward_tapped(x, rope, Some(*tap), &mut |t, input| {
-                    if t != *tap {
-                        return Ok(());
-                    }
-                    let cols = input.dim(1)?;
-                    h.get_or_insert_with(|| Gram::new(cols)).add(input)?;
-                    if keep {
-                        cross
-                            .get_or_insert_with(|| Gram::new(cols))
-                            .add_cross(input, &teacher_taps[chunk][stage])?;
+            // H = X_s^T X_s and C = X_s^T X_t of this stage's input.
+            let cols = paused[0].input.dim(1).map_err(uc_model::ModelError::from)?;
+            let mut h = Gram::new(cols);
+            let mut cross = keep.then(|| Gram::new(cols));
+            for (chunk, st) in paused.iter().enumerate() {
+                debug_assert_eq!(st.tap, *tap);
+                let mut f = || -> candle_core::Result<()> {
+                    h.add(&st.input)?;
+                    if let Some(cr) = cross.as_mut() {
+                        cr.add_cross(&st.input, &teacher_taps[chunk][stage])?;
                     }
                     Ok(())
-                })?;
-                chunk += 1;
-                Ok(())
-            })?;
-            let h = h.ok_or_else(|| CompressError::Settings("no calibration rows".into()))?;
+                };
+                f().map_err(uc_model::ModelError::from)?;
+            }
             for &k in *linears {
                 let name = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
                 let weight = &teacher.linears[k].weight;
@@ -670,7 +699,7 @@ impl Stream {
                     .map_err(uc_model::ModelError::from)?;
                 let (rows, cols) = (shape[0], shape[1]);
                 let target = cross.as_ref().and_then(|cr| {
-                    crate::target::teacher_target(&w, rows, cols, &h.h, &cr.h, opts.gptq.damp)
+                    crate::target::teacher_target(&w, rows, cols, &h.h, &cr.h, opts.target_damp)
                 });
                 let spec = spec_of(&name);
                 let (mut summary, recon) = quantize_into(
@@ -687,10 +716,19 @@ impl Stream {
                     .map_err(uc_model::ModelError::from)?;
                 summaries.push(summary);
             }
+            // Past this stage's linears, now quantized.
+            let mut next = Vec::with_capacity(paused.len());
+            for st in paused {
+                match student.resume(st, rope)? {
+                    Step::Paused(st) => next.push(st),
+                    Step::Done(y) => outputs.push(y),
+                }
+            }
+            paused = next;
         }
         drop(teacher_taps);
         self.teacher = next_teacher;
-        self.student = chunked(&self.student, |x| student.forward(x, rope))?;
+        self.student = Tensor::cat(&outputs, 0).map_err(uc_model::ModelError::from)?;
         let mse = rel_mse(&self.student, &self.teacher)?;
         Ok((summaries, mse))
     }

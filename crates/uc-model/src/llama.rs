@@ -229,77 +229,134 @@ impl Block {
 
     /// `x`: `(batch, seq, hidden)` at positions `0..seq` -> same shape.
     pub fn forward(&self, x: &Tensor, rope: &RotaryTables) -> Result<Tensor> {
-        let y = self.forward_tapped(x, rope, None, &mut |_, _| Ok(()))?;
-        y.ok_or_else(|| candle_core::Error::Msg("block forward stopped early".into()).into())
+        self.forward_tapped(x, rope, &mut |_, _| Ok(()))
     }
 
     /// [`Block::forward`], also handing each linear group's input to `tap` as it is
     /// computed: `(Tap, (batch*seq, in_features))`. The compressor collects its
-    /// statistics (Gram matrices) this way. With `until`, the pass ends right after
-    /// that tap (returning `None`): later linears are not computed.
+    /// statistics (Gram matrices) this way.
     pub fn forward_tapped(
         &self,
         x: &Tensor,
         rope: &RotaryTables,
-        until: Option<Tap>,
         tap: &mut dyn FnMut(Tap, &Tensor) -> Result<()>,
-    ) -> Result<Option<Tensor>> {
-        let mut tap = |t: Tap, x: &Tensor| -> Result<bool> {
-            tap(t, x)?;
-            Ok(until == Some(t))
-        };
+    ) -> Result<Tensor> {
+        let mut p = self.begin(x)?;
+        loop {
+            tap(p.tap, &p.input)?;
+            match self.resume(p, rope)? {
+                Step::Paused(next) => p = next,
+                Step::Done(y) => return Ok(y),
+            }
+        }
+    }
+
+    /// Starts a forward of `x` `(batch, seq, hidden)`, paused at [`Tap::Attention`].
+    /// With [`Block::resume`] a caller can change the linears after a tap (the
+    /// compressor quantizes stage by stage) and continue without recomputing what came
+    /// before; the result is bit-identical to [`Block::forward`] with the weights each
+    /// stage ran with.
+    pub fn begin(&self, x: &Tensor) -> Result<Paused> {
         let (b, t, h) = x.dims3()?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        // Rows are (batch*seq) so every linear is one 2-D matmul.
+        let xn = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?.reshape((b * t, h))?;
+        Ok(Paused {
+            resid: x.clone(),
+            tap: Tap::Attention,
+            input: xn,
+        })
+    }
+
+    /// Runs a paused forward to the block output with the block's current weights.
+    pub fn finish(&self, mut p: Paused, rope: &RotaryTables) -> Result<Tensor> {
+        loop {
+            match self.resume(p, rope)? {
+                Step::Paused(next) => p = next,
+                Step::Done(y) => return Ok(y),
+            }
+        }
+    }
+
+    /// Runs a paused forward up to its next tap (or to the block output after
+    /// [`Tap::MlpDown`]) with the block's current weights.
+    pub fn resume(&self, p: Paused, rope: &RotaryTables) -> Result<Step> {
+        let (b, t, h) = p.resid.dims3()?;
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps as f32;
         let [q_proj, k_proj, v_proj, o_proj, gate, up, down] = &self.linears;
-
-        // Attention. Rows are (batch*seq) so every linear is one 2-D matmul.
-        let xn = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?.reshape((b * t, h))?;
-        if tap(Tap::Attention, &xn)? {
-            return Ok(None);
+        let paused =
+            |resid: Tensor, tap: Tap, input: Tensor| Ok(Step::Paused(Paused { resid, tap, input }));
+        match p.tap {
+            Tap::Attention => {
+                let xn = &p.input;
+                let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+                // (b*t, heads*hd) -> (b, heads, t, hd)
+                let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+                    Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+                };
+                let mut q = heads(q_proj.forward(xn)?, nh)?;
+                let mut k = heads(k_proj.forward(xn)?, nkv)?;
+                let v = heads(v_proj.forward(xn)?, nkv)?;
+                if let Some((qn, kn)) = &self.qk_norm {
+                    q = candle_nn::ops::rms_norm(&q, qn, eps)?;
+                    k = candle_nn::ops::rms_norm(&k, kn, eps)?;
+                }
+                let q = rope.apply(&q, 0)?;
+                let k = rope.apply(&k, 0)?;
+                // GQA without copying K/V: the g = nh/nkv query heads sharing a kv head
+                // are stacked along the sequence axis: q (b, nkv, g*t, hd) against k
+                // (b, nkv, t, hd).
+                let g = nh / nkv;
+                // The 1/sqrt(hd) scale goes on q (t x hd per head), not on the t x t
+                // scores.
+                let q = (q.reshape((b, nkv, g * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+                let scores = q.matmul(&k.t()?)?; // (b, nkv, g*t, t); row r is query r % t
+                let probs = crate::kernels::causal_softmax(&scores, cfg.sliding_window)?;
+                let ctx = probs.matmul(&v)?; // (b, nkv, g*t, hd)
+                let ctx = ctx
+                    .reshape((b, nh, t, hd))?
+                    .transpose(1, 2)?
+                    .reshape((b * t, nh * hd))?;
+                paused(p.resid, Tap::AttentionOutput, ctx)
+            }
+            Tap::AttentionOutput => {
+                let x = (&p.resid + o_proj.forward(&p.input)?.reshape((b, t, h))?)?;
+                // MLP: down(silu(gate(x)) * up(x)).
+                let xn =
+                    candle_nn::ops::rms_norm(&x, &self.post_attn_norm, eps)?.reshape((b * t, h))?;
+                paused(x, Tap::Mlp, xn)
+            }
+            Tap::Mlp => {
+                let xn = &p.input;
+                let act = (candle_nn::ops::silu(&gate.forward(xn)?)? * up.forward(xn)?)?;
+                paused(p.resid, Tap::MlpDown, act)
+            }
+            Tap::MlpDown => Ok(Step::Done(
+                (&p.resid + down.forward(&p.input)?.reshape((b, t, h))?)?,
+            )),
         }
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        // (b*t, heads*hd) -> (b, heads, t, hd)
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let mut q = heads(q_proj.forward(&xn)?, nh)?;
-        let mut k = heads(k_proj.forward(&xn)?, nkv)?;
-        let v = heads(v_proj.forward(&xn)?, nkv)?;
-        if let Some((qn, kn)) = &self.qk_norm {
-            q = candle_nn::ops::rms_norm(&q, qn, eps)?;
-            k = candle_nn::ops::rms_norm(&k, kn, eps)?;
-        }
-        let q = rope.apply(&q, 0)?;
-        let k = rope.apply(&k, 0)?;
-        // GQA without copying K/V: the g = nh/nkv query heads sharing a kv head are
-        // stacked along the sequence axis: q (b, nkv, g*t, hd) against k (b, nkv, t, hd).
-        let g = nh / nkv;
-        // The 1/sqrt(hd) scale goes on q (t x hd per head), not on the t x t scores.
-        let q = (q.reshape((b, nkv, g * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = q.matmul(&k.t()?)?; // (b, nkv, g*t, t); row r is query r % t
-        let probs = crate::kernels::causal_softmax(&scores, cfg.sliding_window)?;
-        let ctx = probs.matmul(&v)?; // (b, nkv, g*t, hd)
-        let ctx = ctx
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, nh * hd))?;
-        if tap(Tap::AttentionOutput, &ctx)? {
-            return Ok(None);
-        }
-        let x = (x + o_proj.forward(&ctx)?.reshape((b, t, h))?)?;
-
-        // MLP: down(silu(gate(x)) * up(x)).
-        let xn = candle_nn::ops::rms_norm(&x, &self.post_attn_norm, eps)?.reshape((b * t, h))?;
-        if tap(Tap::Mlp, &xn)? {
-            return Ok(None);
-        }
-        let act = (candle_nn::ops::silu(&gate.forward(&xn)?)? * up.forward(&xn)?)?;
-        if tap(Tap::MlpDown, &act)? {
-            return Ok(None);
-        }
-        Ok(Some((x + down.forward(&act)?.reshape((b, t, h))?)?))
     }
+}
+
+/// A block forward stopped just before the linears of [`Paused::tap`].
+#[derive(Clone)]
+pub struct Paused {
+    /// The residual stream so far: the block input before the attention's output is
+    /// added, the post-attention stream after.
+    resid: Tensor,
+    /// Which linear group runs next.
+    pub tap: Tap,
+    /// That group's input, `(batch*seq, in_features)`.
+    pub input: Tensor,
+}
+
+/// What [`Block::resume`] reached.
+pub enum Step {
+    /// The next tap.
+    Paused(Paused),
+    /// The block output, `(batch, seq, hidden)`.
+    Done(Tensor),
 }
 
 /// Token embedding, final norm and head: the parts of the model outside the blocks.

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use uc_model::checkpoint::Checkpoint;
 use uc_model::llama::Model;
+use uc_model::source::WeightSource;
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -100,4 +101,39 @@ fn a_perturbed_weight_is_detected() {
         .max(0)
         .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() > TOLERANCE);
+}
+
+/// A forward paused at a tap and finished by a block whose later linears changed equals
+/// that block's whole forward, bit for bit (the compressor's stage-by-stage encoding and
+/// its sensitivity probe rely on this).
+#[test]
+fn paused_forward_resumed_with_changed_weights_is_bit_identical() {
+    use uc_model::llama::{Block, RotaryTables, Step, Tap};
+    let ck = Checkpoint::open(&fixture("qwen3")).unwrap();
+    let cfg = ck.config().clone();
+    let block = Block::load(&ck, 0).unwrap();
+    let rope = RotaryTables::new(&cfg.rope, cfg.head_dim, 7).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 7, cfg.hidden_size), &Device::Cpu).unwrap();
+    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        bits(&block.finish(block.begin(&x).unwrap(), &rope).unwrap()),
+        bits(&block.forward(&x, &rope).unwrap())
+    );
+    // Change o, gate, up and down; pause the original block before o.
+    let mut changed = block.clone();
+    for k in 3..7 {
+        let w = &changed.linears[k].weight;
+        changed.linears[k].weight = (w * 0.9).unwrap();
+    }
+    let mut p = block.begin(&x).unwrap();
+    while p.tap != Tap::AttentionOutput {
+        p = match block.resume(p, &rope).unwrap() {
+            Step::Paused(n) => n,
+            Step::Done(_) => unreachable!(),
+        };
+    }
+    assert_eq!(
+        bits(&changed.finish(p, &rope).unwrap()),
+        bits(&changed.forward(&x, &rope).unwrap())
+    );
 }
