@@ -102,8 +102,8 @@ compress_rtn() { # compress_rtn BITS GROUP: packs/rtn-qBgG + results/rtn_qBgG_co
     rm -rf "$pack"
     lb=$(loadavg)
     log "compress $pack"
-    "$UC" compress "$MODEL" -o "$pack" --method rtn --bits "$b" --group "$g" --json >"$out"
-    stamp "$out" rtn "uc compress $MODEL -o $pack --method rtn --bits $b --group $g --json" "$lb" "$(loadavg)"
+    "$UC" compress "$MODEL" -o "$pack" --method rtn --bits "$b" --group "$g" --scales f16 --json >"$out"
+    stamp "$out" rtn "uc compress $MODEL -o $pack --method rtn --bits $b --group $g --scales f16 --json" "$lb" "$(loadavg)"
 }
 
 step_teacher() {

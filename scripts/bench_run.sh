@@ -34,10 +34,10 @@ mkdir -p "$SCRATCH" "$ROOT/results"
 (cd "$ROOT" && cargo build --release -p uc-cli >&2)
 # Calibration-free round-to-nearest: throughput does not depend on the encoder.
 if [ ! -f "$PACK/manifest.json" ]; then
-  "$UC" compress "$MODEL" -o "$PACK" --method rtn --bits 5 --group 128 --embed-codec q8g64 >&2
+  "$UC" compress "$MODEL" -o "$PACK" --method rtn --bits 5 --group 128 --scales f16 --embed-codec q8g64 >&2
 fi
 if [ ! -f "$PACK6/manifest.json" ]; then
-  "$UC" compress "$MODEL" -o "$PACK6" --method rtn --bits 5 --group 128 --embed-codec q6g64 >&2
+  "$UC" compress "$MODEL" -o "$PACK6" --method rtn --bits 5 --group 128 --scales f16 --embed-codec q6g64 >&2
 fi
 
 # --- llama.cpp (vendored in llama-cpp-python's sdist), built outside the repo --------
