@@ -148,18 +148,6 @@ pub enum Tap {
     MlpDown,
 }
 
-impl Tap {
-    /// Which tap feeds linear `k` of [`BLOCK_LINEARS`].
-    pub fn of_linear(k: usize) -> Tap {
-        match k {
-            0..=2 => Tap::Attention,
-            3 => Tap::AttentionOutput,
-            4 | 5 => Tap::Mlp,
-            _ => Tap::MlpDown,
-        }
-    }
-}
-
 /// One transformer block: attention and a SwiGLU MLP, each behind an RMSNorm.
 #[derive(Clone)]
 pub struct Block {
