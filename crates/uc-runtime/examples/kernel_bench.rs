@@ -1,77 +1,70 @@
-//! Micro-benchmark of the fused mat-vec (`quant::dot_rows`) per code width, one thread:
-//! nanoseconds and cycles (at the nominal `--ghz`) per weight on a `(rows, cols)` matrix
-//! of random codes. Used to find which widths are slow (research log, 2026-12-03).
-//!
-//!   cargo run --release -p uc-runtime --example kernel_bench -- [rows] [cols] [ghz]
-
+//! Throughput of the fused mat-vec and row dequantization per codec, one thread and
+//! (mat-vec) all rayon threads, wall time: `REPS=500 kernel_bench [rows] [cols]`.
+//! On a shared machine, run it a few times: other processes slow any single run.
 use std::time::Instant;
-use uc_runtime::kernels::qint;
+use uc_codec::{pack_codes, CodecSpec};
 use uc_runtime::kernels::quant::{self, QuantRows, CODE_PAD};
-use uc_runtime::kernels::Isa;
+use uc_runtime::kernels::{dense, Isa};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rows: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1536);
-    let cols: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(576);
-    let ghz: f64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(3.0);
-    let mut seed = 0x1234_5678_9abc_def0u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
-    let x: Vec<f32> = (0..cols)
-        .map(|_| (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
-        .collect();
-    for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
-        for (bits, group) in [
-            (2, 64),
-            (3, 64),
-            (4, 64),
-            (5, 64),
-            (6, 64),
-            (8, 64),
-            (8, 32),
-        ] {
-            let cb: Vec<f32> = (0..1usize << bits).map(|i| i as f32 * 0.01 - 0.3).collect();
-            let cb = quant::periodic_codebook(&cb);
-            let ng = cols.div_ceil(group);
-            let scales: Vec<f32> = (0..rows * ng).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
-            let row_bytes = (cols * bits).div_ceil(8);
-            let mut codes: Vec<u8> = (0..rows * row_bytes).map(|_| next() as u8).collect();
-            codes.extend_from_slice(&[0; CODE_PAD]);
-            let q = QuantRows::new(bits, group, cols, &cb, &scales, &codes).unwrap();
-            let mut y = vec![0f32; rows];
-            let reps = if isa == Isa::Scalar { 3 } else { 300 };
+    let rows: usize = args.get(1).map_or(4096, |s| s.parse().unwrap());
+    let cols: usize = args.get(2).map_or(576, |s| s.parse().unwrap());
+    let isa = Isa::detect();
+    for (bits, group) in [(5usize, 128usize), (4, 128), (8, 64), (6, 128), (3, 64)] {
+        let spec = CodecSpec::new(bits as u8, group as u32);
+        let l = spec.layout(rows, cols).unwrap();
+        let raw: Vec<f32> = (0..l.codebook).map(|i| i as f32 / 100.0 - 1.0).collect();
+        let cb = quant::periodic_codebook(&raw);
+        let scales = vec![0.01f32; l.scales];
+        let idx: Vec<u8> = (0..rows * cols)
+            .map(|i| ((i * 2654435761) >> 7) as u8 & ((1 << bits) - 1) as u8)
+            .collect();
+        let mut codes = pack_codes(&idx, rows, cols, bits as u32);
+        codes.extend_from_slice(&[0; CODE_PAD]);
+        let q = QuantRows::new(bits, group, cols, &cb, &scales, &codes).unwrap();
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32).sin()).collect();
+        let mut y = vec![0f32; rows];
+        let reps = std::env::var("REPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(50);
+        let t = Instant::now();
+        for _ in 0..reps {
             quant::dot_rows(isa, &q, &x, 0, &mut y);
-            let t = Instant::now();
-            for _ in 0..reps {
-                quant::dot_rows(isa, &q, &x, 0, &mut y);
-                std::hint::black_box(&y);
-            }
-            let ns = t.elapsed().as_secs_f64() * 1e9 / (reps * rows * cols) as f64;
-            println!(
-                "{:7} q{bits}g{group:<3} {rows}x{cols}: {ns:.3} ns/weight, {:.2} cycles/weight at {ghz} GHz",
-                isa.name(),
-                ns * ghz
-            );
-            if isa == Isa::Scalar {
-                continue;
-            }
-            let lut = qint::I16Lut::new(&cb, bits);
-            let px = qint::prepare_x(&x, group, bits);
-            let t = Instant::now();
-            for _ in 0..reps {
-                qint::dot_rows_i16(isa, &q, &lut, &px, &x, 0, &mut y);
-                std::hint::black_box(&y);
-            }
-            let ns = t.elapsed().as_secs_f64() * 1e9 / (reps * rows * cols) as f64;
-            println!(
-                "{:7} q{bits}g{group:<3} {rows}x{cols}: {ns:.3} ns/weight, {:.2} cycles/weight at {ghz} GHz (int16)",
-                isa.name(),
-                ns * ghz
-            );
         }
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        let mut row = vec![0f32; cols];
+        let t = Instant::now();
+        for _ in 0..reps {
+            for i in 0..rows {
+                quant::dequant_row(isa, &q, i, &mut row);
+            }
+        }
+        let d = t.elapsed().as_secs_f64() / reps as f64;
+        use rayon::prelude::*;
+        let t = Instant::now();
+        for _ in 0..reps {
+            y.par_chunks_mut(64)
+                .enumerate()
+                .for_each(|(c, yc)| quant::dot_rows(isa, &q, &x, c * 64, yc));
+        }
+        let sp = t.elapsed().as_secs_f64() / reps as f64;
+        println!("q{bits}g{group} {rows}x{cols}: matvec {:.2} Gweights/s ({:.2} GB/s codes), on {} threads {:.2}; dequant {:.2} Gweights/s",
+            (rows * cols) as f64 / s / 1e9, codes.len() as f64 / s / 1e9,
+            rayon::current_num_threads(), (rows * cols) as f64 / sp / 1e9, (rows * cols) as f64 / d / 1e9);
     }
+    let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32).cos()).collect();
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32).sin()).collect();
+    let mut y = vec![0f32; rows];
+    let t = Instant::now();
+    for _ in 0..50 {
+        dense::matvec(isa, &w, cols, &x, &mut y);
+    }
+    let s = t.elapsed().as_secs_f64() / 50.0;
+    println!(
+        "dense f32: {:.2} Gweights/s ({:.2} GB/s)",
+        (rows * cols) as f64 / s / 1e9,
+        (rows * cols * 4) as f64 / s / 1e9
+    );
 }
