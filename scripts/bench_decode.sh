@@ -6,12 +6,14 @@
 # prefill >= 2x. Writes results/bench_decode.json.
 #
 #   scripts/bench_decode.sh [THREADS] [ROUNDS]      (defaults: 2 threads, 5 rounds)
+#   (UC_DECODE_OUT=results/other.json to write elsewhere, e.g. a 1-thread run)
 #
 # Each round runs every configuration once, in the same order: other processes on a
 # shared machine slow whichever run they overlap, and interleaving spreads that over all
 # configurations; the reported value is the median over rounds. /proc/loadavg is
-# sampled before every run and written with the results (a load above the thread count
-# means the numbers were taken on a busy machine; the ratios are still like for like).
+# sampled before every run and written with the results. A load above the thread count
+# means a busy machine: then spin-waiting thread pools (llama.cpp's) collapse far more
+# than uc's team, which yields, so only idle-machine or 1-thread ratios are like for like.
 #
 # Configurations (each round):
 #   uc             uc bench PACK --prompt-len 512 --gen 128      (decode at depth 512..640)
@@ -39,7 +41,7 @@ SCRATCH=${UC_SCRATCH:-/work/scratch/llamacpp}
 ASSETS=${UC_ASSETS:-$ROOT/assets}
 PACK=${UC_DECODE_PACK:-$SCRATCH/decode/default-pack}
 GGUF=${UC_DECODE_GGUF:-$SCRATCH/decode/q4km.gguf}
-OUT=$ROOT/results/bench_decode.json
+OUT=${UC_DECODE_OUT:-$ROOT/results/bench_decode.json}
 UC=${CARGO_TARGET_DIR:-$ROOT/target}/release/uc
 if [ -z "${LLAMA_BIN:-}" ]; then
   LLAMA_BIN=$(ls -d "$SCRATCH"/llama_cpp_python-*/vendor/llama.cpp/build/bin 2>/dev/null | head -1 || true)
@@ -137,7 +139,7 @@ report = {
     "loadavg_1min_before_each_run": {n: loads(n) for n in ["uc", "uc_d0", "uc_f32", "llama", "llama_d512"] + (["uc_base"] if base else [])},
     "median": med(allload), "max": max(allload),
     "busy": max(allload) > threads,
-    "note": "1-minute load average sampled before each run; above the thread count, other processes shared the cores during the measurement (interleaved rounds keep the ratios like for like, not the absolute numbers)",
+    "note": "1-minute load average sampled before each run. Above the thread count, other processes shared the cores: interleaving spreads that over all configurations, but runtimes that spin-wait between parallel loops (llama.cpp's thread pool; uc before its team yielded) lose far more than their share when a core is taken, so 2-thread ratios from a busy machine overstate uc against llama.cpp. Compare on an idle machine, or at 1 thread (no barriers).",
   },
   "uc_env": {"MIMALLOC_ALLOW_THP": os.environ.get("MIMALLOC_ALLOW_THP")},
   "measurements": m, "ratios": ratios, "targets": targets,

@@ -8,7 +8,10 @@
 //! Strategy by batch size:
 //! - `n <= FUSED_MAX_TOKENS` (decode): mat-vec per token. Packed weights use the fused
 //!   kernel ([`crate::kernels::quant::dot_rows`]) that reads codes, scales and codebook
-//!   directly; the f32 weight is never materialised.
+//!   directly; the f32 weight is never materialised. On AVX2 ([`int_decode`]) the
+//!   integer kernel ([`crate::kernels::qint`]) runs instead, with each token's
+//!   activations rounded once per call and layout; resident 8-bit weights keep their
+//!   int16 codebook values expanded ([`qint::Expanded`]).
 //! - larger `n` (prefill): per block of `PREFILL_TILE` rows, packed weights are
 //!   dequantized into a thread-local tile and multiplied with the `gemm` crate.
 //! - A low-rank overlay `W += A B` is applied as `(x B^T) A^T`: `x B^T` once per call
