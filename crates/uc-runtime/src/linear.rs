@@ -8,13 +8,17 @@
 //! Strategy by batch size:
 //! - `n <= FUSED_MAX_TOKENS` (decode): mat-vec per token. Packed weights use the fused
 //!   kernel ([`crate::kernels::quant::dot_rows`]) that reads codes, scales and codebook
-//!   directly; the f32 weight is never materialised.
+//!   directly; the f32 weight is never materialised. On AVX2 ([`int_decode`]) the
+//!   integer kernel ([`crate::kernels::qint`]) runs instead, with each token's
+//!   activations rounded once per call and layout; resident 8-bit weights keep their
+//!   int16 codebook values expanded ([`qint::Expanded`]).
 //! - larger `n` (prefill): per block of `PREFILL_TILE` rows, packed weights are
 //!   dequantized into a thread-local tile and multiplied with the `gemm` crate.
 //! - A low-rank overlay `W += A B` is applied as `(x B^T) A^T`: `x B^T` once per call
 //!   ([`Linear::prologue`]), then a rank-r update per row block.
 
 use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
+use crate::kernels::qint::{self, Expanded, I16Lut, PreparedX};
 use crate::kernels::quant::{self, QuantRows, CODE_PAD};
 use crate::kernels::Isa;
 use crate::{Result, RuntimeError};
@@ -50,9 +54,23 @@ pub trait Linear: Send + Sync {
     fn prologue(&self, _isa: Isa, _x: &[f32], _n: usize) -> Vec<f32> {
         Vec::new()
     }
-    /// `out (n, rows.len()) = x (n, cols) . W[rows]^T`, with `aux` from [`Self::prologue`]
-    /// and `scratch` a reusable per-thread buffer.
-    fn block(&self, isa: Isa, x: &[f32], aux: &[f32], out: &mut ColBlock, scratch: &mut Vec<f32>);
+    /// The activation layout `(group, bits)` of the integer decode kernel
+    /// ([`crate::kernels::qint`]) when this weight uses it with `isa`.
+    fn int_layout(&self, _isa: Isa) -> Option<(usize, usize)> {
+        None
+    }
+    /// `out (n, rows.len()) = x (n, cols) . W[rows]^T`, with `aux` from [`Self::prologue`],
+    /// `px` the tokens' activations prepared for [`Self::int_layout`] (decode only), and
+    /// `scratch` a reusable per-thread buffer.
+    fn block(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        aux: &[f32],
+        px: Option<&[PreparedX]>,
+        out: &mut ColBlock,
+        scratch: &mut Vec<f32>,
+    );
     /// The whole weight as f32, overlay excluded: borrowed when stored dense, else
     /// reconstructed into `buf` (rows in parallel).
     fn weight_f32<'s>(&'s self, isa: Isa, buf: &'s mut Vec<f32>) -> &'s [f32];
@@ -105,6 +123,7 @@ impl Linear for DenseLinear {
         isa: Isa,
         x: &[f32],
         _aux: &[f32],
+        _px: Option<&[PreparedX]>,
         out: &mut ColBlock,
         _scratch: &mut Vec<f32>,
     ) {
@@ -139,6 +158,11 @@ pub struct PackedLinear {
     group: usize,
     name: String,
     codebook: Box<[f32; 256]>,
+    /// The codebook rounded for the integer decode kernel (`None`: shape unsupported).
+    lut: Option<Box<I16Lut>>,
+    /// 8-bit resident weights on the integer path: values looked up at load
+    /// ([`qint::Expanded`]).
+    expanded: Option<Expanded>,
     /// `(rows, n_groups)`.
     scales: Vec<f32>,
     /// `(rows, row_bytes)` + `CODE_PAD`.
@@ -342,6 +366,7 @@ impl PackedLinear {
             .iter()
             .map(|&s| uc_codec::scale_to_f32(s, qt.spec.scale_dtype))
             .collect();
+        let resident = matches!(home, CodeHome::Arena(_) | CodeHome::Heap);
         let (codes, recycler) = match home {
             CodeHome::Arena(a) => match a.put(&qt.codes, CODE_PAD) {
                 Some(slot) => (Codes::Arena(slot), None),
@@ -355,13 +380,17 @@ impl PackedLinear {
             a: o.a.iter().map(|&v| uc_codec::bf16_to_f32(v)).collect(),
             b: o.b.iter().map(|&v| uc_codec::bf16_to_f32(v)).collect(),
         });
+        let (bits, group) = (usize::from(qt.spec.bits), qt.spec.group as usize);
+        let lut = qint::supports(bits, group).then(|| Box::new(I16Lut::new(&codebook, bits)));
         let p = PackedLinear {
             rows: qt.rows,
             cols: qt.cols,
-            bits: qt.spec.bits.into(),
-            group: qt.spec.group as usize,
+            bits,
+            group,
             name: qt.spec.name(),
             codebook,
+            lut,
+            expanded: None,
             scales,
             codes,
             overlay,
@@ -382,11 +411,19 @@ impl PackedLinear {
                 "codec buffers inconsistent with the shape",
             ));
         }
+        let mut p = p;
+        // Streamed weights (recycled buffers) are loaded every token: not worth it there.
+        if resident && p.bits == 8 && int_decode(Isa::detect()) {
+            if let Some(lut) = &p.lut {
+                p.expanded = Some(Expanded::new(&p.view(), lut));
+            }
+        }
         Ok(p)
     }
 
     fn view(&self) -> QuantRows<'_> {
-        QuantRows::new(
+        // The codebook is `quant::periodic_codebook`'s (and was checked in `from_quant`).
+        QuantRows::with_periodic_codebook(
             self.bits,
             self.group,
             self.cols,
@@ -410,7 +447,8 @@ impl Linear for PackedLinear {
             .overlay
             .as_ref()
             .map_or(0, |o| (o.a.len() + o.b.len()) * 4);
-        self.codes.bytes().len() + self.scales.len() * 4 + 256 * 4 + ov
+        let ex = self.expanded.as_ref().map_or(0, Expanded::bytes);
+        self.codes.bytes().len() + self.scales.len() * 4 + 256 * 4 + ov + ex
     }
     fn kind(&self) -> String {
         self.name.clone()
@@ -476,12 +514,32 @@ impl Linear for PackedLinear {
             }
         }
     }
-    fn block(&self, isa: Isa, x: &[f32], aux: &[f32], out: &mut ColBlock, scratch: &mut Vec<f32>) {
+    fn int_layout(&self, isa: Isa) -> Option<(usize, usize)> {
+        (self.lut.is_some() && int_decode(isa)).then_some((self.group, self.bits))
+    }
+    fn block(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        aux: &[f32],
+        px: Option<&[PreparedX]>,
+        out: &mut ColBlock,
+        scratch: &mut Vec<f32>,
+    ) {
         let (c, r0, len, n) = (self.cols, out.first(), out.len(), out.n());
         let q = self.view();
         if n <= FUSED_MAX_TOKENS {
             for t in 0..n {
-                quant::dot_rows(isa, &q, &x[t * c..(t + 1) * c], r0, out.row_mut(t));
+                let xt = &x[t * c..(t + 1) * c];
+                match (&self.lut, px, &self.expanded) {
+                    (Some(lut), Some(px), Some(e)) => {
+                        qint::dot_rows_expanded(isa, &q, lut, e, &px[t], xt, r0, out.row_mut(t))
+                    }
+                    (Some(lut), Some(px), None) => {
+                        qint::dot_rows_i16(isa, &q, lut, &px[t], xt, r0, out.row_mut(t))
+                    }
+                    _ => quant::dot_rows(isa, &q, xt, r0, out.row_mut(t)),
+                }
             }
         } else {
             scratch.resize(len * c, 0.0);
@@ -616,10 +674,36 @@ pub fn forward_into_with(
                 .map(|b| (i, b)),
         );
     }
+    // Decode with the integer kernel: each token's activations rounded once per layout
+    // (ops sharing an input mostly share one), not once per row block.
+    let mut layouts: Vec<((usize, usize), Vec<PreparedX>)> = Vec::new();
+    let mut which: Vec<Option<usize>> = vec![None; ops.len()];
+    if n <= FUSED_MAX_TOKENS {
+        for (i, op) in ops.iter().enumerate() {
+            let Some((group, bits)) = op.w.int_layout(isa) else {
+                continue;
+            };
+            // The lane order depends only on whether the width is 4 (see `prepare_x`).
+            let key = (group, usize::from(bits == 4));
+            let k = match layouts.iter().position(|(k, _)| *k == key) {
+                Some(k) => k,
+                None => {
+                    let c = op.w.cols();
+                    let px = (0..n)
+                        .map(|t| qint::prepare_x(&x[t * c..(t + 1) * c], group, bits))
+                        .collect();
+                    layouts.push((key, px));
+                    layouts.len() - 1
+                }
+            };
+            which[i] = Some(k);
+        }
+    }
     let run = |(i, mut block): (usize, ColBlock)| {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            ops[i].w.block(isa, x, &aux[i], &mut block, &mut s);
+            let px = which[i].map(|k| layouts[k].1.as_slice());
+            ops[i].w.block(isa, x, &aux[i], px, &mut block, &mut s);
         })
     };
     if n <= FUSED_MAX_TOKENS {
@@ -647,6 +731,14 @@ fn add_bias(ops: &[Op], outs: &mut [&mut [f32]]) {
                 .for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
         }
     }
+}
+
+/// Whether decode uses the integer kernel ([`crate::kernels::qint`]) with `isa`: on AVX2
+/// (AVX-512 keeps the f32 kernels, whose 32-entry permutes need no gathers), unless
+/// `UC_MATVEC=f32` asks for the f32 kernels (comparisons, the exactness baseline).
+pub fn int_decode(isa: Isa) -> bool {
+    static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    isa == Isa::Avx2 && !*F32.get_or_init(|| std::env::var("UC_MATVEC").is_ok_and(|v| v == "f32"))
 }
 
 /// Prefill strategy: per-tile reconstruction + single-threaded GEMMs, one task per tile

@@ -4,6 +4,7 @@
 
 use half::f16;
 use uc_codec::{pack_codes, CodecSpec, Overlay, QuantTensor, ScaleDtype};
+use uc_runtime::kernels::qint::{self, I16Lut, I16_MATVEC_TOL};
 use uc_runtime::kernels::quant::{self, QuantRows, CODE_PAD, MATVEC_REL_TOL};
 use uc_runtime::kernels::Isa;
 use uc_runtime::linear::{self, DenseLinear, Linear, Op, PackedLinear};
@@ -168,6 +169,94 @@ fn fused_matvec_matches_scalar_reference_within_named_tolerance() {
     }
 }
 
+/// `sum_j |s(j)| max|cb| max_G|x|`: the scale of the integer kernel's rounding error
+/// (see `qint`), for row `i`.
+fn int_bound(qt: &QuantTensor, i: usize, x: &[f32]) -> f32 {
+    let (cols, g) = (qt.cols, qt.spec.group as usize);
+    let ng = cols.div_ceil(g);
+    let cbmax = qt.codebook.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    (0..cols)
+        .map(|j| {
+            let gi = j / g;
+            let s = uc_codec::scale_to_f32(qt.scales[i * ng + gi], qt.spec.scale_dtype);
+            let xmax = x[gi * g..((gi + 1) * g).min(cols)]
+                .iter()
+                .fold(0.0f32, |m, v| m.max(v.abs()));
+            s.abs() * cbmax * xmax
+        })
+        .sum()
+}
+
+/// The integer decode kernel: SIMD against its scalar reference (same integer sums, f32
+/// partials regrouped: within the f32 summation tolerance), and the reference against
+/// the f32 reference within the named rounding bound.
+#[test]
+fn int16_matvec_matches_its_reference_and_the_f32_reference_within_named_tolerances() {
+    let mut rng = Prng(7);
+    for spec in specs().into_iter().filter(|s| s.rank == 0) {
+        let (bits, group) = (usize::from(spec.bits), spec.group as usize);
+        if !qint::supports(bits, group) {
+            continue;
+        }
+        for cols in COLS {
+            let rows = 9;
+            let qt = random_qt(&mut rng, rows, cols, spec);
+            let cb = quant::periodic_codebook(&qt.codebook);
+            let scales: Vec<f32> = qt
+                .scales
+                .iter()
+                .map(|&s| uc_codec::scale_to_f32(s, spec.scale_dtype))
+                .collect();
+            let mut codes = qt.codes.clone();
+            codes.extend_from_slice(&[0; CODE_PAD]);
+            let q = QuantRows::new(bits, group, cols, &cb, &scales, &codes).unwrap();
+            let lut = I16Lut::new(&cb, bits);
+            // Activations with an outlier channel, as real hidden states have.
+            let mut x: Vec<f32> = (0..cols).map(|_| rng.sym()).collect();
+            x[cols / 3] = 40.0;
+            let px = qint::prepare_x(&x, group, bits);
+            let mut want = vec![0f32; rows];
+            quant::dot_rows_scalar(&q, &x, 0, &mut want);
+            let mut reference = vec![0f32; rows];
+            qint::dot_rows_i16_scalar(&q, &lut, &px, &x, 0, &mut reference);
+            let w = uc_codec::reconstruct_scalar(&qt).unwrap();
+            for i in 0..rows {
+                let mag: f32 = (0..cols).map(|j| (w[i * cols + j] * x[j]).abs()).sum();
+                let bound = I16_MATVEC_TOL * int_bound(&qt, i, &x) + MATVEC_REL_TOL * mag;
+                assert!(
+                    (reference[i] - want[i]).abs() <= bound,
+                    "{} cols {cols} row {i}: int16 reference {} vs f32 {} (bound {bound})",
+                    spec.name(),
+                    reference[i],
+                    want[i]
+                );
+            }
+            // 8-bit weights may run from values expanded at load: same numbers.
+            let expanded = (bits == 8).then(|| qint::Expanded::new(&q, &lut));
+            for isa in isas() {
+                let mut got = vec![0f32; rows - 2];
+                qint::dot_rows_i16(isa, &q, &lut, &px, &x, 2, &mut got);
+                if let Some(e) = &expanded {
+                    let mut via = vec![0f32; rows - 2];
+                    qint::dot_rows_expanded(isa, &q, &lut, e, &px, &x, 2, &mut via);
+                    got.extend(via);
+                }
+                for (r, g) in got.iter().enumerate() {
+                    let r = r % (rows - 2);
+                    let i = r + 2;
+                    let mag: f32 = (0..cols).map(|j| (w[i * cols + j] * x[j]).abs()).sum();
+                    assert!(
+                        (g - reference[i]).abs() <= MATVEC_REL_TOL * mag,
+                        "{} cols {cols} {isa:?} row {i}: {g} vs reference {}",
+                        spec.name(),
+                        reference[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Decode (fused) and prefill (dequantized tile + GEMM) paths, overlay as (x B^T) A^T,
 /// against a dense layer holding the exact reconstruction.
 #[test]
@@ -186,6 +275,7 @@ fn packed_linear_matches_dense_reconstruction_for_decode_and_prefill_batches() {
         let (rows, cols) = (300, 200);
         let qt = random_qt(&mut rng, rows, cols, spec);
         let w = uc_codec::reconstruct_scalar(&qt).unwrap();
+        let qt_copy = qt.clone();
         let packed = PackedLinear::from_quant("p", qt).unwrap();
         let dense = DenseLinear::new("d", w.clone(), rows, cols).unwrap();
         let bias: Vec<f32> = (0..rows).map(|_| rng.sym()).collect();
@@ -217,8 +307,14 @@ fn packed_linear_matches_dense_reconstruction_for_decode_and_prefill_batches() {
                             .sum::<f32>()
                             + bias[i].abs();
                         let (g, e) = (got[t * rows + i], want[t * rows + i]);
+                        // Decode on AVX2 rounds codebook and activations to 15 bits.
+                        let int = if n <= linear::FUSED_MAX_TOKENS && linear::int_decode(isa) {
+                            I16_MATVEC_TOL * int_bound(&qt_copy, i, &x[t * cols..(t + 1) * cols])
+                        } else {
+                            0.0
+                        };
                         assert!(
-                            (g - e).abs() <= 2.0 * MATVEC_REL_TOL * mag,
+                            (g - e).abs() <= 2.0 * MATVEC_REL_TOL * mag + int,
                             "{} n {n} {isa:?} ({t},{i}): {g} vs {e}",
                             spec.name()
                         );

@@ -218,7 +218,23 @@ fn greedy_generation_from_a_pack_equals_the_same_weights_exported_dense() {
                 .zip(&y)
                 .map(|(u, v)| (u - v).abs())
                 .fold(0.0f32, f32::max);
-            assert!(diff < 1e-4, "{name}: logits differ by {diff}");
+            // One-token steps on AVX2 run the int16 decode kernel (codebook and
+            // activations rounded to 15 bits, `kernels::qint`; its per-mat-vec bound is
+            // tested in tests/kernels.rs). Through the fixtures' layers that moves the
+            // logits by up to ~7e-5 of their largest magnitude (measured: llama 5.6e-4
+            // at 2.8, qwen3 3.4e-3 at 51), where the f32 kernels stay within 1e-4.
+            let big = y.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+            let tol = if chunk.len() <= uc_runtime::linear::FUSED_MAX_TOKENS
+                && uc_runtime::linear::int_decode(a.isa())
+            {
+                5e-4 * big
+            } else {
+                1e-4
+            };
+            assert!(
+                diff < tol,
+                "{name}: logits differ by {diff} (tolerance {tol})"
+            );
         }
     }
 }

@@ -48,6 +48,9 @@ pub fn axpy(isa: Isa, alpha: f32, x: &[f32], y: &mut [f32]) {
         // SAFETY: as in `dot`.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if Isa::Avx512.is_available() => unsafe { x86::axpy_avx512(alpha, x, y) },
+        // SAFETY: as in `dot`.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.is_available() => unsafe { x86::axpy_avx2(alpha, x, y) },
         _ => axpy_scalar(alpha, x, y),
     }
 }
@@ -407,6 +410,27 @@ mod x86 {
                 _mm512_maskz_loadu_ps(m, py.add(i)),
             );
             _mm512_mask_storeu_ps(py.add(i), m, v);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `x.len() == y.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn axpy_avx2(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len();
+        let (px, py) = (x.as_ptr(), y.as_mut_ptr());
+        let a = _mm256_set1_ps(alpha);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(
+                py.add(i),
+                _mm256_fmadd_ps(a, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i))),
+            );
+            i += 8;
+        }
+        while i < n {
+            *py.add(i) = alpha.mul_add(*px.add(i), *py.add(i));
+            i += 1;
         }
     }
 

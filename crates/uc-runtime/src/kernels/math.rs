@@ -2,7 +2,10 @@
 //!
 //! The scalar functions use `f32::exp` and are the references. The AVX-512 exp is a
 //! Cephes-style polynomial (range reduction by ln 2, degree-6 polynomial, `vscalefps`),
-//! within [`EXP_REL_TOL`] of `f32::exp` over the range softmax and SiLU feed it.
+//! within [`EXP_REL_TOL`] of `f32::exp` over the range softmax and SiLU feed it. The
+//! AVX2 exp is the same polynomial with the power of two built in the exponent bits
+//! (two factors, so that 2^128 at the top of the range does not overflow); without it
+//! decode on AVX2 called libm's `expf` once per attention score (~3% of a token).
 
 use super::Isa;
 
@@ -16,6 +19,9 @@ pub fn exp_shifted_sum(isa: Isa, xs: &mut [f32], shift: f32) -> f32 {
         // SAFETY: the guard checked the CPU supports AVX-512F.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if Isa::Avx512.is_available() => unsafe { x86::exp_shifted_sum(xs, shift) },
+        // SAFETY: the guard checked the CPU supports AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.is_available() => unsafe { x86::exp_shifted_sum_avx2(xs, shift) },
         _ => exp_shifted_sum_scalar(xs, shift),
     }
 }
@@ -48,6 +54,9 @@ pub fn silu_mul(isa: Isa, gate: &mut [f32], up: &[f32]) {
         // SAFETY: the guard checked the CPU supports AVX-512F; lengths are equal.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if Isa::Avx512.is_available() => unsafe { x86::silu_mul(gate, up) },
+        // SAFETY: the guard checked the CPU supports AVX2 and FMA; lengths are equal.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if Isa::Avx2.is_available() => unsafe { x86::silu_mul_avx2(gate, up) },
         _ => silu_mul_scalar(gate, up),
     }
 }
@@ -132,6 +141,90 @@ mod x86 {
             _mm512_set1_ps(1.0),
         );
         _mm512_scalef_ps(y, n)
+    }
+
+    /// exp of 8 lanes: [`exp512`]'s polynomial; `2^n` as two factors `2^(n>>1)` and
+    /// `2^(n - (n>>1))` built in the exponent bits (each within the normal range).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(super) unsafe fn exp256(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.336_55)),
+            _mm256_set1_ps(88.722_83),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5e-1,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let y = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let ni = _mm256_cvtps_epi32(n);
+        let n1 = _mm256_srai_epi32(ni, 1);
+        let n2 = _mm256_sub_epi32(ni, n1);
+        let bias = _mm256_set1_epi32(127);
+        let p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+        let p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+        _mm256_mul_ps(_mm256_mul_ps(y, p1), p2)
+    }
+
+    /// # Safety
+    /// AVX2 + FMA available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_shifted_sum_avx2(xs: &mut [f32], shift: f32) -> f32 {
+        let n = xs.len();
+        let p = xs.as_mut_ptr();
+        let s = _mm256_set1_ps(shift);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 8 <= n {
+            let e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), s));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+            i += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let mut total = lanes.iter().sum::<f32>();
+        while i < n {
+            *p.add(i) = (*p.add(i) - shift).exp();
+            total += *p.add(i);
+            i += 1;
+        }
+        total
+    }
+
+    /// # Safety
+    /// AVX2 + FMA available; `gate.len() == up.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len();
+        let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm256_set1_ps(1.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            let g = _mm256_loadu_ps(pg.add(i));
+            let e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            let v = _mm256_mul_ps(
+                _mm256_div_ps(g, _mm256_add_ps(one, e)),
+                _mm256_loadu_ps(pu.add(i)),
+            );
+            _mm256_storeu_ps(pg.add(i), v);
+            i += 8;
+        }
+        super::silu_mul_scalar(&mut gate[i..], &up[i..]);
     }
 
     #[inline(always)]

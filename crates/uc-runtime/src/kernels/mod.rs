@@ -7,6 +7,8 @@
 //! - [`quant`]: the codec's fused kernels -- a mat-vec that reads codes, group scales and
 //!   codebook directly (never materialising the f32 weight), and exact row
 //!   dequantization for prefill tiles and embedding lookups.
+//! - [`qint`]: the decode mat-vec on int16 lanes (AVX2): codebook and activations
+//!   rounded to 15 bits, byte-shuffle lookups, `vpmaddwd`.
 //! - [`math`]: exp / softmax / SiLU / RMSNorm / rotary.
 //!
 //! All the `unsafe` of this crate lives in these modules (SIMD intrinsics, raw GEMM
@@ -14,6 +16,7 @@
 
 pub mod dense;
 pub mod math;
+pub mod qint;
 pub mod quant;
 
 /// An instruction set a kernel is compiled for. Chosen once at run time.

@@ -55,7 +55,7 @@ impl<'a> QuantRows<'a> {
         scales: &'a [f32],
         codes: &'a [u8],
     ) -> Option<Self> {
-        if !(2..=8).contains(&bits) || group == 0 || !group.is_multiple_of(16) || cols == 0 {
+        if !(2..=8).contains(&bits) {
             return None;
         }
         let period = 1usize << bits;
@@ -64,6 +64,26 @@ impl<'a> QuantRows<'a> {
             .enumerate()
             .any(|(i, v)| v.to_bits() != codebook[i % period].to_bits())
         {
+            return None;
+        }
+        Self::with_periodic_codebook(bits, group, cols, codebook, scales, codes)
+    }
+
+    /// [`Self::new`] without the codebook check, for a codebook made by
+    /// [`periodic_codebook`] (what `PackedLinear` holds): the check reads 256 entries and
+    /// the decode path builds a view per 64-row task, ~3800 times a token (~1% of it).
+    /// Every length is still checked; a non-periodic codebook would give wrong numbers
+    /// for codes whose garbage high bits the kernels do not mask, never unsafe reads
+    /// (lookups index a 256-entry array with at most 8 bits).
+    pub fn with_periodic_codebook(
+        bits: usize,
+        group: usize,
+        cols: usize,
+        codebook: &'a [f32; 256],
+        scales: &'a [f32],
+        codes: &'a [u8],
+    ) -> Option<Self> {
+        if !(2..=8).contains(&bits) || group == 0 || !group.is_multiple_of(16) || cols == 0 {
             return None;
         }
         let n_groups = cols.div_ceil(group);
@@ -96,6 +116,53 @@ impl<'a> QuantRows<'a> {
     /// Columns.
     pub fn cols(&self) -> usize {
         self.cols
+    }
+
+    /// Bits per code.
+    pub fn bits(&self) -> usize {
+        self.bits
+    }
+
+    /// Columns per scale group.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Code of element `(i, j)`.
+    #[inline]
+    pub fn code(&self, i: usize, j: usize) -> u8 {
+        code_at(
+            &self.codes[i * self.row_bytes..(i + 1) * self.row_bytes],
+            j,
+            self.bits as u32,
+        )
+    }
+
+    /// Scale of row `i`, group `g`, as f32.
+    #[inline]
+    pub fn scale(&self, i: usize, g: usize) -> f32 {
+        self.scales[i * self.n_groups + g]
+    }
+
+    /// Start of row `i`'s codes; the row's `row_bytes` are followed by at least
+    /// [`CODE_PAD`] readable bytes (the next rows, then the padding).
+    ///
+    /// # Panics
+    /// If `i >= rows`.
+    #[inline]
+    pub fn row_ptr(&self, i: usize) -> *const u8 {
+        assert!(i < self.rows, "row out of range");
+        self.codes[i * self.row_bytes..].as_ptr()
+    }
+
+    /// Start of row `i`'s `n_groups` scales.
+    ///
+    /// # Panics
+    /// If `i >= rows`.
+    #[inline]
+    pub fn row_scales(&self, i: usize) -> *const f32 {
+        assert!(i < self.rows, "row out of range");
+        self.scales[i * self.n_groups..].as_ptr()
     }
 
     /// Reference value of element `(i, j)`: `f32(scale) * codebook[code]`, one rounding.
