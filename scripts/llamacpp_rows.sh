@@ -5,6 +5,10 @@
 #       ROW = a llama-quantize type, optionally "+imatrix":  Q6_K  Q4_K_M+imatrix  ...
 #       default rows: Q6_K Q5_K_M Q4_K_M+imatrix Q3_K_M+imatrix
 #       (the row F32 is the teacher's own F32 GGUF: a sanity check of the round trip)
+#   UC_EVAL_TEXT=FILE scores the rows on that text (first 32 x 1024 tokens windows) instead
+#   of the SOTU eval split, and writes results/llamacpp_rows_<FILE's stem>.json; e.g.
+#   UC_EVAL_TEXT=assets/devil/devil.txt (the second-genre text of scripts/fetch_assets.sh).
+#   The quantized GGUFs and the imatrix (SOTU calibration split) are the same either way.
 #   UC_REUSE_EVAL=1 keeps a row's earlier uc eval receipt instead of rerunning the eval
 #   (each eval is ~2 x 32k tokens through the model; the receipt records uc's version and
 #   both fingerprints, so a reused one still says what it measured).
@@ -46,6 +50,18 @@ TEACHER_GGUF=$ROOT/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 REF=$ROOT/assets/smollm2-135m
 SOTU=$ROOT/assets/sotu
 OUT=$ROOT/results/llamacpp_rows.json
+EVAL_TEXT=${UC_EVAL_TEXT:-}
+EVAL_ARGS=(--sotu "$SOTU" --split eval)
+EVAL_CMD="--sotu assets/sotu --split eval"
+EVAL_JSON=eval.json
+if [ -n "$EVAL_TEXT" ]; then
+  [ -f "$EVAL_TEXT" ] || { echo "error: UC_EVAL_TEXT=$EVAL_TEXT: no such file" >&2; exit 1; }
+  stem=$(basename "${EVAL_TEXT%.*}")
+  EVAL_ARGS=(--text "$EVAL_TEXT")
+  EVAL_CMD="--text $EVAL_TEXT"
+  EVAL_JSON=eval-$stem.json
+  OUT=$ROOT/results/llamacpp_rows_$stem.json
+fi
 WORK=$SCRATCH/rows-$LCP_VERSION
 QTHREADS=2
 if [ $# -gt 0 ]; then ROWS=("$@"); else ROWS=(Q6_K Q5_K_M Q4_K_M+imatrix Q3_K_M+imatrix); fi
@@ -152,18 +168,21 @@ for row in "${ROWS[@]}"; do
     t1=$(now_s)
     python3 -c "print(f'{$t1 - $t0:.3f}')" > "$R/quantize.seconds"
   fi
-  if [ "${UC_REUSE_EVAL:-0}" = 1 ] && [ -s "$R/eval.json" ] && [ -s "$R/import.json" ] \
-     && [ "$R/eval.json" -nt "$R/out.gguf" ]; then
+  if [ "${UC_REUSE_EVAL:-0}" = 1 ] && [ -s "$R/$EVAL_JSON" ] && [ -s "$R/import.json" ] \
+     && [ "$R/$EVAL_JSON" -nt "$R/out.gguf" ]; then
     echo "reuse eval $row" >&2
   else
     echo "import + eval $row" >&2
-    rm -rf "$R/hf" "$R/eval.json"
-    "$UC" import gguf "$R/out.gguf" -o "$R/hf" --json > "$R/import.json"
-    "$UC" eval "$R/hf" --against "$REF" --sotu "$SOTU" --split eval --windows 32 \
-      --seq-len 1024 --json > "$R/eval.json.tmp"
-    mv "$R/eval.json.tmp" "$R/eval.json"
+    if [ ! -s "$R/import.json" ] || [ ! -d "$R/hf" ] || [ "$R/import.json" -ot "$R/out.gguf" ]; then
+      rm -rf "$R/hf"
+      "$UC" import gguf "$R/out.gguf" -o "$R/hf" --json > "$R/import.json"
+    fi
+    rm -f "$R/$EVAL_JSON"
+    "$UC" eval "$R/hf" --against "$REF" "${EVAL_ARGS[@]}" --windows 32 \
+      --seq-len 1024 --json > "$R/$EVAL_JSON.tmp"
+    mv "$R/$EVAL_JSON.tmp" "$R/$EVAL_JSON"
   fi
-  python3 - "$R/eval.json" >&2 <<'PY'
+  python3 - "$R/$EVAL_JSON" >&2 <<'PY'
 import json, sys
 a = json.load(open(sys.argv[1]))["against"]
 print("  ratio %.4f  KLD %.5f  top-1 %.4f" % (a["ppl_ratio"], a["kld"], a["top1"]))
@@ -172,10 +191,11 @@ done
 
 # --- results/llamacpp_rows.json -------------------------------------------------------
 PYTHONPATH=$GGUF_PY "$VENV/bin/python" - "$WORK" "$OUT" "$LCP_VERSION" "$F32_CMD" "$IMATRIX_CMD" \
+  "$EVAL_JSON" "$EVAL_CMD" \
   "$(cd "$ROOT" && git rev-parse HEAD 2>/dev/null || echo unknown)" "${ROWS[@]}" <<'PY'
 import json, os, re, sys, collections, hashlib
 import gguf
-work, out, version, f32_cmd, imatrix_cmd, commit, *rows = sys.argv[1:]
+work, out, version, f32_cmd, imatrix_cmd, eval_json, eval_cmd, commit, *rows = sys.argv[1:]
 BODY = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
 def sha256(path):
@@ -200,7 +220,7 @@ for row in rows:
     body_types = collections.Counter(t.tensor_type.name for t in body)
     other_types = {t.name: t.tensor_type.name for t in reader.tensors
                    if not BODY.match(t.name) and t.tensor_type.name != "F32"}
-    ev = json.load(open(os.path.join(R, "eval.json")))
+    ev = json.load(open(os.path.join(R, eval_json)))
     imp = json.load(open(os.path.join(R, "import.json")))
     a = ev["against"]
     qs = json.loads(read(os.path.join(R, "quantize.seconds")))
@@ -234,12 +254,12 @@ for row in rows:
         "commands": {
             "quantize": read(os.path.join(R, "command")),
             "import": f"uc import gguf {row}.gguf -o DIR --json",
-            "eval": "uc eval DIR --against assets/smollm2-135m --sotu assets/sotu --split eval --windows 32 --seq-len 1024 --json",
+            "eval": f"uc eval DIR --against assets/smollm2-135m {eval_cmd} --windows 32 --seq-len 1024 --json",
         },
     })
 report = {
-    "what": "llama.cpp quantizer rows on SmolLM2-135M-Instruct, dequantized by uc import gguf and scored by uc eval (SOTU eval split, 32 x 1024) against the teacher",
-    "command": "scripts/llamacpp_rows.sh " + " ".join(rows),
+    "what": f"llama.cpp quantizer rows on SmolLM2-135M-Instruct, dequantized by uc import gguf and scored by uc eval ({eval_cmd}, 32 x 1024) against the teacher",
+    "command": ("UC_EVAL_TEXT=" + eval_cmd.split()[-1] + " " if eval_cmd.startswith("--text") else "") + "scripts/llamacpp_rows.sh " + " ".join(rows),
     "uc_commit": commit,
     "llama_cpp": {"source": f"PyPI llama-cpp-python=={version} sdist, vendor/llama.cpp, CPU build (GGML_NATIVE=ON)",
                   "llama_cpp_python_version": version},

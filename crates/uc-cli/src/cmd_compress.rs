@@ -5,14 +5,15 @@ use anyhow::{Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 use uc_codec::{CodecSpec, GptqOptions};
-use uc_compress::{BudgetScope, Calibration, Event, Method, Options};
+use uc_compress::{BudgetScope, Calibration, Event, Method, Options, Source};
 use uc_eval::corpus::{self, Split};
 
 /// Arguments of `uc compress`.
 #[derive(Args)]
 #[command(after_help = "\
 Examples:
-  uc compress assets/smollm2-135m -o packs/smollm2-5bpw --calib-sotu assets/sotu
+  uc compress assets/smollm2-135m -o packs/smollm2-5bpw --calib-dir assets/calib-mix
+  uc compress assets/smollm2-135m -o packs/smollm2-sotu --calib-sotu assets/sotu
   uc compress assets/smollm2-135m -o packs/smollm2-4bpw --calib-sotu assets/sotu --bpw 4.0
   uc compress assets/smollm2-135m -o packs/smollm2-q4 --calib my_text.txt --bits 4 --group 64
   uc compress assets/smollm2-135m -o packs/smollm2-rtn5 --method rtn --bits 5 --group 128
@@ -23,7 +24,9 @@ counted), spread over tensors by measured sensitivity, in groups of 64 columns w
 (e8) scales; --bits fixes one width for all (--method rtn defaults to --bits 5,
 calibration-free). Each block is encoded in four stages (q/k/v, o, gate/up, down) on the
 quantized model's own activations, towards the original model's outputs.
-Without --calib/--calib-sotu, the SOTU calibration split in assets/sotu is used if present.
+Without --calib-dir/--calib/--calib-sotu, the SOTU calibration split in assets/sotu is used
+if present. scripts/fetch_assets.sh also lays out a mixed set, assets/calib-mix (speeches,
+code, technical prose): --calib-dir assets/calib-mix.
 An interrupted run is resumed by running the same command again.")]
 pub struct CompressArgs {
     /// The source: a Hugging Face checkpoint directory.
@@ -35,15 +38,25 @@ pub struct CompressArgs {
     /// (round-to-nearest, no calibration data).
     #[arg(long, default_value = "gptq", value_parser = ["gptq", "rtn"])]
     method: String,
-    /// Calibration text files (joined by "\n\n").
-    #[arg(long, num_args = 1.., conflicts_with = "calib_sotu")]
+    /// Calibration text files (one source; joined by "\n\n").
+    #[arg(long, num_args = 1.., conflicts_with_all = ["calib_sotu", "calib_dir"])]
     calib: Vec<PathBuf>,
+    /// A calibration set: every subdirectory of DIR is one source (its files in name
+    /// order), and windows are drawn from the sources in turn, so each genre gets an
+    /// equal share however long it is.
+    #[arg(long, conflicts_with = "calib_sotu")]
+    calib_dir: Option<PathBuf>,
     /// Calibrate on the SOTU corpus directory's calibration split (speeches before 2000).
     #[arg(long)]
     calib_sotu: Option<PathBuf>,
-    /// Calibration windows.
-    #[arg(long, default_value_t = 32)]
-    calib_seqs: usize,
+    /// How much work the calibrated encoder does: fast (16 calibration windows, no
+    /// scale refit), default (32 windows, one refit round), max (64 windows, two refit
+    /// rounds; about twice the default's time). --calib-seqs / --refit-rounds override.
+    #[arg(long, default_value = "default", value_parser = ["fast", "default", "max"])]
+    effort: String,
+    /// Calibration windows (default: by --effort).
+    #[arg(long)]
+    calib_seqs: Option<usize>,
     /// Tokens per calibration window.
     #[arg(long, default_value_t = 512)]
     calib_len: usize,
@@ -53,10 +66,15 @@ pub struct CompressArgs {
     /// Error-feedback damping, as a fraction of the mean Gram diagonal.
     #[arg(long, default_value_t = 0.01)]
     damp: f64,
+    /// Shrinkage of each Gram matrix towards its diagonal before error feedback (0..1):
+    /// trusts the calibration's per-channel energies fully and its cross-channel
+    /// structure by 1 - SHRINK.
+    #[arg(long, default_value_t = 0.0)]
+    shrink: f64,
     /// Rounds of scale refit (H-weighted least squares) and re-encoding after the first
-    /// error-feedback pass (0 = none).
-    #[arg(long, default_value_t = 1)]
-    refit_rounds: usize,
+    /// error-feedback pass (0 = none; default: by --effort).
+    #[arg(long)]
+    refit_rounds: Option<usize>,
     /// Budget on the block linears' stored bits per weight (default 5.0); bits per
     /// tensor (2..8) are chosen by measured sensitivity.
     #[arg(long, conflicts_with = "bits")]
@@ -71,6 +89,10 @@ pub struct CompressArgs {
     /// Columns per scale group (32, 64, 128 or 256).
     #[arg(long, default_value_t = 64)]
     group: u32,
+    /// Rank of the low-rank overlay on every block linear (0 = none), fitted to what the
+    /// codes leave in the activation metric; its bf16 factors count in the budget.
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
     /// Storage of the group scales: f16, bf16, or e8 (8-bit minifloat relative to the
     /// tensor's codebook, docs/format.md section 2: half the bytes).
     #[arg(long, default_value = "e8", value_parser = ["f16", "bf16", "e8"])]
@@ -94,6 +116,15 @@ pub struct CompressArgs {
     json: bool,
 }
 
+/// (calibration windows, refit rounds) of an --effort level.
+fn effort(level: &str) -> (usize, usize) {
+    match level {
+        "fast" => (16, 0),
+        "max" => (64, 2),
+        _ => (32, 1),
+    }
+}
+
 /// Budget when neither --bits nor --bpw is given.
 const DEFAULT_BPW: f64 = 5.0;
 
@@ -104,8 +135,17 @@ pub fn run(a: CompressArgs) -> Result<()> {
         "f16" => "",
         s => &format!("-{s}"),
     };
-    let body = CodecSpec::parse(&format!("q{bits}g{}{suffix}", a.group))
-        .with_context(|| format!("--bits {bits} --group {} --scales {}", a.group, a.scales))?;
+    let rank = match a.rank {
+        0 => String::new(),
+        r => format!("r{r}"),
+    };
+    let body =
+        CodecSpec::parse(&format!("q{bits}g{}{rank}{suffix}", a.group)).with_context(|| {
+            format!(
+                "--bits {bits} --group {} --rank {} --scales {}",
+                a.group, a.rank, a.scales
+            )
+        })?;
     // A budget unless --bits fixes the width; round-to-nearest stays calibration-free
     // (uniform --bits, default 5) unless --bpw is asked for explicitly.
     let budget_bpw = match (a.bits, a.bpw, a.method.as_str()) {
@@ -150,7 +190,8 @@ pub fn run(a: CompressArgs) -> Result<()> {
         calibration,
         gptq: GptqOptions {
             damp: a.damp,
-            refit_rounds: a.refit_rounds,
+            refit_rounds: a.refit_rounds.unwrap_or(effort(&a.effort).1),
+            shrink: a.shrink,
             ..GptqOptions::default()
         },
         teacher_target: !a.no_teacher_target,
@@ -202,6 +243,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "seconds": start.elapsed().as_secs_f64(),
             "peak_rss_mib": uc_runtime::bench::peak_rss_mib(),
             "budget_bpw": budget_bpw,
+            "effort": a.effort,
             "calibration_seconds": calibration_seconds,
             "probe_seconds": summary.probe_seconds,
             "resumed_blocks": summary.resumed_blocks,
@@ -236,36 +278,72 @@ pub fn run(a: CompressArgs) -> Result<()> {
     output::line(&format!("fingerprint {}", m.fingerprint))
 }
 
-/// SOTU corpus directory used for calibration when none is named.
+/// SOTU corpus directory used for calibration when no set and no text is named.
 const DEFAULT_SOTU: &str = "assets/sotu";
 
-/// The calibration stream: the text files (or the SOTU calibration split) tokenized
-/// with the source checkpoint's own tokenizer.
-fn calibration(a: &CompressArgs) -> Result<Calibration> {
-    let default_sotu = PathBuf::from(DEFAULT_SOTU);
-    let files = match (&a.calib_sotu, a.calib.is_empty()) {
-        (Some(dir), true) => corpus::sotu_files(dir, Split::Calibration)?,
-        (None, false) => a.calib.clone(),
-        (None, true) if default_sotu.join("speeches").is_dir() => {
-            corpus::sotu_files(&default_sotu, Split::Calibration)?
+/// The calibration sources named by the arguments: (name, files) each.
+fn calibration_sources(a: &CompressArgs) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    let set = |dir: &PathBuf| -> Result<Vec<(String, Vec<PathBuf>)>> {
+        let mut sources = Vec::new();
+        for sub in corpus::subdirs(dir)? {
+            let files = corpus::dir_files(&sub)?;
+            anyhow::ensure!(!files.is_empty(), "{}: no text files", sub.display());
+            let name = sub.file_name().map(|n| n.to_string_lossy().into_owned());
+            sources.push((name.unwrap_or_default(), files));
         }
-        _ => anyhow::bail!(
-            "calibration text needed (the gptq method and a --bpw budget use it): \
-             --calib FILE... or --calib-sotu DIR (or --method rtn --bits N for \
-             calibration-free compression)"
-        ),
+        anyhow::ensure!(
+            !sources.is_empty(),
+            "{}: a calibration set needs one subdirectory of text files per source",
+            dir.display()
+        );
+        Ok(sources)
     };
-    let text = corpus::load(&files)?;
+    let sotu = |dir: &PathBuf| -> Result<Vec<(String, Vec<PathBuf>)>> {
+        Ok(vec![(
+            "sotu-calib".into(),
+            corpus::sotu_files(dir, Split::Calibration)?,
+        )])
+    };
+    let default_sotu = PathBuf::from(DEFAULT_SOTU);
+    if let Some(dir) = &a.calib_dir {
+        return set(dir);
+    }
+    if let Some(dir) = &a.calib_sotu {
+        return sotu(dir);
+    }
+    if !a.calib.is_empty() {
+        return Ok(vec![("text".into(), a.calib.clone())]);
+    }
+    if default_sotu.join("speeches").is_dir() {
+        return sotu(&default_sotu);
+    }
+    anyhow::bail!(
+        "calibration text needed (the gptq method and a --bpw budget use it): \
+         --calib-dir DIR, --calib FILE... or --calib-sotu DIR (or --method rtn --bits N \
+         for calibration-free compression)"
+    )
+}
+
+/// The calibration streams, one per source, with the source checkpoint's own tokenizer
+/// ([`Source::from_files`]).
+fn calibration(a: &CompressArgs) -> Result<Calibration> {
     let tokenizer = uc_model::tokenizer::Tokenizer::from_dir(&a.src)?;
-    let tokens = tokenizer.encode(&text.text)?;
+    let mut sources = Vec::new();
+    let mut records = Vec::new();
+    for (name, files) in calibration_sources(a)? {
+        let (source, record) = Source::from_files(name, &files, &tokenizer)?;
+        sources.push(source);
+        records.push(record);
+    }
     Ok(Calibration {
-        tokens,
-        n_seqs: a.calib_seqs,
+        sources,
+        n_seqs: a.calib_seqs.unwrap_or(effort(&a.effort).0),
         seq_len: a.calib_len,
         seed: a.seed,
         provenance: serde_json::json!({
-            "files": files.iter().filter_map(|f| f.file_name()).map(|n| n.to_string_lossy()).collect::<Vec<_>>(),
-            "sha256": text.sha256,
+            "tokenization": uc_compress::TOKENIZATION,
+            "effort": a.effort,
+            "sources": records,
             "tokenizer_sha256": tokenizer.sha256(),
         }),
     })

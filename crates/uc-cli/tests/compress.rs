@@ -23,12 +23,13 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// `uc compress` of `src` into `out`, calibrated on `text` (6 windows of 40 tokens,
-/// group 32) with `width` (e.g. `["--bits", "4"]` or `["--bpw", "4.5"]`) and `extra`.
-fn compress_with(
+/// `uc compress` of `src` into `out` with calibration arguments `calib` (e.g.
+/// `["--calib", TEXT]`), 6 windows of 40 tokens, group 32, `width` (e.g.
+/// `["--bits", "4"]` or `["--bpw", "4.5"]`) and `extra`.
+fn compress_args(
     src: &Path,
     out: &Path,
-    text: &Path,
+    calib: [&str; 2],
     width: [&str; 2],
     extra: &[&str],
     env: &[(&str, &str)],
@@ -38,18 +39,31 @@ fn compress_with(
         src.to_str().unwrap(),
         "-o",
         out.to_str().unwrap(),
-        "--calib",
-        text.to_str().unwrap(),
-        "--calib-seqs",
-        "6",
-        "--calib-len",
-        "40",
-        "--group",
-        "32",
     ];
+    args.extend(calib);
+    args.extend(["--calib-seqs", "6", "--calib-len", "40", "--group", "32"]);
     args.extend(width);
     args.extend(extra);
     uc(&args, env)
+}
+
+/// [`compress_args`] calibrated on the text file `text`.
+fn compress_with(
+    src: &Path,
+    out: &Path,
+    text: &Path,
+    width: [&str; 2],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    compress_args(
+        src,
+        out,
+        ["--calib", text.to_str().unwrap()],
+        width,
+        extra,
+        env,
+    )
 }
 
 /// [`compress_with`] at 4 bits everywhere.
@@ -257,4 +271,80 @@ fn a_budget_below_every_codec_is_a_clear_error() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// [`compress_args`] at 4 bits, calibrated on the set `set`.
+fn compress_set(
+    src: &Path,
+    out: &Path,
+    set: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let calib = ["--calib-dir", set.to_str().unwrap()];
+    compress_args(src, out, calib, ["--bits", "4"], extra, env)
+}
+
+#[test]
+fn a_calibration_set_takes_turns_and_overlay_with_shrinkage_is_deterministic_and_verifies() {
+    let m = model_with_tokenizer("llama");
+    let text = std::fs::read_to_string(text_file(m.path())).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let set = out.path().join("set");
+    for (genre, part) in [
+        ("a", &text[..text.len() / 2]),
+        ("b", &text[text.len() / 2..]),
+    ] {
+        std::fs::create_dir_all(set.join(genre)).unwrap();
+        std::fs::write(set.join(genre).join("1.txt"), part).unwrap();
+        std::fs::write(set.join(genre).join("2.txt"), part).unwrap();
+        // Hidden files (e.g. fetch markers) are not calibration text.
+        std::fs::write(set.join(genre).join(".marker"), [0xff, 0xfe]).unwrap();
+    }
+    let extra = ["--rank", "2", "--shrink", "0.5"];
+    let (a, b) = (out.path().join("a"), out.path().join("b"));
+    let o = compress_set(m.path(), &a, &set, &extra, &[("RAYON_NUM_THREADS", "1")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("manifest.json")).unwrap()).unwrap();
+    let cal = &manifest["calibration"];
+    assert_eq!(cal["window_sources"], serde_json::json!([0, 1, 0, 1, 0, 1]));
+    assert_eq!(cal["sources"][0]["name"], "a");
+    assert_eq!(
+        cal["text"]["sources"][1]["files"],
+        serde_json::json!(["1.txt", "2.txt"])
+    );
+    assert_eq!(cal["gptq"]["shrink"], 0.5);
+    let ranks: std::collections::BTreeSet<u64> = manifest["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "body")
+        .map(|t| t["encoding"]["rank"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ranks,
+        [2].into(),
+        "every body tensor carries a rank-2 overlay"
+    );
+    let v = uc(&["verify", a.to_str().unwrap()], &[]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    assert!(
+        compress_set(m.path(), &b, &set, &extra, &[("RAYON_NUM_THREADS", "2")])
+            .status
+            .success()
+    );
+    assert_eq!(tree(&a), tree(&b));
+}
+
+#[test]
+fn a_calibration_set_without_sources_is_a_clear_error() {
+    let m = model_with_tokenizer("llama");
+    let out = tempfile::tempdir().unwrap();
+    let set = out.path().join("empty-set");
+    std::fs::create_dir_all(&set).unwrap();
+    let o = compress_set(m.path(), &out.path().join("p"), &set, &[], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("one subdirectory"), "{err}");
 }

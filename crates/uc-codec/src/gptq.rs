@@ -44,6 +44,13 @@ pub struct GptqOptions {
     /// refitted scales) after the first error-feedback pass, each candidate kept only if
     /// it lowers the H-weighted error; 0 keeps the grid scales.
     pub refit_rounds: usize,
+    /// Shrinkage of `H` towards its diagonal, in [0, 1]: the off-diagonal entries are
+    /// scaled by `1 - shrink` before anything else. The diagonal (each input channel's
+    /// energy) carries over to text unlike the calibration's better than the
+    /// cross-channel structure does; error feedback dumps rounding error into directions
+    /// the calibration never excites, and shrinkage limits how far it trusts that.
+    /// 0 is plain GPTQ, 1 is importance-weighted rounding without cross-column feedback.
+    pub shrink: f64,
 }
 
 impl Default for GptqOptions {
@@ -52,6 +59,7 @@ impl Default for GptqOptions {
             damp: 0.01,
             act_order: true,
             refit_rounds: 1,
+            shrink: 0.0,
         }
     }
 }
@@ -80,6 +88,28 @@ pub fn encode_gptq(
             reason: format!("entry ({}, {}) is not finite", p / cols, p % cols),
         });
     }
+    if !(0.0..=1.0).contains(&opts.shrink) {
+        return Err(CodecError::BadGram {
+            tensor: String::new(),
+            reason: format!("shrinkage {} outside [0, 1]", opts.shrink),
+        });
+    }
+    let shrunk: Vec<f64>;
+    let h = if opts.shrink > 0.0 {
+        let keep = 1.0 - opts.shrink;
+        shrunk = (0..cols * cols)
+            .map(|p| {
+                if p / cols == p % cols {
+                    h[p]
+                } else {
+                    keep * h[p]
+                }
+            })
+            .collect();
+        &shrunk[..]
+    } else {
+        h
+    };
     let mut diag: Vec<f64> = (0..cols).map(|j| h[j * cols + j]).collect();
     for d in diag.iter_mut() {
         if *d <= 0.0 {
@@ -369,72 +399,33 @@ fn nearest(x: f32, s: f32, cb: &[f32]) -> usize {
 /// is `h` permuted to `order`, its diagonal replaced by `diag` and damped.
 fn inverse_cholesky_upper(h: &[f64], diag: &[f64], order: &[usize], damp: f64) -> Result<Vec<f32>> {
     let n = order.len();
-    let mean = diag.iter().sum::<f64>() / n as f64;
-    let mut lambda = damp * mean;
-    for _ in 0..4 {
-        let hp = Mat::<f64>::from_fn(n, n, |i, j| {
-            let (a, b) = (order[i], order[j]);
-            if i == j {
-                diag[a] + lambda
-            } else {
-                h[a * n + b]
-            }
-        });
-        if let Ok(llt) = hp.llt(Side::Lower) {
-            let hinv = llt.inverse();
-            if let Ok(l2) = hinv.llt(Side::Lower) {
-                let l = l2.L();
-                // U = L2^T: U[i][j] = L2[j][i].
-                let mut u = vec![0f32; n * n];
-                for i in 0..n {
-                    for j in i..n {
-                        u[i * n + j] = l[(j, i)] as f32;
-                    }
-                }
-                return Ok(u);
-            }
-        }
-        lambda *= 10.0;
-    }
-    Err(CodecError::BadGram {
+    let permuted: Vec<f64> = order.iter().map(|&a| diag[a]).collect();
+    let hinv =
+        crate::overlay::damped_llt(&permuted, damp, |i, j| h[order[i] * n + order[j]])?.inverse();
+    let l2 = hinv.llt(Side::Lower).map_err(|e| CodecError::BadGram {
         tensor: String::new(),
-        reason: format!("Cholesky failed with damping up to {lambda:e}"),
-    })
+        reason: format!("Cholesky of the inverse failed: {e:?}"),
+    })?;
+    let l = l2.L();
+    // U = L2^T: U[i][j] = L2[j][i].
+    let mut u = vec![0f32; n * n];
+    for i in 0..n {
+        for j in i..n {
+            u[i * n + j] = l[(j, i)] as f32;
+        }
+    }
+    Ok(u)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random values in [-1, 1).
-    fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::testutil::{h_trace, noise};
 
     /// Output error trace((W - W_hat) H (W - W_hat)^T).
     fn output_error(w: &[f32], qt: &QuantTensor, h: &[f64]) -> f64 {
-        let r = crate::reconstruct_scalar(qt).unwrap();
-        let (rows, cols) = (qt.rows, qt.cols);
-        let mut total = 0.0;
-        for i in 0..rows {
-            let d: Vec<f64> = (0..cols)
-                .map(|j| f64::from(w[i * cols + j] - r[i * cols + j]))
-                .collect();
-            for a in 0..cols {
-                for b in 0..cols {
-                    total += d[a] * h[a * cols + b] * d[b];
-                }
-            }
-        }
-        total
+        h_trace(w, &crate::reconstruct_scalar(qt).unwrap(), qt.cols, h)
     }
 
     /// Correlated activations: H = X^T X for X with a few dominant directions.
@@ -458,6 +449,38 @@ mod tests {
             }
         }
         h
+    }
+
+    #[test]
+    fn full_shrinkage_ignores_the_cross_channel_structure() {
+        let (rows, cols) = (8, 64);
+        let w = noise(rows * cols, 5);
+        let h = gram(cols, 256);
+        // Same diagonal, off-diagonal entries halved: irrelevant at shrink = 1.
+        let h2: Vec<f64> = (0..cols * cols)
+            .map(|p| {
+                if p / cols == p % cols {
+                    h[p]
+                } else {
+                    0.5 * h[p]
+                }
+            })
+            .collect();
+        let spec = CodecSpec::parse("q3g32").unwrap();
+        let o = GptqOptions {
+            shrink: 1.0,
+            ..GptqOptions::default()
+        };
+        let a = encode_gptq(&w, rows, cols, &spec, &h, o).unwrap();
+        let b = encode_gptq(&w, rows, cols, &spec, &h2, o).unwrap();
+        assert_eq!(a, b);
+        let plain = encode_gptq(&w, rows, cols, &spec, &h, GptqOptions::default()).unwrap();
+        assert_ne!(a, plain, "shrinkage changes the codes");
+        let bad = GptqOptions {
+            shrink: 1.5,
+            ..GptqOptions::default()
+        };
+        assert!(encode_gptq(&w, rows, cols, &spec, &h, bad).is_err());
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //!   scale dtype, overlay rank; exact stored size of a tensor under each codec.
 //! - [`encode_rtn`]: f32 weights (rows x cols) -> [`QuantTensor`] (codebook fitted by
 //!   weighted k-means, group scales refitted by least squares, codes bit-packed).
+//! - [`encode_gptq`]: the same with error feedback weighted by the inputs' Gram matrix;
+//!   [`fit_overlay`]: the low-rank overlay fitted to what the codes left, in the same
+//!   activation metric.
 //! - [`QuantTensor::validate`]: the only gate untrusted bytes pass before math.
 //! - [`Reconstructor`] / [`reconstruct`] / [`reconstruct_scalar`]: QuantTensor -> f32,
 //!   following the specification in `docs/format.md` with a fixed rounding sequence, so
@@ -19,6 +22,7 @@
 mod encode;
 mod error;
 mod gptq;
+mod overlay;
 pub mod pack;
 mod recon;
 mod simd;
@@ -26,10 +30,13 @@ mod simd;
 pub use simd::unpack_tables;
 mod spec;
 mod tensor;
+#[cfg(test)]
+mod testutil;
 
 pub use encode::encode_rtn;
 pub use error::CodecError;
 pub use gptq::{encode_gptq, GptqOptions};
+pub use overlay::fit_overlay;
 pub use recon::{reconstruct, reconstruct_scalar, Kernel, Reconstructor, FORCE_SCALAR_ENV};
 pub use spec::{CodecSpec, Layout, CODECS, GROUPS};
 pub use tensor::{

@@ -15,7 +15,7 @@ mod pipeline;
 mod target;
 
 pub use alloc::Sensitivity;
-pub use calib::{Calibration, CalibrationRecord, Gram};
+pub use calib::{Calibration, CalibrationRecord, Gram, Source, SourceRecord, TOKENIZATION};
 pub use pipeline::{
     compress, BlockSummary, BudgetScope, Event, Method, Options, Summary, TensorSummary,
     BUDGET_BITS,

@@ -232,11 +232,29 @@ fn quantize_into(
             "{name}: expected a 2-D weight, got {shape:?}"
         )));
     };
-    let qt: QuantTensor = match gram {
-        None => uc_codec::encode_rtn(w, rows, cols, spec, None),
-        Some((g, o)) => uc_codec::encode_gptq(w, rows, cols, spec, &g.h, o),
+    // Codes first (without overlay), then the overlay fitted to what they left, in the
+    // same activation metric.
+    let base_spec = CodecSpec { rank: 0, ..*spec };
+    let mut qt: QuantTensor = match gram {
+        None => uc_codec::encode_rtn(w, rows, cols, &base_spec, None),
+        Some((g, o)) => uc_codec::encode_gptq(w, rows, cols, &base_spec, &g.h, o),
     }
     .map_err(codec_err(name))?;
+    if spec.rank > 0 {
+        let base = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
+        let resid: Vec<f32> = w.iter().zip(&base).map(|(a, b)| a - b).collect();
+        let overlay = uc_codec::fit_overlay(
+            &resid,
+            rows,
+            cols,
+            spec.rank as usize,
+            gram.map(|(g, _)| g.h.as_slice()),
+            gram.map_or(0.0, |(_, o)| o.damp),
+        )
+        .map_err(codec_err(name))?;
+        qt.spec = *spec;
+        qt.overlay = Some(overlay);
+    }
     let recon = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
     let err = rel_err(w, &recon);
     let mut stats = serde_json::Map::new();
@@ -353,6 +371,12 @@ pub fn compress(
             });
         }
         if opts.method == Method::Gptq {
+            cal["gptq"] = serde_json::json!({
+                "damp": opts.gptq.damp,
+                "act_order": opts.gptq.act_order,
+                "refit_rounds": opts.gptq.refit_rounds,
+                "shrink": opts.gptq.shrink,
+            });
             cal["teacher_target"] = opts.teacher_target.into();
             cal["target_damp"] = opts.target_damp.into();
         }
@@ -482,8 +506,10 @@ fn probe(
     let seq = sub.dim(1).map_err(uc_model::ModelError::from)?;
     let rope = RotaryTables::new(&cfg.rope, cfg.head_dim, seq)?;
     let mut x = Globals::load(ck)?.embed(&sub)?;
+    // The probe measures the codes' error alone: no overlay.
     let spec = CodecSpec {
         bits: PROBE_BITS,
+        rank: 0,
         ..*body
     };
     let mut out = Vec::new();

@@ -88,19 +88,60 @@ pub fn sotu_files(dir: &Path, split: Split) -> Result<Vec<PathBuf>, EvalError> {
     Ok(keyed.into_iter().map(|(_, p)| p).collect())
 }
 
+/// The regular files directly in `dir` whose names do not start with '.', sorted by
+/// name: one source of a calibration set (see `uc compress --calib-dir`).
+pub fn dir_files(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
+    let err = |e: std::io::Error| EvalError::Text {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && entry.file_type().map_err(err)?.is_file() {
+            files.push(entry.path());
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The subdirectories of `dir` whose names do not start with '.', sorted by name.
+pub fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
+    let err = |e: std::io::Error| EvalError::Text {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut dirs = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !hidden && entry.path().is_dir() {
+            dirs.push(entry.path());
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Reads `file` as UTF-8.
+pub fn read_utf8(file: &Path) -> Result<String, EvalError> {
+    let bytes = std::fs::read(file).map_err(|e| EvalError::Text {
+        path: file.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    String::from_utf8(bytes).map_err(|e| EvalError::Text {
+        path: file.to_path_buf(),
+        reason: format!("not UTF-8 ({e})"),
+    })
+}
+
 /// Reads `files` (UTF-8) and joins them with "\n\n".
 pub fn load(files: &[PathBuf]) -> Result<Text, EvalError> {
     let mut parts = Vec::with_capacity(files.len());
     for f in files {
-        let bytes = std::fs::read(f).map_err(|e| EvalError::Text {
-            path: f.clone(),
-            reason: e.to_string(),
-        })?;
-        let s = String::from_utf8(bytes).map_err(|e| EvalError::Text {
-            path: f.clone(),
-            reason: format!("not UTF-8 ({e})"),
-        })?;
-        parts.push(s);
+        parts.push(read_utf8(f)?);
     }
     let text = parts.join("\n\n");
     let sha256 = hex::encode(Sha256::digest(text.as_bytes()));

@@ -1,7 +1,7 @@
 //! Deterministic test data shared by the codec tests (no RNG dependency).
 #![allow(dead_code)]
 
-use half::{bf16, f16};
+use half::bf16;
 use uc_codec::*;
 use uc_format::*;
 
