@@ -51,7 +51,7 @@ pub struct CompressArgs {
     calib_sotu: Option<PathBuf>,
     /// How much work the calibrated encoder does: fast (16 calibration windows, no
     /// scale refit), default (32 windows, one refit round), max (64 windows, two refit
-    /// rounds; about twice the default's time). --calib-seqs / --refit-rounds override.
+    /// rounds; slower). --calib-seqs / --refit-rounds override.
     #[arg(long, default_value = "default", value_parser = ["fast", "default", "max"])]
     effort: String,
     /// Calibration windows (default: by --effort).
