@@ -163,7 +163,7 @@ fn cholesky_lower(h: &[f64], n: usize, damp: f64) -> Result<Mat<f64>> {
             }
         })
         .collect();
-    let lambda = damp * diag.iter().sum::<f64>() / n as f64;
+    let lambda = damp * (diag.iter().sum::<f64>() / n as f64);
     Ok(damped_llt(&diag, lambda, |i, j| h[i * n + j])?
         .L()
         .to_owned())
