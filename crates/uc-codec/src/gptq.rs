@@ -399,9 +399,12 @@ fn nearest(x: f32, s: f32, cb: &[f32]) -> usize {
 /// is `h` permuted to `order`, its diagonal replaced by `diag` and damped.
 fn inverse_cholesky_upper(h: &[f64], diag: &[f64], order: &[usize], damp: f64) -> Result<Vec<f32>> {
     let n = order.len();
+    // The mean over the diagonal in its own order (not the visiting order), as before.
+    let mean = diag.iter().sum::<f64>() / n as f64;
     let permuted: Vec<f64> = order.iter().map(|&a| diag[a]).collect();
     let hinv =
-        crate::overlay::damped_llt(&permuted, damp, |i, j| h[order[i] * n + order[j]])?.inverse();
+        crate::overlay::damped_llt(&permuted, damp * mean, |i, j| h[order[i] * n + order[j]])?
+            .inverse();
     let l2 = hinv.llt(Side::Lower).map_err(|e| CodecError::BadGram {
         tensor: String::new(),
         reason: format!("Cholesky of the inverse failed: {e:?}"),
