@@ -68,9 +68,10 @@ pub struct CompressArgs {
     damp: f64,
     /// Shrinkage of each Gram matrix towards its diagonal before error feedback (0..1):
     /// trusts the calibration's per-channel energies fully and its cross-channel
-    /// structure by 1 - SHRINK.
-    #[arg(long, default_value_t = 0.0)]
-    shrink: f64,
+    /// structure by 1 - SHRINK. `auto` estimates it per stage from how much the
+    /// matrix varies between calibration chunks (Ledoit-Wolf style).
+    #[arg(long, default_value = "0", value_parser = parse_shrink)]
+    shrink: Shrink,
     /// Rounds of scale refit (H-weighted least squares) and re-encoding after the first
     /// error-feedback pass (0 = none; default: by --effort).
     #[arg(long)]
@@ -114,6 +115,23 @@ pub struct CompressArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `--shrink`: a fixed intensity or one estimated per stage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Shrink {
+    Fixed(f64),
+    Auto,
+}
+
+fn parse_shrink(s: &str) -> Result<Shrink, String> {
+    if s == "auto" {
+        return Ok(Shrink::Auto);
+    }
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(Shrink::Fixed(v)),
+        _ => Err(format!("expected `auto` or a number in [0, 1], got `{s}`")),
+    }
 }
 
 /// (calibration windows, refit rounds) of an --effort level.
@@ -191,11 +209,15 @@ pub fn run(a: CompressArgs) -> Result<()> {
         gptq: GptqOptions {
             damp: a.damp,
             refit_rounds: a.refit_rounds.unwrap_or(effort(&a.effort).1),
-            shrink: a.shrink,
+            shrink: match a.shrink {
+                Shrink::Fixed(s) => s,
+                Shrink::Auto => 0.0,
+            },
             ..GptqOptions::default()
         },
         teacher_target: !a.no_teacher_target,
         target_damp: a.target_damp,
+        auto_shrink: a.shrink == Shrink::Auto,
     };
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
     // are written, so tests can exercise resume at an exact point.

@@ -301,7 +301,8 @@ fn a_calibration_set_takes_turns_and_overlay_with_shrinkage_is_deterministic_and
         // Hidden files (e.g. fetch markers) are not calibration text.
         std::fs::write(set.join(genre).join(".marker"), [0xff, 0xfe]).unwrap();
     }
-    let extra = ["--rank", "2", "--shrink", "0.5"];
+    // 6 windows in chunks of 4: two chunks, enough for an estimated shrinkage.
+    let extra = ["--rank", "2", "--shrink", "auto"];
     let (a, b) = (out.path().join("a"), out.path().join("b"));
     let o = compress_set(m.path(), &a, &set, &extra, &[("RAYON_NUM_THREADS", "1")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -314,12 +315,23 @@ fn a_calibration_set_takes_turns_and_overlay_with_shrinkage_is_deterministic_and
         cal["text"]["sources"][1]["files"],
         serde_json::json!(["1.txt", "2.txt"])
     );
-    assert_eq!(cal["gptq"]["shrink"], 0.5);
-    let ranks: std::collections::BTreeSet<u64> = manifest["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["role"] == "body")
+    assert_eq!(cal["gptq"]["shrink"], "auto");
+    let body = || {
+        manifest["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["role"] == "body")
+    };
+    for t in body() {
+        let s = t["stats"]["shrink"].as_f64();
+        assert!(
+            s.is_some_and(|s| s > 0.0 && s <= 1.0),
+            "{}: estimated shrinkage {s:?}",
+            t["name"]
+        );
+    }
+    let ranks: std::collections::BTreeSet<u64> = body()
         .map(|t| t["encoding"]["rank"].as_u64().unwrap())
         .collect();
     assert_eq!(
@@ -335,6 +347,28 @@ fn a_calibration_set_takes_turns_and_overlay_with_shrinkage_is_deterministic_and
             .success()
     );
     assert_eq!(tree(&a), tree(&b));
+}
+
+#[test]
+fn a_shrinkage_outside_zero_to_one_is_refused_by_name() {
+    let m = model_with_tokenizer("llama");
+    let out = tempfile::tempdir().unwrap();
+    for bad in ["1.5", "-0.1", "often"] {
+        let o = compress(
+            m.path(),
+            &out.path().join("p"),
+            &text_file(m.path()),
+            &[&format!("--shrink={bad}")],
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--shrink") && err.contains("auto"),
+            "{bad}: {err}"
+        );
+        assert!(!out.path().join("p").exists(), "nothing written");
+    }
 }
 
 #[test]

@@ -202,6 +202,24 @@ pub struct Gram {
     pub cols: usize,
     /// `(cols, cols)` row-major.
     pub h: Vec<f64>,
+    /// With [`Gram::with_spread`]: how the chunk-by-chunk contributions spread around
+    /// their mean, for [`Gram::shrinkage`].
+    spread: Option<Spread>,
+}
+
+/// Per-chunk moments of a Gram matrix: chunk `k` over `m_k` rows adds `H_k`.
+#[derive(Debug, Clone)]
+struct Spread {
+    /// `(cols, cols)`: sum over chunks of `H_k^2` (elementwise).
+    sq: Vec<f64>,
+    /// `(cols, cols)`: sum over chunks of `m_k H_k`.
+    weighted: Vec<f64>,
+    /// Sum of `m_k^2`.
+    rows_sq: f64,
+    /// Total rows `M`.
+    rows: f64,
+    /// Chunks `K`.
+    chunks: usize,
 }
 
 impl Gram {
@@ -210,6 +228,22 @@ impl Gram {
         Gram {
             cols,
             h: vec![0.0; cols * cols],
+            spread: None,
+        }
+    }
+
+    /// Like [`Gram::new`], also keeping the chunk-to-chunk spread (two more
+    /// `(cols, cols)` arrays) so that [`Gram::shrinkage`] can be estimated.
+    pub fn with_spread(cols: usize) -> Self {
+        Gram {
+            spread: Some(Spread {
+                sq: vec![0.0; cols * cols],
+                weighted: vec![0.0; cols * cols],
+                rows_sq: 0.0,
+                rows: 0.0,
+                chunks: 0,
+            }),
+            ..Gram::new(cols)
         }
     }
 
@@ -220,14 +254,60 @@ impl Gram {
     }
 
     /// Adds `a^T b` for `a`, `b` of shape `(rows, cols)` (the cross statistics of two
-    /// inputs seen on the same rows), like [`Gram::add`].
+    /// inputs seen on the same rows), like [`Gram::add`]. Each call is one chunk of
+    /// [`Gram::shrinkage`].
     pub fn add_cross(&mut self, a: &Tensor, b: &Tensor) -> candle_core::Result<()> {
         let atb = a.t()?.matmul(b)?.to_dtype(DType::F32)?;
         let v = atb.flatten_all()?.to_vec1::<f32>()?;
-        for (a, b) in self.h.iter_mut().zip(v) {
-            *a += f64::from(b);
+        let m = a.dim(0)? as f64;
+        match self.spread.as_mut() {
+            None => {
+                for (a, b) in self.h.iter_mut().zip(v) {
+                    *a += f64::from(b);
+                }
+            }
+            Some(sp) => {
+                for (p, b) in v.into_iter().enumerate() {
+                    let b = f64::from(b);
+                    self.h[p] += b;
+                    sp.sq[p] += b * b;
+                    sp.weighted[p] += m * b;
+                }
+                sp.rows += m;
+                sp.rows_sq += m * m;
+                sp.chunks += 1;
+            }
         }
         Ok(())
+    }
+
+    /// Ledoit-Wolf-style shrinkage intensity towards the diagonal, in [0, 1]: the
+    /// estimated variance of the off-diagonal entries of the mean `S = H / M`, relative
+    /// to their energy. The variance comes from the spread between chunks (a few
+    /// windows each) rather than between tokens, so it measures how much the
+    /// cross-channel structure changes from one stretch of text to the next -- tokens
+    /// of one window are far from independent. With chunk means `S_k = H_k / m_k`:
+    /// `Var(S_ij) ~ K/(K-1) sum_k (m_k/M)^2 (S_k,ij - S_ij)^2`, and
+    /// `delta = sum_{i!=j} Var(S_ij) / sum_{i!=j} S_ij^2`. `None` without spread
+    /// statistics, with fewer than two chunks, or without off-diagonal energy.
+    pub fn shrinkage(&self) -> Option<f64> {
+        let sp = self.spread.as_ref()?;
+        if sp.chunks < 2 {
+            return None;
+        }
+        let (n, m) = (self.cols, sp.rows);
+        let k = sp.chunks as f64;
+        let (mut var, mut energy) = (0.0, 0.0);
+        for i in 0..n {
+            for j in (0..n).filter(|&j| j != i) {
+                let p = i * n + j;
+                let h = self.h[p];
+                // M^2 sum_k (m_k/M)^2 (S_k - S)^2, expanded into the running sums.
+                var += sp.sq[p] - 2.0 * h * sp.weighted[p] / m + h * h * sp.rows_sq / (m * m);
+                energy += h * h;
+            }
+        }
+        (energy > 0.0).then(|| (k / (k - 1.0) * var / energy).clamp(0.0, 1.0))
     }
 }
 
@@ -330,5 +410,61 @@ mod tests {
             provenance: serde_json::Value::Null,
         };
         assert!(c.windows().is_err());
+    }
+
+    /// Rows `(rows, 3)`: channel 0 noise, channel 1 = `c` x channel 0 (+ a little of its
+    /// own noise), channel 2 independent noise; xorshift, seeded.
+    fn chunk(rows: usize, c: f32, seed: u64) -> Tensor {
+        let mut s = seed | 1;
+        let mut r = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let v: Vec<f32> = (0..rows)
+            .flat_map(|_| {
+                let (a, b, e) = (r(), r(), r());
+                [a, c * a + 0.1 * b, e]
+            })
+            .collect();
+        Tensor::from_vec(v, (rows, 3), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn shrinkage_is_small_for_stable_structure_and_large_for_noise() {
+        let shrink = |chunks: &[Tensor]| {
+            let mut g = Gram::with_spread(3);
+            let mut plain = Gram::new(3);
+            for x in chunks {
+                g.add(x).unwrap();
+                plain.add(x).unwrap();
+            }
+            assert_eq!(g.h, plain.h, "the spread does not change H");
+            g.shrinkage().unwrap()
+        };
+        // Identical chunks: no spread at all.
+        let same = vec![chunk(64, 1.0, 3); 4];
+        assert_eq!(shrink(&same), 0.0);
+        // Channels 0 and 1 coupled the same way in every chunk: the structure is real.
+        let stable: Vec<Tensor> = (0..6).map(|k| chunk(256, 1.0, 10 + k)).collect();
+        let d_stable = shrink(&stable);
+        // The coupling flips sign from chunk to chunk: the mean off-diagonal entries
+        // are noise, to be shrunk away.
+        let flipping: Vec<Tensor> = (0..6)
+            .map(|k| chunk(256, if k % 2 == 0 { 1.0 } else { -1.0 }, 10 + k))
+            .collect();
+        let d_flip = shrink(&flipping);
+        assert!(d_stable < 0.05, "stable {d_stable}");
+        assert!(d_flip > 0.9, "flipping {d_flip}");
+        // Unequal chunk sizes (a short last chunk) are weighted, not an error.
+        let mut uneven = stable.clone();
+        uneven.push(chunk(17, 1.0, 99));
+        assert!(shrink(&uneven) < 0.05);
+        // One chunk: nothing to estimate from.
+        let mut one = Gram::with_spread(3);
+        one.add(&stable[0]).unwrap();
+        assert_eq!(one.shrinkage(), None);
+        assert_eq!(Gram::new(3).shrinkage(), None);
     }
 }

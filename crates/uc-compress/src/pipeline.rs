@@ -57,6 +57,10 @@ pub struct Options {
     /// Damping of the teacher-target solve, as a fraction of the mean Gram diagonal:
     /// larger values keep the correction to the well-measured input directions.
     pub target_damp: f64,
+    /// Calibrated runs: estimate each stage's shrinkage towards the diagonal from the
+    /// spread of its Gram matrix between calibration chunks ([`Gram::shrinkage`])
+    /// instead of using `gptq.shrink` (which stays the fallback).
+    pub auto_shrink: bool,
 }
 
 /// Where a bit budget may move bits.
@@ -120,6 +124,9 @@ pub struct TensorSummary {
     pub elements: u64,
     /// ||W - W_hat||_F / ||W||_F.
     pub rel_err: f64,
+    /// Shrinkage of the Gram matrix used by error feedback, when not 0.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shrink: Option<f64>,
 }
 
 /// Per-block outcome of a calibrated run.
@@ -259,6 +266,10 @@ fn quantize_into(
     let err = rel_err(w, &recon);
     let mut stats = serde_json::Map::new();
     stats.insert("rel_err".into(), err.into());
+    let shrink = gram.map(|(_, o)| o.shrink).filter(|&s| s > 0.0);
+    if let Some(s) = shrink {
+        stats.insert("shrink".into(), s.into());
+    }
     uc_codec::pack::write_quant_tensor(c, name, role, &qt, Some(stats)).map_err(codec_err(name))?;
     let summary = TensorSummary {
         name: name.to_string(),
@@ -266,6 +277,7 @@ fn quantize_into(
         bpw: spec.bits_per_weight(rows, cols).map_err(codec_err(name))?,
         elements: (rows * cols) as u64,
         rel_err: err,
+        shrink,
     };
     Ok((summary, recon))
 }
@@ -375,7 +387,11 @@ pub fn compress(
                 "damp": opts.gptq.damp,
                 "act_order": opts.gptq.act_order,
                 "refit_rounds": opts.gptq.refit_rounds,
-                "shrink": opts.gptq.shrink,
+                "shrink": if opts.auto_shrink {
+                    serde_json::json!("auto")
+                } else {
+                    serde_json::json!(opts.gptq.shrink)
+                },
             });
             cal["teacher_target"] = opts.teacher_target.into();
             cal["target_damp"] = opts.target_damp.into();
@@ -702,7 +718,11 @@ impl Stream {
         for (stage, (tap, linears)) in STAGES.iter().enumerate() {
             // H = X_s^T X_s and C = X_s^T X_t of this stage's input.
             let cols = paused[0].input.dim(1).map_err(uc_model::ModelError::from)?;
-            let mut h = Gram::new(cols);
+            let mut h = if opts.auto_shrink {
+                Gram::with_spread(cols)
+            } else {
+                Gram::new(cols)
+            };
             let mut cross = keep.then(|| Gram::new(cols));
             for (chunk, st) in paused.iter().enumerate() {
                 debug_assert_eq!(st.tap, *tap);
@@ -715,6 +735,10 @@ impl Stream {
                 };
                 f().map_err(uc_model::ModelError::from)?;
             }
+            let gptq = GptqOptions {
+                shrink: h.shrinkage().unwrap_or(opts.gptq.shrink),
+                ..opts.gptq
+            };
             for &k in *linears {
                 let name = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
                 let weight = &teacher.linears[k].weight;
@@ -735,7 +759,7 @@ impl Stream {
                     &shape,
                     Role::Body,
                     &spec,
-                    Some((&h, opts.gptq)),
+                    Some((&h, gptq)),
                 )?;
                 summary.rel_err = rel_err(&w, &recon);
                 student.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
