@@ -281,15 +281,19 @@ impl Gram {
         Ok(())
     }
 
-    /// Ledoit-Wolf-style shrinkage intensity towards the diagonal, in [0, 1]: the
-    /// estimated variance of the off-diagonal entries of the mean `S = H / M`, relative
-    /// to their energy. The variance comes from the spread between chunks (a few
-    /// windows each) rather than between tokens, so it measures how much the
-    /// cross-channel structure changes from one stretch of text to the next -- tokens
-    /// of one window are far from independent. With chunk means `S_k = H_k / m_k`:
-    /// `Var(S_ij) ~ K/(K-1) sum_k (m_k/M)^2 (S_k,ij - S_ij)^2`, and
-    /// `delta = sum_{i!=j} Var(S_ij) / sum_{i!=j} S_ij^2`. `None` without spread
-    /// statistics, with fewer than two chunks, or without off-diagonal energy.
+    /// Shrinkage intensity towards the diagonal, in [0, 1], estimated on the
+    /// correlation scale (Schafer & Strimmer's target "D": diagonal, unequal variances):
+    /// the estimated variance of the off-diagonal correlations relative to their energy,
+    /// `delta = sum_{i!=j} Var(r_ij) / sum_{i!=j} r_ij^2`. On the covariance scale
+    /// (plain Ledoit-Wolf) the few channels with huge activations own the sums and the
+    /// estimate says "trust everything" (0.00-0.11 on SmolLM2; research log).
+    /// The variance comes from the spread between chunks (a few windows each) rather
+    /// than between tokens, so it measures how much the cross-channel structure changes
+    /// from one stretch of text to the next -- tokens of one window are far from
+    /// independent. With chunk means `S_k = H_k / m_k` and `S = H / M`:
+    /// `Var(S_ij) ~ K/(K-1) sum_k (m_k/M)^2 (S_k,ij - S_ij)^2`, and `r_ij = S_ij /
+    /// sqrt(S_ii S_jj)` (the diagonal taken as known). `None` without spread statistics,
+    /// with fewer than two chunks, or without off-diagonal energy.
     pub fn shrinkage(&self) -> Option<f64> {
         let sp = self.spread.as_ref()?;
         if sp.chunks < 2 {
@@ -299,12 +303,19 @@ impl Gram {
         let k = sp.chunks as f64;
         let (mut var, mut energy) = (0.0, 0.0);
         for i in 0..n {
+            let hii = self.h[i * n + i];
             for j in (0..n).filter(|&j| j != i) {
                 let p = i * n + j;
+                let scale = hii * self.h[j * n + j];
+                if scale <= 0.0 {
+                    continue; // a dead channel has no correlations to trust or shrink
+                }
                 let h = self.h[p];
-                // M^2 sum_k (m_k/M)^2 (S_k - S)^2, expanded into the running sums.
-                var += sp.sq[p] - 2.0 * h * sp.weighted[p] / m + h * h * sp.rows_sq / (m * m);
-                energy += h * h;
+                // M^2 sum_k (m_k/M)^2 (S_k - S)^2, expanded into the running sums, and
+                // M^2 S_ij^2; both over M^2 S_ii S_jj on the correlation scale.
+                var += (sp.sq[p] - 2.0 * h * sp.weighted[p] / m + h * h * sp.rows_sq / (m * m))
+                    / scale;
+                energy += h * h / scale;
             }
         }
         (energy > 0.0).then(|| (k / (k - 1.0) * var / energy).clamp(0.0, 1.0))
@@ -461,6 +472,24 @@ mod tests {
         let mut uneven = stable.clone();
         uneven.push(chunk(17, 1.0, 99));
         assert!(shrink(&uneven) < 0.05);
+        // Loud stable pair (channels 0, 1 x100) beside a quiet flipping pair: on the
+        // covariance scale the loud pair would own the sums (delta ~ 0); on the
+        // correlation scale the quiet pair's chunk-to-chunk flips count as much as the
+        // loud pair's stable coupling: Var(r_34) ~ 1/(K-1) = 0.2 against r_01^2 ~ 1.
+        let mixed: Vec<Tensor> = (0..6u64)
+            .map(|k| {
+                let sign = if k % 2 == 0 { 1.0 } else { -1.0 };
+                let loud = (chunk(256, 1.0, 10 + k) * 100.0).unwrap();
+                let quiet = chunk(256, sign, 50 + k).narrow(1, 0, 2).unwrap();
+                Tensor::cat(&[&loud, &quiet], 1).unwrap()
+            })
+            .collect();
+        let mut g = Gram::with_spread(5);
+        for x in &mixed {
+            g.add(x).unwrap();
+        }
+        let d_mixed = g.shrinkage().unwrap();
+        assert!((0.15..0.3).contains(&d_mixed), "mixed {d_mixed}");
         // One chunk: nothing to estimate from.
         let mut one = Gram::with_spread(3);
         one.add(&stable[0]).unwrap();
