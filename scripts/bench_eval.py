@@ -15,7 +15,10 @@ windows of the SOTU eval split (same protocol as scripts/reference_eval.py) time
 tokens/s = N * seq_len / seconds. Also reports the PPL over those windows as a cross-check.
 
 uc part: `UC eval HF_DIR --sotu DIR --windows N --json` with RAYON_NUM_THREADS=threads; its JSON
-is expected to carry `tokens_per_s` (and ideally `ppl`). If the binary is missing the part is
+is expected to carry `tokens_per_s` (and ideally `ppl`). With `--rounds R` (> 1) the two sides
+alternate R times (transformers, uc, transformers, uc, ...) so that load from other jobs on a
+shared machine falls on both; each side's tokens/s is then total tokens / total timed seconds
+over its rounds, and the JSON lists every round with the `uptime` line before it. If the binary is missing the part is
 skipped and the output says so. Ratio = uc tokens/s / transformers tokens/s (per attention
 implementation, and against the faster one).
 """
@@ -80,6 +83,7 @@ def main():
     ap.add_argument("--uc", default="target/release/uc")
     ap.add_argument("--uc-extra", default="", help="extra arguments for `uc eval`, space-separated")
     ap.add_argument("--from-gguf", help="create --model-dir from this GGUF first if it has no config.json")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate transformers and uc this many times")
     ap.add_argument("--out", default="results/bench_eval.json")
     args = ap.parse_args()
 
@@ -109,40 +113,32 @@ def main():
     model.eval()
     load_s = time.perf_counter() - t0
 
-    runs = {}
-    load_before = os.getloadavg()
-    with torch.no_grad():
-        for impl in [a.strip() for a in args.attn.split(",") if a.strip()]:
-            model.set_attn_implementation(impl)
-            model(input_ids=torch.tensor([used[:L]], dtype=torch.long), use_cache=False)  # warm-up
-            nll = 0.0
-            t0 = time.perf_counter()
-            for w in range(N):
-                x = torch.tensor([used[w * L:(w + 1) * L]], dtype=torch.long)
-                logits = model(input_ids=x, use_cache=False).logits[0, :-1]
-                nll += float(torch.nn.functional.cross_entropy(logits.float(), x[0, 1:], reduction="sum"))
-            s = time.perf_counter() - t0
-            runs[impl] = {"seconds": round(s, 3), "tokens_per_s": round(N * L / s, 2),
-                          "ppl": math.exp(nll / (N * (L - 1)))}
-            print(f"transformers {impl}: {runs[impl]}", file=sys.stderr, flush=True)
+    def uptime():
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
-    result = {
-        "what": "eval forward throughput, fp32 CPU, batch 1, one window per forward",
-        "model_dir": os.path.abspath(args.model_dir),
-        "seq_len": L, "windows": N, "threads": args.threads,
-        "text_sha256": sha256_hex(text.encode("utf-8")),
-        "used_tokens_sha256_u32le": sha256_hex(u32le(used)),
-        "transformers": {"load_seconds": round(load_s, 3), "runs": runs},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "loadavg_before": load_before, "loadavg_after_transformers": os.getloadavg()},
-    }
+    def time_transformers():
+        runs = {}
+        with torch.no_grad():
+            for impl in [a.strip() for a in args.attn.split(",") if a.strip()]:
+                model.set_attn_implementation(impl)
+                model(input_ids=torch.tensor([used[:L]], dtype=torch.long), use_cache=False)  # warm-up
+                nll = 0.0
+                t0 = time.perf_counter()
+                for w in range(N):
+                    x = torch.tensor([used[w * L:(w + 1) * L]], dtype=torch.long)
+                    logits = model(input_ids=x, use_cache=False).logits[0, :-1]
+                    nll += float(torch.nn.functional.cross_entropy(logits.float(), x[0, 1:], reduction="sum"))
+                s = time.perf_counter() - t0
+                runs[impl] = {"seconds": round(s, 3), "tokens_per_s": round(N * L / s, 2),
+                              "ppl": math.exp(nll / (N * (L - 1)))}
+                print(f"transformers {impl}: {runs[impl]}", file=sys.stderr, flush=True)
+        return runs
 
-    uc = {"path": args.uc}
-    if not (os.path.isfile(args.uc) and os.access(args.uc, os.X_OK)):
-        uc["skipped"] = f"uc binary not found at {args.uc}"
-    else:
+    def time_uc():
+        uc = {"path": args.uc}
+        if not (os.path.isfile(args.uc) and os.access(args.uc, os.X_OK)):
+            uc["skipped"] = f"uc binary not found at {args.uc}"
+            return uc
         cmd = [args.uc, "eval", args.model_dir, "--sotu", args.sotu, "--windows", str(N), "--json"]
         if L != 1024:
             cmd += ["--seq-len", str(L)]
@@ -158,19 +154,57 @@ def main():
             uc["skipped"] = "uc eval failed or printed no JSON"
             uc["stderr_tail"] = p.stderr[-2000:]
             uc["stdout_tail"] = p.stdout[-2000:]
+        elif out.get("tokens_per_s") is None:
+            uc["json"] = out
+            uc["skipped"] = "uc JSON has no tokens_per_s"
         else:
             uc["json"] = out
-            tps = out.get("tokens_per_s")
-            if tps is None:
-                uc["skipped"] = "uc JSON has no tokens_per_s"
-            else:
-                uc["tokens_per_s"] = tps
-                result["ratio_uc_over_transformers"] = {k: tps / v["tokens_per_s"] for k, v in runs.items()}
-                result["ratio_uc_over_best_transformers"] = tps / max(v["tokens_per_s"] for v in runs.values())
-            if "ppl" in out and runs:
-                ref = next(iter(runs.values()))["ppl"]
-                uc["ppl_rel_diff_vs_transformers"] = out["ppl"] / ref - 1
+            uc["tokens_per_s"] = out["tokens_per_s"]
+            print(f"uc: {uc['tokens_per_s']:.2f} tok/s", file=sys.stderr, flush=True)
+        return uc
+
+    load_before = os.getloadavg()
+    rounds = []
+    for _ in range(max(1, args.rounds)):
+        rounds.append({"uptime_before_transformers": uptime(), "transformers": time_transformers(),
+                       "uptime_before_uc": uptime(), "uc": time_uc()})
+    # Pool the rounds: total tokens / total timed seconds, per side.
+    runs = {}
+    for impl in rounds[0]["transformers"]:
+        secs = sum(r["transformers"][impl]["seconds"] for r in rounds)
+        runs[impl] = dict(rounds[0]["transformers"][impl], seconds=round(secs, 3),
+                          tokens_per_s=round(len(rounds) * N * L / secs, 2))
+
+    result = {
+        "what": "eval forward throughput, fp32 CPU, batch 1, one window per forward",
+        "model_dir": os.path.abspath(args.model_dir),
+        "seq_len": L, "windows": N, "threads": args.threads, "rounds": len(rounds),
+        "text_sha256": sha256_hex(text.encode("utf-8")),
+        "used_tokens_sha256_u32le": sha256_hex(u32le(used)),
+        "transformers": {"load_seconds": round(load_s, 3), "runs": runs},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_before": load_before, "uptime_after": uptime()},
+    }
+    uc = dict(rounds[-1]["uc"])
+    if all("tokens_per_s" in r["uc"] for r in rounds):
+        secs = sum(N * L / r["uc"]["tokens_per_s"] for r in rounds)
+        tps = len(rounds) * N * L / secs
+        uc["tokens_per_s"] = tps
+        result["ratio_uc_over_transformers"] = {k: tps / v["tokens_per_s"] for k, v in runs.items()}
+        result["ratio_uc_over_best_transformers"] = tps / max(v["tokens_per_s"] for v in runs.values())
+        out = uc["json"]
+        if "ppl" in out and runs:
+            ref = next(iter(runs.values()))["ppl"]
+            uc["ppl_rel_diff_vs_transformers"] = out["ppl"] / ref - 1
     result["uc"] = uc
+    result["per_round"] = [
+        {"uptime_before_transformers": r["uptime_before_transformers"],
+         "transformers_tokens_per_s": {k: v["tokens_per_s"] for k, v in r["transformers"].items()},
+         "uptime_before_uc": r["uptime_before_uc"],
+         "uc_tokens_per_s": r["uc"].get("tokens_per_s")}
+        for r in rounds]
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

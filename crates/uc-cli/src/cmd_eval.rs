@@ -7,7 +7,6 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use uc_eval::corpus::{self, Split};
-use uc_model::llama::Model;
 use uc_model::source::WeightSource;
 use uc_model::tokenizer::Tokenizer;
 
@@ -90,6 +89,36 @@ pub fn open_source(path: &Path) -> Result<Box<dyn WeightSource>> {
         .with_context(|| format!("opening model {}", path.display()))
 }
 
+/// The one forward engine as an evaluation scorer: each window from position 0.
+struct EngineScorer(uc_runtime::Decoder);
+
+impl uc_eval::Scorer for EngineScorer {
+    fn vocab(&self) -> usize {
+        self.0.config().vocab_size
+    }
+    fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, uc_eval::EvalError> {
+        self.0.reset();
+        self.0
+            .forward(ids, uc_runtime::Logits::All)
+            .map_err(|e| uc_eval::EvalError::Forward(e.to_string()))
+    }
+}
+
+/// Loads `path` (checkpoint or pack; a pack is fully verified first) into the engine,
+/// resident, with room for one window.
+fn engine(path: &Path, seq_len: usize) -> Result<EngineScorer> {
+    let loader = uc_runtime::weights::open(path, uc_runtime::Verify::Full)
+        .with_context(|| format!("opening model {}", path.display()))?;
+    let decoder = uc_runtime::Decoder::new(
+        loader,
+        uc_runtime::DecoderOptions {
+            capacity: seq_len,
+            stream_layers: false,
+        },
+    )?;
+    Ok(EngineScorer(decoder))
+}
+
 fn id(path: &Path, src: &dyn WeightSource) -> Result<ModelId> {
     Ok(ModelId {
         path: path.to_path_buf(),
@@ -117,18 +146,22 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let windows = uc_eval::windows(&tokens, a.seq_len, a.windows)?;
 
     let src = open_source(&a.model)?;
-    let model = Model::load(src.as_ref(), a.seq_len)?;
+    let mut model = engine(&a.model, a.seq_len)?;
     let reference_src = a.against.as_deref().map(open_source).transpose()?;
-    let reference = reference_src
+    let mut reference = a
+        .against
         .as_deref()
-        .map(|r| Model::load(r, a.seq_len))
+        .map(|p| engine(p, a.seq_len))
         .transpose()?;
 
     let pb = output::progress(windows.len() as u64, "eval");
     let start = Instant::now();
-    let report = uc_eval::evaluate(&model, reference.as_ref(), &windows, |i| {
-        pb.set_position(i as u64)
-    })?;
+    let report = uc_eval::evaluate(
+        &mut model,
+        reference.as_mut().map(|r| r as &mut dyn uc_eval::Scorer),
+        &windows,
+        |i| pb.set_position(i as u64),
+    )?;
     let seconds = start.elapsed().as_secs_f64();
     pb.finish_and_clear();
 

@@ -49,7 +49,7 @@ pub fn progress(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
-/// Threads rayon (and so candle) will use.
+/// Threads rayon (and so the engine and candle) will use.
 pub fn threads() -> usize {
     rayon::current_num_threads()
 }

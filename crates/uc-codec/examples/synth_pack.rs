@@ -10,20 +10,8 @@ use uc_format::{
 };
 
 fn gaussian(seed: u64, n: usize, sd: f32) -> Vec<f32> {
-    let mut s = seed;
-    let mut next = move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f64 / (1u64 << 24) as f64
-    };
-    (0..n)
-        .map(|_| {
-            ((-2.0 * next().max(1e-12).ln()).sqrt() * (std::f64::consts::TAU * next()).cos()) as f32
-                * sd
-        })
-        .collect()
+    let mut rng = uc_format::SplitMix64(seed);
+    (0..n).map(|_| rng.normal() * sd).collect()
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

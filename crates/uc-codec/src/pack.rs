@@ -25,7 +25,7 @@ use crate::tensor::bf16_to_f32;
 use crate::{CodecError, CodecSpec, Kernel, Overlay, QuantTensor, Reconstructor, Result};
 
 /// The expected entries of a tensor in digest order: (entry name, dtype, shape).
-type EntrySpec = (String, Dtype, Vec<usize>);
+pub type EntrySpec = (String, Dtype, Vec<usize>);
 
 fn mismatch(tensor: &str, reason: String) -> CodecError {
     CodecError::RecordMismatch {
@@ -63,8 +63,11 @@ fn codec_of(rec: &TensorRecord) -> Result<(CodecSpec, usize, usize)> {
     }
 }
 
-/// The entries a record implies, and its exact stored byte count.
-fn expected_entries(rec: &TensorRecord) -> Result<(Vec<EntrySpec>, u64)> {
+/// The entries a record implies, in digest order (dense: the tensor itself; codec:
+/// codebook, scales, codes, then overlay a and b when the rank is > 0), and its exact
+/// stored byte count. The one place that knows a tensor's entry layout: the verifier
+/// and the runtime's loaders (mapped and positioned reads) all locate entries with it.
+pub fn expected_entries(rec: &TensorRecord) -> Result<(Vec<EntrySpec>, u64)> {
     let n = &rec.name;
     match &rec.encoding {
         Encoding::Dense(dt) => {
@@ -97,8 +100,9 @@ fn expected_entries(rec: &TensorRecord) -> Result<(Vec<EntrySpec>, u64)> {
     }
 }
 
-/// Looks up every expected entry of `rec` in `c`, checking dtype and shape.
-fn load_entries<'c>(c: &'c Container, rec: &TensorRecord) -> Result<Vec<EntryRef<'c>>> {
+/// Looks up every expected entry of `rec` in `c` (order of [`expected_entries`]),
+/// checking dtype and shape.
+pub fn load_entries<'c>(c: &'c Container, rec: &TensorRecord) -> Result<Vec<EntryRef<'c>>> {
     let (specs, _) = expected_entries(rec)?;
     specs
         .into_iter()
@@ -118,7 +122,8 @@ fn load_entries<'c>(c: &'c Container, rec: &TensorRecord) -> Result<Vec<EntryRef
         .collect()
 }
 
-fn le_u16(b: &[u8]) -> Vec<u16> {
+/// Little-endian u16 values (bf16 / f16 bits) of `b`; a trailing odd byte is ignored.
+pub fn le_u16(b: &[u8]) -> Vec<u16> {
     b.chunks_exact(2)
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect()
@@ -264,7 +269,8 @@ pub fn write_dense_tensor(
     Ok(rec)
 }
 
-fn dense_to_f32(dtype: DenseDtype, b: &[u8]) -> Vec<f32> {
+/// f32 values of a dense entry's little-endian bytes.
+pub fn dense_to_f32(dtype: DenseDtype, b: &[u8]) -> Vec<f32> {
     match dtype {
         DenseDtype::F32 => le_f32(b),
         DenseDtype::Bf16 => le_u16(b).into_iter().map(bf16_to_f32).collect(),
@@ -294,6 +300,14 @@ fn quant_from_entries(rec: &TensorRecord, parts: &[EntryRef]) -> Result<QuantTen
     };
     qt.validate().map_err(|e| e.named(&rec.name))?;
     Ok(qt)
+}
+
+/// Lower-case hex reconstruction digest of f32 values (SHA-256 over their little-endian
+/// bytes), as `recon_sha256` records it for dense tensors.
+pub fn f32_digest(v: &[f32]) -> String {
+    let mut h = Sha256::new();
+    update_le(&mut h, v);
+    hex::encode(h.finalize())
 }
 
 /// Reads quantized tensor `name`: entries checked against the manifest record (dtype,

@@ -1,16 +1,9 @@
 //! Test data shared by the encoder tests.
 
-/// Deterministic pseudo-random values in [-1, 1) (xorshift64).
+/// Deterministic pseudo-random values in [-1, 1) (the workspace's SplitMix64).
 pub(crate) fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    let mut r = uc_format::SplitMix64(seed);
+    (0..n).map(|_| r.sym()).collect()
 }
 
 /// `tr((a - b) H (a - b)^T)` for `a`, `b` (rows x cols) and `h` (cols x cols): the output

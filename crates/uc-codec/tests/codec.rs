@@ -265,7 +265,7 @@ fn simd_kernels_match_scalar_on_adversarial_inputs() {
         (
             "mixed signs and zero scales",
             Box::new(|r, _| r.normal()),
-            Box::new(|r| [0.0, -0.0, -1.5, 2.0][r.below(4)]),
+            Box::new(|r| [0.0, -0.0, -1.5, 2.0][r.below(4) as usize]),
             Box::new(|r| r.normal() * 1e3),
         ),
         (

@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
+use uc_format::SplitMix64;
 
 /// One calibration source: a genre of text as one token stream (the model's tokenizer,
 /// no BOS).
@@ -107,31 +108,6 @@ pub struct CalibrationRecord {
     pub starts: Vec<usize>,
     /// Caller-supplied provenance (text hash, files).
     pub text: serde_json::Value,
-}
-
-/// SplitMix64: a tiny, fully specified PRNG, so window draws are the same on every
-/// platform and every version of every dependency.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), by rejection so there is no modulo bias.
-    fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
 }
 
 impl Calibration {
@@ -348,7 +324,7 @@ mod tests {
         .1;
         assert_ne!(ra.starts, other.starts);
         // SplitMix64 is specified: the first draw of seed 42 is fixed forever.
-        assert_eq!(SplitMix64(42).next(), 0xBDD7_3226_2FEB_6E95);
+        assert_eq!(SplitMix64(42).next_u64(), 0xBDD7_3226_2FEB_6E95);
     }
 
     fn source(name: &str, tokens: Vec<u32>) -> Source {

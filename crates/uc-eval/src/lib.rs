@@ -3,7 +3,8 @@
 //! Data flow: text files ([`corpus`], with the built-in SOTU split) -> one token
 //! stream (the model's tokenizer, no BOS) -> non-overlapping windows of `seq_len`,
 //! the first `n` ([`windows`]) -> for each window the candidate's and optionally a
-//! reference's logits -> per-position NLL, KL(reference || candidate) over the full
+//! reference's logits, from any [`Scorer`] (the `uc` binary plugs in the one forward
+//! engine, `uc_runtime::Decoder`, for checkpoints and packs alike) -> per-position NLL, KL(reference || candidate) over the full
 //! vocabulary and top-1 agreement ([`metrics`]) -> an [`EvalReport`].
 //!
 //! Identity of what was scored: [`tokens_sha256`] hashes the exact token ids of the
@@ -19,7 +20,15 @@ pub mod corpus;
 pub mod metrics;
 
 use serde::Serialize;
-use uc_model::llama::Model;
+
+/// A model that scores a window: logits for every position of `ids`.
+pub trait Scorer {
+    /// Vocabulary size (columns of the logits).
+    fn vocab(&self) -> usize;
+    /// Logits `(ids.len(), vocab)` row-major, each window scored from position 0 (no
+    /// state carried between calls).
+    fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, EvalError>;
+}
 
 /// Errors of the evaluation protocol.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +75,9 @@ pub enum EvalError {
     /// The model failed.
     #[error(transparent)]
     Model(#[from] uc_model::ModelError),
+    /// The forward engine failed.
+    #[error("forward pass: {0}")]
+    Forward(String),
 }
 
 /// Splits a token stream into the first `n` non-overlapping windows of `seq_len`.
@@ -140,25 +152,25 @@ pub struct Comparison {
 /// Evaluates `model` (and `reference`, when given) on `windows`; `progress` is
 /// called after each window with the number done.
 pub fn evaluate(
-    model: &Model,
-    reference: Option<&Model>,
+    model: &mut dyn Scorer,
+    mut reference: Option<&mut dyn Scorer>,
     windows: &[&[u32]],
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport, EvalError> {
-    let vocab = model.cfg.vocab_size;
-    if let Some(r) = reference {
-        if r.cfg.vocab_size != vocab {
+    let vocab = model.vocab();
+    if let Some(r) = &reference {
+        if r.vocab() != vocab {
             return Err(EvalError::VocabMismatch {
                 model: vocab,
-                reference: r.cfg.vocab_size,
+                reference: r.vocab(),
             });
         }
     }
     let mut totals = metrics::Totals::default();
     for (i, w) in windows.iter().enumerate() {
-        let logits = model.logits_for(w)?;
-        let ref_logits = match reference {
-            Some(r) => Some(r.logits_for(w)?),
+        let logits = model.window_logits(w)?;
+        let ref_logits = match reference.as_deref_mut() {
+            Some(r) => Some(r.window_logits(w)?),
             None => None,
         };
         let per = metrics::window_metrics(&logits, ref_logits.as_deref(), w, vocab);

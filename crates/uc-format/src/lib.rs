@@ -25,6 +25,7 @@ mod error;
 mod hash;
 mod manifest;
 mod pack;
+pub mod rng;
 mod writer;
 
 pub use container::{Container, Entry, EntryRef};
@@ -35,6 +36,7 @@ pub use manifest::{
     SourceFile, SourceInfo, TensorRecord, ToolInfo, FORMAT_VERSION,
 };
 pub use pack::{FileCheck, FilesReport, Finding, Pack};
+pub use rng::SplitMix64;
 pub use safetensors::Dtype;
 pub use writer::{block_container, ContainerBuilder, PackWriter, GLOBALS_CONTAINER};
 

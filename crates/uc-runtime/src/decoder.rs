@@ -13,6 +13,7 @@
 //! - KV cache per layer: `(kv_heads, capacity, head_dim)` for K and for V, so one KV
 //!   head's keys are a contiguous `(positions, head_dim)` matrix (a GEMM operand).
 
+use crate::kernels::attention;
 use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
 use crate::kernels::math;
 use crate::kernels::Isa;
@@ -413,7 +414,8 @@ impl Decoder {
 }
 
 thread_local! {
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Tiles of the flash attention, reused across tasks on this thread.
+    static FLASH: std::cell::RefCell<attention::Scratch> = std::cell::RefCell::new(attention::Scratch::default());
 }
 
 fn op<'a>(w: &'a dyn Linear, bias: Option<&'a [f32]>) -> Op<'a> {
@@ -602,9 +604,9 @@ impl Ctx<'_> {
             });
             return;
         }
-        // Prefill: per (head, block of queries), scores = Q K^T by GEMM over the keys up
-        // to the block's last position, masked softmax per row, context = P V by GEMM
-        // straight into the block's rows and head columns of ctx (n, heads * hd).
+        // Prefill: per (head, block of queries), flash-style attention over key tiles
+        // (kernels::attention; no (queries, keys) score matrix), context written into
+        // the block's rows and head columns of ctx (n, heads * hd).
         let bounds: Vec<usize> = (0..=nh).map(|h| h * hd).collect();
         let tasks: Vec<(usize, usize, ColBlock)> = split_columns(ctx, n, nh * hd, &bounds)
             .into_iter()
@@ -617,29 +619,25 @@ impl Ctx<'_> {
             .collect();
         tasks.into_par_iter().for_each(|(head, t0, mut out)| {
             let g = head / group;
-            let keys = &kc[g * cap * hd..(g + 1) * cap * hd];
-            let vals = &vc[g * cap * hd..(g + 1) * cap * hd];
-            let rows = out.n();
-            let end = self.pos + t0 + rows; // keys 0 .. end
-            let qa = Mat {
-                data: &q[(t0 * nh + head) * hd..],
-                rs: nh * hd,
-                cs: 1,
+            let range = |r: usize| self.key_range(t0 + r);
+            let prob = attention::Problem {
+                rows: out.n(),
+                head_dim: hd,
+                q: Mat {
+                    data: &q[(t0 * nh + head) * hd..],
+                    rs: nh * hd,
+                    cs: 1,
+                },
+                keys: &kc[g * cap * hd..(g + 1) * cap * hd],
+                vals: &vc[g * cap * hd..(g + 1) * cap * hd],
+                scale,
+                range: &range,
             };
-            SCORES.with(|s| {
-                // scores (rows, end), reused across tasks on this thread.
-                let mut s = s.borrow_mut();
-                s.resize(rows * end, 0.0);
-                dense::gemm(rows, end, hd, qa, Mat::rows_t(keys, hd), &mut s, end, false);
-                for (r, row) in s.chunks_exact_mut(end).enumerate() {
-                    let (lo, hi) = self.key_range(t0 + r);
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    let live = &mut row[lo..hi];
-                    live.iter_mut().for_each(|v| *v *= scale);
-                    math::softmax(isa, live);
-                }
-                out.gemm(end, Mat::rows(&s, end), Mat::rows(vals, hd), false);
+            FLASH.with(|sc| {
+                let mut sc = sc.borrow_mut();
+                attention::flash(isa, &prob, &mut sc, &mut |r, ctx| {
+                    out.row_mut(r).copy_from_slice(ctx)
+                });
             });
         });
     }

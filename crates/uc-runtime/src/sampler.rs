@@ -10,15 +10,8 @@ pub struct Rng([u64; 4]);
 impl Rng {
     /// A generator whose whole stream is determined by `seed`.
     pub fn new(seed: u64) -> Self {
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        Rng([next(), next(), next(), next()])
+        let mut s = uc_format::SplitMix64(seed);
+        Rng([s.next_u64(), s.next_u64(), s.next_u64(), s.next_u64()])
     }
 
     /// The next 64 random bits.

@@ -20,8 +20,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use uc_codec::pack::{dense_to_f32, f32_digest, le_u16};
 use uc_codec::{CodecSpec, Kernel, Overlay, QuantTensor, Reconstructor};
-use uc_format::{Container, Dtype, Encoding, Pack};
+use uc_format::{Container, DenseDtype, Encoding, Pack};
 use uc_model::checkpoint::Checkpoint;
 use uc_model::config::{Family, ModelConfig};
 use uc_model::llama::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
@@ -447,8 +448,19 @@ impl PackLoader {
         let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
             .map_err(|e| RuntimeError::bad(name, format!("container header: {e}")))?;
         let data_len = len - 8 - n;
-        // Byte offset of entry `entry` with the dtype and shape the record implies.
-        let locate = |entry: &str, dtype: Dtype, shape: &[usize]| -> Result<u64> {
+        let codec = |e: uc_codec::CodecError| RuntimeError::Codec {
+            tensor: name.into(),
+            source: e,
+        };
+        // The entries the record implies, from uc-codec (the one reader of the layout).
+        let (specs, _) = uc_codec::pack::expected_entries(rec).map_err(codec)?;
+        // Byte offset of the record's entry `k` (order of `expected_entries`), its dtype
+        // and shape checked against the container header.
+        let locate = |k: usize| -> Result<u64> {
+            let (entry, dtype, shape) = specs
+                .get(k)
+                .ok_or_else(|| RuntimeError::bad(name, format!("entry {k} of the record")))?;
+            let (dtype, shape) = (*dtype, shape.as_slice());
             let info = meta.info(entry).ok_or_else(|| {
                 RuntimeError::bad(name, format!("entry {entry:?} missing from {}", rec.file))
             })?;
@@ -485,49 +497,22 @@ impl PackLoader {
         };
         match &rec.encoding {
             Encoding::Dense(dt) => {
-                let base = locate(name, dt.dtype(), &[rows, cols])?;
-                let bytes = read_rows(base, cols * dt.size(), 0)?;
-                let v = dense_values(dt.dtype(), &bytes)
-                    .ok_or_else(|| RuntimeError::bad(name, "dense dtype"))?;
+                let bytes = read_rows(locate(0)?, cols * dt.size(), 0)?;
+                let v = dense_to_f32(*dt, &bytes);
                 Ok(Box::new(DenseLinear::new(name, v, sel.len(), cols)?))
             }
             Encoding::Codec(cr) => {
-                let codec = |e: uc_codec::CodecError| RuntimeError::Codec {
-                    tensor: name.into(),
-                    source: e,
-                };
                 let spec = CodecSpec::from_record(cr).map_err(codec)?;
                 let l = spec.layout(rows, cols).map_err(codec)?;
                 let mut codebook = vec![0u8; l.codebook * 4];
-                file.read_exact_at(
-                    &mut codebook,
-                    locate(&format!("{name}.codebook"), Dtype::F32, &[l.codebook])?,
-                )
-                .map_err(io)?;
-                let sdt = spec.scale_dtype.dtype();
-                let scales = read_rows(
-                    locate(&format!("{name}.scales"), sdt, &[rows, l.n_groups])?,
-                    l.n_groups * l.scale_bytes,
-                    0,
-                )?;
-                let codes = read_rows(
-                    locate(&format!("{name}.codes"), Dtype::U8, &[rows, l.row_bytes])?,
-                    l.row_bytes,
-                    crate::kernels::quant::CODE_PAD,
-                )?;
+                file.read_exact_at(&mut codebook, locate(0)?).map_err(io)?;
+                let scales = read_rows(locate(1)?, l.n_groups * l.scale_bytes, 0)?;
+                let codes = read_rows(locate(2)?, l.row_bytes, crate::kernels::quant::CODE_PAD)?;
                 let r = spec.rank as usize;
                 let overlay = if r > 0 {
-                    let a = read_rows(
-                        locate(&format!("{name}.overlay_a"), Dtype::BF16, &[rows, r])?,
-                        r * 2,
-                        0,
-                    )?;
+                    let a = read_rows(locate(3)?, r * 2, 0)?;
                     let mut b = vec![0u8; r * cols * 2];
-                    file.read_exact_at(
-                        &mut b,
-                        locate(&format!("{name}.overlay_b"), Dtype::BF16, &[r, cols])?,
-                    )
-                    .map_err(io)?;
+                    file.read_exact_at(&mut b, locate(4)?).map_err(io)?;
                     Some(Overlay {
                         rank: r,
                         a: le_u16(&a),
@@ -540,7 +525,7 @@ impl PackLoader {
                     rows: sel.len(),
                     cols,
                     spec,
-                    codebook: dense_values(Dtype::F32, &codebook).unwrap_or_default(),
+                    codebook: dense_to_f32(DenseDtype::F32, &codebook),
                     scales: uc_codec::scales_from_le(&scales, spec.scale_dtype),
                     codes,
                     overlay,
@@ -573,36 +558,6 @@ struct PackReader<'a> {
     check: bool,
 }
 
-fn le_u16(b: &[u8]) -> Vec<u16> {
-    b.chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-        .collect()
-}
-
-fn dense_values(dtype: Dtype, b: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::BF16 => le_u16(b).into_iter().map(uc_codec::bf16_to_f32).collect(),
-        Dtype::F16 => le_u16(b)
-            .into_iter()
-            .map(|x| half::f16::from_bits(x).to_f32())
-            .collect(),
-        _ => return None,
-    })
-}
-
-fn digest_f32(v: &[f32]) -> String {
-    let mut h = sha2::Sha256::new();
-    for chunk in v.chunks(16384) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
-        h.update(&bytes);
-    }
-    hex::encode(h.finalize())
-}
-
 impl PackReader<'_> {
     fn container(&mut self, file: &str) -> Result<&Container> {
         let l = self.loader;
@@ -620,32 +575,6 @@ impl PackReader<'_> {
             self.containers.insert(file.to_string(), c);
         }
         Ok(&self.containers[file])
-    }
-
-    /// Entry `entry` of tensor `tensor`, with the dtype and shape its record implies.
-    fn entry<'c>(
-        c: &'c Container,
-        tensor: &str,
-        entry: &str,
-        dtype: Dtype,
-        shape: &[usize],
-    ) -> Result<&'c [u8]> {
-        let e = c.get(entry).ok_or_else(|| {
-            RuntimeError::bad(
-                tensor,
-                format!("entry {entry:?} missing from {}", c.path().display()),
-            )
-        })?;
-        if e.dtype != dtype || e.shape != shape {
-            return Err(RuntimeError::bad(
-                tensor,
-                format!(
-                    "entry {entry:?} is {:?} {:?}, the manifest implies {dtype:?} {shape:?}",
-                    e.dtype, e.shape
-                ),
-            ));
-        }
-        Ok(e.data)
     }
 
     fn mismatch(&self, tensor: &str, what: &str, found: &str, want: &str) -> RuntimeError {
@@ -702,51 +631,16 @@ impl PackReader<'_> {
         };
         let spec = CodecSpec::from_record(cr).map_err(codec)?;
         let l = spec.layout(rows, cols).map_err(codec)?;
-        let codebook = Self::entry(
-            c,
-            name,
-            &format!("{name}.codebook"),
-            Dtype::F32,
-            &[l.codebook],
-        )?;
-        let scales = Self::entry(
-            c,
-            name,
-            &format!("{name}.scales"),
-            spec.scale_dtype.dtype(),
-            &[rows, l.n_groups],
-        )?;
-        let codes = Self::entry(
-            c,
-            name,
-            &format!("{name}.codes"),
-            Dtype::U8,
-            &[rows, l.row_bytes],
-        )?;
-        let r = spec.rank as usize;
-        let overlay = if r > 0 {
-            let a = Self::entry(
-                c,
-                name,
-                &format!("{name}.overlay_a"),
-                Dtype::BF16,
-                &[rows, r],
-            )?;
-            let b = Self::entry(
-                c,
-                name,
-                &format!("{name}.overlay_b"),
-                Dtype::BF16,
-                &[r, cols],
-            )?;
-            Some(Overlay {
-                rank: r,
-                a: le_u16(a),
-                b: le_u16(b),
-            })
-        } else {
-            None
-        };
+        // Entries located and checked by uc-codec (the one reader of the entry layout):
+        // codebook, scales, codes, then overlay a, b.
+        let parts = uc_codec::pack::load_entries(c, &rec).map_err(codec)?;
+        let part = |i: usize| parts.get(i).map(|e| e.data).unwrap_or_default();
+        let (codebook, scales, codes) = (part(0), part(1), part(2));
+        let overlay = (spec.rank > 0).then(|| Overlay {
+            rank: spec.rank as usize,
+            a: le_u16(part(3)),
+            b: le_u16(part(4)),
+        });
         let picked: Vec<usize> = match select {
             Some(sel) => {
                 if let Some(&bad) = sel.iter().find(|&&i| i >= rows) {
@@ -787,7 +681,7 @@ impl PackReader<'_> {
             rows: if select.is_some() { picked.len() } else { rows },
             cols,
             spec,
-            codebook: dense_values(Dtype::F32, codebook).unwrap_or_default(),
+            codebook: dense_to_f32(DenseDtype::F32, codebook),
             scales: uc_codec::scales_from_le(
                 &gather(scales, l.n_groups, l.scale_bytes, 0),
                 spec.scale_dtype,
@@ -836,14 +730,18 @@ impl PackReader<'_> {
         let Encoding::Dense(dt) = rec.encoding else {
             return Err(RuntimeError::bad(name, "encoding changed"));
         };
-        let data = Self::entry(c, name, name, dt.dtype(), &[rows, cols])?;
+        let parts = uc_codec::pack::load_entries(c, &rec).map_err(|e| RuntimeError::Codec {
+            tensor: name.into(),
+            source: e,
+        })?;
+        let data = parts.first().map(|e| e.data).unwrap_or_default();
         let row = cols * dt.size();
         let mut v = Vec::with_capacity(select.len() * cols);
         for &i in select {
             if i >= rows {
                 return Err(RuntimeError::bad(name, format!("row {i} of {rows}")));
             }
-            v.extend(dense_values(dt.dtype(), &data[i * row..(i + 1) * row]).unwrap_or_default());
+            v.extend(dense_to_f32(dt, &data[i * row..(i + 1) * row]));
         }
         Ok(Box::new(DenseLinear::new(name, v, select.len(), cols)?))
     }
@@ -854,9 +752,12 @@ impl Reader for PackReader<'_> {
         let (rec, c) = self.record(name, shape)?;
         let v = match &rec.encoding {
             Encoding::Dense(dt) => {
-                let data = Self::entry(c, name, name, dt.dtype(), shape)?;
-                dense_values(dt.dtype(), data)
-                    .ok_or_else(|| RuntimeError::bad(name, "unsupported dense dtype"))?
+                let parts =
+                    uc_codec::pack::load_entries(c, &rec).map_err(|e| RuntimeError::Codec {
+                        tensor: name.into(),
+                        source: e,
+                    })?;
+                dense_to_f32(*dt, parts.first().map(|e| e.data).unwrap_or_default())
             }
             Encoding::Codec(_) => {
                 let (rows, cols) = match shape {
@@ -875,7 +776,7 @@ impl Reader for PackReader<'_> {
             }
         };
         if self.check && matches!(rec.encoding, Encoding::Dense(_)) {
-            let d = digest_f32(&v);
+            let d = f32_digest(&v);
             if d != rec.recon_sha256 {
                 return Err(self.mismatch(name, "reconstruction", &d, &rec.recon_sha256));
             }

@@ -9,24 +9,8 @@ use uc_runtime::kernels::quant::{self, QuantRows, CODE_PAD, MATVEC_REL_TOL};
 use uc_runtime::kernels::Isa;
 use uc_runtime::linear::{self, DenseLinear, Linear, Op, PackedLinear};
 
-/// SplitMix64.
-struct Prng(u64);
-
-impl Prng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    fn sym(&mut self) -> f32 {
-        self.unit() * 2.0 - 1.0
-    }
-}
+/// Test data from the workspace's one seeded PRNG.
+use uc_format::SplitMix64 as Prng;
 
 fn random_qt(rng: &mut Prng, rows: usize, cols: usize, spec: CodecSpec) -> QuantTensor {
     let l = spec.layout(rows, cols).unwrap();
@@ -44,7 +28,7 @@ fn random_qt(rng: &mut Prng, rows: usize, cols: usize, spec: CodecSpec) -> Quant
         })
         .collect();
     let idx: Vec<u8> = (0..rows * cols)
-        .map(|_| (rng.next() % l.codebook as u64) as u8)
+        .map(|_| (rng.next_u64() % l.codebook as u64) as u8)
         .collect();
     let codes = pack_codes(&idx, rows, cols, spec.bits.into());
     let r = spec.rank as usize;

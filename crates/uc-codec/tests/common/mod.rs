@@ -1,35 +1,12 @@
-//! Deterministic test data shared by the codec tests (no RNG dependency).
+//! Deterministic test data shared by the codec tests (SplitMix64, no RNG dependency).
 #![allow(dead_code)]
 
 use half::bf16;
 use uc_codec::*;
 use uc_format::*;
 
-/// SplitMix64: tiny, deterministic, good enough for test data.
-pub struct Prng(pub u64);
-
-impl Prng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f32 {
-        let u = (self.unit() as f64).max(1e-12);
-        let v = self.unit() as f64;
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
+/// Test data from the workspace's one seeded PRNG.
+pub use uc_format::SplitMix64 as Prng;
 
 pub fn gaussian(rng: &mut Prng, n: usize, sd: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * sd).collect()
@@ -52,7 +29,7 @@ pub fn random_qt(
     let to_bits = |s: f32| uc_codec::scale_from_f32(s, spec.scale_dtype);
     let scales = (0..l.scales).map(|_| to_bits(scale(rng))).collect();
     let idx: Vec<u8> = (0..rows * cols)
-        .map(|_| rng.below(l.codebook) as u8)
+        .map(|_| rng.below(l.codebook as u64) as u8)
         .collect();
     let codes = pack_codes(&idx, rows, cols, spec.bits.into());
     let r = spec.rank as usize;

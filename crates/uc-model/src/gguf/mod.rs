@@ -24,12 +24,11 @@ use candle_core::Device;
 use meta::{HParams, Meta};
 use names::{map_name, required_names, Target, OUTPUT_HEAD};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 /// Everything that can go wrong importing a GGUF file. No input makes the importer
@@ -197,7 +196,9 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path) -> Result<ImportReport, GgufErro
         path: gguf.to_path_buf(),
         source,
     };
-    let source_sha256 = sha256_file(gguf).map_err(io_err)?;
+    // The workspace's one file-hash helper; its error keeps the io cause as text.
+    let (_, source_sha256) =
+        uc_format::sha256_file(gguf).map_err(|e| io_err(std::io::Error::other(e)))?;
     let mut reader = BufReader::new(File::open(gguf).map_err(io_err)?);
     let content = Content::read(&mut reader).map_err(|e| GgufError::BadGguf {
         path: gguf.to_path_buf(),
@@ -363,18 +364,6 @@ impl safetensors::View for Lazy<'_> {
     }
     fn data_len(&self) -> usize {
         self.plan.target.shape.iter().product::<usize>() * 4
-    }
-}
-
-fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf)? {
-            0 => return Ok(hex::encode(h.finalize())),
-            n => h.update(buf.get(..n).unwrap_or_default()),
-        }
     }
 }
 

@@ -10,10 +10,13 @@
 //! - [`qint`]: the decode mat-vec on int16 lanes (AVX2): codebook and activations
 //!   rounded to 15 bits, byte-shuffle lookups, `vpmaddwd`.
 //! - [`math`]: exp / softmax / SiLU / RMSNorm / rotary.
+//! - [`attention`]: causal attention of a query block, tiled with an online softmax
+//!   (flash-style; no `(queries, keys)` score matrix).
 //!
 //! All the `unsafe` of this crate lives in these modules (SIMD intrinsics, raw GEMM
 //! pointers), each block with a `# Safety` note.
 
+pub mod attention;
 pub mod dense;
 pub mod math;
 pub mod qint;
