@@ -7,6 +7,7 @@ mod cmd_eval;
 mod cmd_import;
 mod cmd_inspect;
 mod cmd_run;
+mod cmd_serve;
 mod cmd_verify;
 mod output;
 
@@ -40,6 +41,7 @@ Examples:
   uc compress assets/smollm2-135m -o packs/smollm2-rtn5 --method rtn --bits 5
   uc verify packs/smollm2-rtn5
   uc eval packs/smollm2-rtn5 --against assets/smollm2-135m --sotu assets/sotu --json
+  uc serve packs/smollm2-rtn5 --port 8080
 
 Exit codes: 0 success, 1 failure, 2 usage error.")]
 struct Cli {
@@ -64,6 +66,8 @@ enum Command {
     Run(cmd_run::RunArgs),
     /// Time to first token, prefill / decode tokens per second, peak memory.
     Bench(cmd_bench::BenchArgs),
+    /// Serve a pack over an OpenAI-compatible HTTP API (chat and text completions).
+    Serve(cmd_serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd_inspect::run(args),
         Command::Run(args) => cmd_run::run(args),
         Command::Bench(args) => cmd_bench::run(args),
+        Command::Serve(args) => cmd_serve::run(args),
         Command::Verify(args) => match cmd_verify::run(args) {
             // A FAIL is reported on stdout; the exit code says it.
             Ok(false) => return ExitCode::from(1),
