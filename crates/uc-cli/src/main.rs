@@ -4,6 +4,7 @@
 mod cmd_bench;
 mod cmd_compress;
 mod cmd_eval;
+mod cmd_export;
 mod cmd_import;
 mod cmd_inspect;
 mod cmd_run;
@@ -66,6 +67,8 @@ enum Command {
     Run(cmd_run::RunArgs),
     /// Time to first token, prefill / decode tokens per second, peak memory.
     Bench(cmd_bench::BenchArgs),
+    /// Write a pack as a dense Hugging Face checkpoint or a GGUF file.
+    Export(cmd_export::ExportArgs),
     /// Serve a pack over an OpenAI-compatible HTTP API (chat and text completions).
     Serve(cmd_serve::ServeArgs),
 }
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Run(args) => cmd_run::run(args),
         Command::Bench(args) => cmd_bench::run(args),
         Command::Serve(args) => cmd_serve::run(args),
+        Command::Export(args) => cmd_export::run(args),
         Command::Verify(args) => match cmd_verify::run(args) {
             // A FAIL is reported on stdout; the exit code says it.
             Ok(false) => return ExitCode::from(1),
