@@ -4,9 +4,11 @@
 mod cmd_bench;
 mod cmd_compress;
 mod cmd_eval;
+mod cmd_export;
 mod cmd_import;
 mod cmd_inspect;
 mod cmd_run;
+mod cmd_serve;
 mod cmd_verify;
 mod output;
 
@@ -40,6 +42,7 @@ Examples:
   uc compress assets/smollm2-135m -o packs/smollm2-rtn5 --method rtn --bits 5
   uc verify packs/smollm2-rtn5
   uc eval packs/smollm2-rtn5 --against assets/smollm2-135m --sotu assets/sotu --json
+  uc serve packs/smollm2-rtn5 --port 8080
 
 Exit codes: 0 success, 1 failure, 2 usage error.")]
 struct Cli {
@@ -64,6 +67,10 @@ enum Command {
     Run(cmd_run::RunArgs),
     /// Time to first token, prefill / decode tokens per second, peak memory.
     Bench(cmd_bench::BenchArgs),
+    /// Write a pack as a dense Hugging Face checkpoint or a GGUF file.
+    Export(cmd_export::ExportArgs),
+    /// Serve a pack over an OpenAI-compatible HTTP API (chat and text completions).
+    Serve(cmd_serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +91,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd_inspect::run(args),
         Command::Run(args) => cmd_run::run(args),
         Command::Bench(args) => cmd_bench::run(args),
+        Command::Serve(args) => cmd_serve::run(args),
+        Command::Export(args) => cmd_export::run(args),
         Command::Verify(args) => match cmd_verify::run(args) {
             // A FAIL is reported on stdout; the exit code says it.
             Ok(false) => return ExitCode::from(1),

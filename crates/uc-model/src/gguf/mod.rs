@@ -16,7 +16,7 @@ mod meta;
 mod names;
 mod tokenizer;
 
-pub use names::{permute_qk_rows, unpermute_qk_rows, Arch};
+pub use names::{gguf_name, permute_qk_rows, unpermute_qk_rows, Arch, QkRows};
 
 use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::GgmlDType;

@@ -180,6 +180,38 @@ pub fn map_name(name: &str, hp: &HParams) -> Option<Target> {
     Some(target(format!("model.layers.{n}.{hf}"), kind, hp))
 }
 
+/// Which llama.cpp row permutation a tensor takes on export ([`permute_qk_rows`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkRows {
+    /// Q: permuted over the attention heads.
+    Q,
+    /// K: permuted over the KV heads.
+    K,
+}
+
+/// The inverse of [`map_name`], from the same tables: the GGUF name of Hugging Face
+/// tensor `hf_name` in an `arch` model, and the row permutation llama.cpp's converter
+/// applies to it (llama Q and K only); `None` if `arch` has no such tensor.
+pub fn gguf_name(hf_name: &str, arch: Arch) -> Option<(String, Option<QkRows>)> {
+    let permute = |kind: Kind| match (arch, kind) {
+        (Arch::Llama, Kind::Q) => Some(QkRows::Q),
+        (Arch::Llama, Kind::K) => Some(QkRows::K),
+        _ => None,
+    };
+    if let Some(&(g, _, kind)) = GLOBAL.iter().find(|(_, h, _)| *h == hf_name) {
+        return Some((g.to_string(), permute(kind)));
+    }
+    let (layer, suffix) = hf_name.strip_prefix("model.layers.")?.split_once('.')?;
+    let n: usize = layer
+        .parse()
+        .ok()
+        .filter(|n: &usize| n.to_string() == layer)?;
+    let &(g, _, kind) = BLOCK
+        .iter()
+        .find(|(_, h, k)| *h == suffix && arch.has(*k))?;
+    Some((format!("blk.{n}.{g}"), permute(kind)))
+}
+
 /// Every GGUF tensor `hp.arch` must have (all but the optional output head).
 pub fn required_names(hp: &HParams) -> Vec<String> {
     let global = GLOBAL
@@ -235,6 +267,44 @@ mod tests {
     fn rows(n: usize, cols: usize) -> Tensor {
         let v: Vec<f32> = (0..n * cols).map(|x| x as f32).collect();
         Tensor::from_vec(v, (n, cols), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn gguf_name_inverts_map_name_for_every_tensor() {
+        for arch in Arch::ALL {
+            let hp = HParams {
+                arch,
+                n_layer: 3,
+                hidden: 8,
+                ffn: 12,
+                n_head: 2,
+                n_head_kv: 1,
+                head_dim: 4,
+                vocab_size: 10,
+                context_length: None,
+                rms_eps: 1e-5,
+                rope_theta: None,
+                rope_scaling: None,
+                special: Default::default(),
+            };
+            for g in required_names(&hp)
+                .into_iter()
+                .chain([OUTPUT_HEAD.to_string()])
+            {
+                let t = map_name(&g, &hp).unwrap();
+                let (back, qk) = gguf_name(&t.hf_name, arch).unwrap();
+                assert_eq!(back, g);
+                assert_eq!(qk.is_some(), t.unpermute_heads.is_some(), "{g}");
+            }
+        }
+        assert_eq!(
+            gguf_name("model.layers.01.mlp.up_proj.weight", Arch::Llama),
+            None
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.q_norm.weight", Arch::Llama),
+            None
+        );
     }
 
     #[test]
