@@ -382,3 +382,39 @@ fn a_calibration_set_without_sources_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("one subdirectory"), "{err}");
 }
+
+#[test]
+fn effort_levels_set_windows_and_refit_rounds_unless_overridden() {
+    let m = model_with_tokenizer("llama");
+    let out = tempfile::tempdir().unwrap();
+    let text = text_file(m.path());
+    let recorded = |name: &str, extra: &[&str]| {
+        let pack = out.path().join(name);
+        let mut args = vec!["compress", m.path().to_str().unwrap(), "-o"];
+        args.push(pack.to_str().unwrap());
+        args.extend(["--calib", text.to_str().unwrap(), "--calib-len", "8"]);
+        args.extend(["--bits", "4", "--group", "32"]);
+        args.extend(extra);
+        let o = uc(&args, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(pack.join("manifest.json")).unwrap()).unwrap();
+        let cal = &manifest["calibration"];
+        (
+            cal["n_seqs"].as_u64().unwrap(),
+            cal["gptq"]["refit_rounds"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(recorded("fast", &["--effort", "fast"]), (16, 0));
+    assert_eq!(recorded("default", &[]), (32, 1));
+    assert_eq!(recorded("max", &["--effort", "max"]), (128, 1));
+    let over = [
+        "--effort",
+        "max",
+        "--calib-seqs",
+        "5",
+        "--refit-rounds",
+        "2",
+    ];
+    assert_eq!(recorded("override", &over), (5, 2));
+}

@@ -581,9 +581,9 @@ mod tests {
             })
             .collect();
         let want = [
-            "0fe31056d9a67fbbd2103bc0ec1dbd81e60dc3d90048a478ca61b2ccd4e45bbf",
-            "c5d9298a4421c3ade459626f7937743eba2d88ea4563882c8c64184ab70e5899",
-            "4f7c408468f9c5d864527aa306208af6fbd8efc3522b0acafc228bff0d7e9a26",
+            "a0459fd1da80d8ac263a0fffd5a8e16b91f12a88ca3ad3f55926ec1cdf6fd3c6",
+            "baabb6fd53d6f4a087aeddaa98d2b0b9cb52ac95b8a1bba2d5b4842fcfe8eed7",
+            "f1aa96a9e52caf82b330925f5b96e841adfbcfd8c7c27ce9e8282a886b1b8292",
         ];
         assert_eq!(got, want);
     }
