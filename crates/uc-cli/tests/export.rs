@@ -11,24 +11,7 @@ use uc_runtime::{weights, Decoder, DecoderOptions, Logits, Verify};
 /// A pack of fixture `name` (rtn) in `dir`/pack.
 fn pack_of(name: &str, dir: &Path) -> PathBuf {
     let m = model_with_tokenizer(name);
-    let pack = dir.join("pack");
-    let out = uc(
-        &[
-            "compress",
-            m.path().to_str().unwrap(),
-            "-o",
-            pack.to_str().unwrap(),
-            "--method",
-            "rtn",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "compress: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    pack
+    rtn_pack(m.path(), dir)
 }
 
 /// Every position's logits of a fixed 24-token input.

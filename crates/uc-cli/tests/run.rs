@@ -17,28 +17,6 @@ fn stdout(out: &std::process::Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
-/// A pack of `model` (rtn, no calibration needed) in `dir`/pack.
-fn pack_of(model: &Path, dir: &Path) -> std::path::PathBuf {
-    let pack = dir.join("pack");
-    let out = uc(
-        &[
-            "compress",
-            model.to_str().unwrap(),
-            "-o",
-            pack.to_str().unwrap(),
-            "--method",
-            "rtn",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "compress: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    pack
-}
-
 fn run(model: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "run",
@@ -85,7 +63,7 @@ fn same_seed_gives_the_same_text_and_another_seed_differs() {
 fn a_pack_runs_and_streamed_layers_print_the_same_text() {
     let m = model_with_tokenizer("llama");
     let tmp = tempfile::tempdir().unwrap();
-    let pack = pack_of(m.path(), tmp.path());
+    let pack = rtn_pack(m.path(), tmp.path());
     let resident = stdout(&run(&pack, &[]));
     let streamed = stdout(&run(&pack, &["--stream-layers"]));
     assert_eq!(resident, streamed);
@@ -97,7 +75,7 @@ fn a_pack_runs_and_streamed_layers_print_the_same_text() {
 fn a_corrupted_pack_refuses_to_run_with_the_verify_message_and_exit_1() {
     let m = model_with_tokenizer("llama");
     let tmp = tempfile::tempdir().unwrap();
-    let pack = pack_of(m.path(), tmp.path());
+    let pack = rtn_pack(m.path(), tmp.path());
     let file = pack.join("tensors/block_0000.safetensors");
     let mut bytes = std::fs::read(&file).unwrap();
     let at = bytes.len() / 2;
@@ -193,7 +171,7 @@ fn bad_input_is_a_clear_error_with_exit_1() {
 fn bench_json_has_one_schema_for_packs_and_checkpoints() {
     let m = model_with_tokenizer("llama");
     let tmp = tempfile::tempdir().unwrap();
-    let pack = pack_of(m.path(), tmp.path());
+    let pack = rtn_pack(m.path(), tmp.path());
     let bench = |dir: &Path, extra: &[&str]| {
         let mut args = vec![
             "bench",

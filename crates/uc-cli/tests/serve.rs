@@ -40,24 +40,7 @@ fn pack(dir: &Path) -> PathBuf {
         json!({"chat_template": TEMPLATE}).to_string(),
     )
     .unwrap();
-    let pack = dir.join("pack");
-    let out = uc(
-        &[
-            "compress",
-            m.path().to_str().unwrap(),
-            "-o",
-            pack.to_str().unwrap(),
-            "--method",
-            "rtn",
-        ],
-        &[],
-    );
-    assert!(
-        out.status.success(),
-        "compress: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    pack
+    rtn_pack(m.path(), dir)
 }
 
 /// A running `uc serve`; killed on drop.

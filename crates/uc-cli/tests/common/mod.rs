@@ -66,3 +66,16 @@ pub fn json_of(out: &Output) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// An RTN pack (no calibration needed) of the checkpoint `model`, written to `dir`/pack.
+pub fn rtn_pack(model: &Path, dir: &Path) -> PathBuf {
+    let pack = dir.join("pack");
+    let (m, p) = (model.to_str().unwrap(), pack.to_str().unwrap());
+    let out = uc(&["compress", m, "-o", p, "--method", "rtn"], &[]);
+    assert!(
+        out.status.success(),
+        "compress: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pack
+}
