@@ -400,18 +400,12 @@ mod tests {
     }
 
     /// Rows `(rows, 3)`: channel 0 noise, channel 1 = `c` x channel 0 (+ a little of its
-    /// own noise), channel 2 independent noise; xorshift, seeded.
+    /// own noise), channel 2 independent noise; the workspace's seeded PRNG.
     fn chunk(rows: usize, c: f32, seed: u64) -> Tensor {
-        let mut s = seed | 1;
-        let mut r = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        };
+        let mut r = SplitMix64(seed);
         let v: Vec<f32> = (0..rows)
             .flat_map(|_| {
-                let (a, b, e) = (r(), r(), r());
+                let (a, b, e) = (r.sym(), r.sym(), r.sym());
                 [a, c * a + 0.1 * b, e]
             })
             .collect();
