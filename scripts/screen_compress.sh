@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 name=$1; windows=$2; shift 2
-UC=target/release/uc
+UC=${UC:-target/release/uc}
 pack=packs/screens/$name
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
