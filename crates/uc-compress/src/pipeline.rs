@@ -719,6 +719,7 @@ impl Stream {
         let st = &self.stager;
         let len = CHUNK * st.seq_len() * loader.config().hidden_size;
         let keep = opts.teacher_target;
+        let total = self.student.len();
         // Paused forwards per chunk, at the previous stage's tap (both start at the first).
         let mut teach: Vec<Option<Paused>> = Vec::new();
         for x in chunks_of(std::mem::take(&mut self.teacher), len) {
@@ -728,7 +729,7 @@ impl Stream {
         for x in chunks_of(std::mem::take(&mut self.student), len) {
             stud.push(Some(st.begin(&student, x)?));
         }
-        let mut next_teacher = Vec::new();
+        let mut next_teacher = Vec::with_capacity(total);
         let p = block_prefix(layer);
         let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
         for (stage, tap) in Tap::ALL.into_iter().enumerate() {
@@ -761,6 +762,12 @@ impl Stream {
                     cross
                         .get_or_insert_with(|| Gram::new(cols))
                         .add_cross(s.input(), t.input());
+                }
+                let (mut t, mut s) = (t, s);
+                if matches!(tap, Tap::Attention | Tap::Mlp) {
+                    // Inputs that are the normed stream: recomputed when resumed.
+                    t.compact();
+                    s.compact();
                 }
                 if tap == Tap::MlpDown {
                     // The teacher's last tap is read: finish its forward now.
@@ -799,7 +806,7 @@ impl Stream {
             }
         }
         // Past the last stage, now quantized: the student's block output.
-        let mut next_student = Vec::with_capacity(next_teacher.len());
+        let mut next_student = Vec::with_capacity(total);
         for s in stud.iter_mut() {
             if let Some(s) = s.take() {
                 next_student.extend(st.finish(&student, s));

@@ -84,9 +84,19 @@ impl Paused {
         self.tap
     }
 
-    /// Their input, `(rows, cols)` row-major.
+    /// Their input, `(rows, cols)` row-major; empty after [`Paused::compact`].
     pub fn input(&self) -> &[f32] {
         &self.input
+    }
+
+    /// Drops the tap's input, keeping only the residual stream: [`Stager::resume`]
+    /// recomputes the input from it with the weights it is given (the normed stream at
+    /// [`Tap::Attention`] and [`Tap::Mlp`]; q/k/v and attention at
+    /// [`Tap::AttentionOutput`], whose residual is still the block input; gate/up at
+    /// [`Tap::MlpDown`]) -- the same bits when those weights are the ones that produced
+    /// it. For holding many paused forwards between stages in less memory.
+    pub fn compact(&mut self) {
+        self.input = Vec::new();
     }
 
     /// Rows of the input: tokens of all windows.
@@ -222,8 +232,11 @@ impl Stager {
             seqs,
             rows,
             mut resid,
-            input,
+            mut input,
         } = p;
+        if input.is_empty() {
+            input = self.recompute(b, tap, seqs, &resid);
+        }
         let paused = |tap, resid, input| {
             Step::Paused(Paused {
                 tap,
@@ -281,6 +294,41 @@ impl Stager {
                 resid.iter_mut().zip(&o).for_each(|(x, d)| *x += d);
                 Step::Done(resid)
             }
+        }
+    }
+
+    /// The input of `tap` from the residual `resid` of a paused forward (see
+    /// [`Paused::compact`]).
+    fn recompute(&self, b: &BlockWeights, tap: Tap, seqs: usize, resid: &[f32]) -> Vec<f32> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let norm = |w: &[f32]| {
+            let mut xn = vec![0f32; resid.len()];
+            math::rms_norm(resid, w, eps, &mut xn);
+            xn
+        };
+        let (rows, input_norm, mlp_norm) = (
+            resid.len() / self.cfg.hidden_size,
+            &b.input_norm,
+            &b.post_attn_norm,
+        );
+        let at = |tap, input| Paused {
+            tap,
+            seqs,
+            rows,
+            resid: resid.to_vec(),
+            input,
+        };
+        let step = match tap {
+            Tap::Attention => return norm(input_norm),
+            Tap::Mlp => return norm(mlp_norm),
+            // The residual is the block input: from the attention's input on.
+            Tap::AttentionOutput => self.resume_in_pool(b, at(Tap::Attention, norm(input_norm))),
+            // The residual is the post-attention stream: from gate/up's input on.
+            Tap::MlpDown => self.resume_in_pool(b, at(Tap::Mlp, norm(mlp_norm))),
+        };
+        match step {
+            Step::Paused(p) => p.input,
+            Step::Done(_) => unreachable!("a tap before the block output"),
         }
     }
 

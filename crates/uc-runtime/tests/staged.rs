@@ -112,8 +112,14 @@ fn a_paused_forward_resumed_with_changed_weights_is_the_changed_blocks_forward()
         }
         assert_eq!(p.rows(), seqs * n);
         assert_eq!(p.seqs(), seqs);
+        // Compacted (input dropped, recomputed on resume by the weights that made it).
+        let mut c = p.clone();
+        c.compact();
+        assert!(c.input().is_empty());
         let got = st.finish(&changed, p);
         assert_eq!(got, st.forward(&changed, x.clone()).unwrap(), "{tap:?}");
+        // `changed` keeps the linears before `tap`, which recompute the input.
+        assert_eq!(got, st.finish(&changed, c), "{tap:?} compacted");
         assert_ne!(got, st.forward(&block, x.clone()).unwrap(), "{tap:?}");
     }
 }
