@@ -148,7 +148,28 @@ fn effort(level: &str) -> (usize, usize) {
 /// Budget when neither --bits nor --bpw is given.
 const DEFAULT_BPW: f64 = 5.0;
 
+/// mimalloc's `mi_option_purge_delay` (see main.rs; the crate does not name it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Memory freed for longer than this many milliseconds goes back to the OS.
+const PURGE_DELAY_MS: std::os::raw::c_long = 100;
+
+/// Lets compress return freed memory to the OS (`uc` keeps it by default, which suits
+/// eval's large transient buffers): tokenization, the embedding table read for the
+/// calibration windows and each block's paused forwards are transient, and peak RSS is
+/// a target of the compressor (docs/architecture.md). Buffers reused within a block
+/// stay mapped (the delay); ordinary 4 KiB pages so that freed ranges can be returned.
+fn compress_allocator() {
+    // SAFETY: mi_option_set only stores an integer in mimalloc's option table; both
+    // options are documented as settable at run time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);
+        libmimalloc_sys::mi_option_set(libmimalloc_sys::mi_option_large_os_pages, 0);
+    }
+}
+
 pub fn run(a: CompressArgs) -> Result<()> {
+    compress_allocator();
     let start = std::time::Instant::now();
     let bits = a.bits.unwrap_or(5);
     let suffix = match a.scales.as_str() {

@@ -1,8 +1,9 @@
 //! Calibration windows and the activation statistics gathered from them.
 
-use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde::Serialize;
 use uc_format::SplitMix64;
+use uc_runtime::kernels::dense::{gemm, Mat};
 
 /// One calibration source: a genre of text as one token stream (the model's tokenizer,
 /// no BOS).
@@ -112,8 +113,9 @@ pub struct CalibrationRecord {
 
 impl Calibration {
     /// Draws the windows: window `i` from source `i mod k`, its start uniform over that
-    /// source. Returns the ids `(n_seqs, seq_len)` and the record for the manifest.
-    pub fn windows(&self) -> Result<(Tensor, CalibrationRecord), String> {
+    /// source. Returns the ids `(n_seqs, seq_len)` row-major (window `i` is
+    /// `ids[i * seq_len .. (i + 1) * seq_len]`) and the record for the manifest.
+    pub fn windows(&self) -> Result<(Vec<u32>, CalibrationRecord), String> {
         let (n, l) = (self.n_seqs, self.seq_len);
         if n == 0 || l < 2 {
             return Err(format!(
@@ -143,10 +145,9 @@ impl Calibration {
         for (&src, &s) in window_sources.iter().zip(&starts) {
             ids.extend_from_slice(&self.sources[src].tokens[s..s + l]);
         }
-        let t = Tensor::from_vec(ids, (n, l), &Device::Cpu).map_err(|e| e.to_string())?;
         let multi = k > 1;
         Ok((
-            t,
+            ids,
             CalibrationRecord {
                 n_tokens: self.sources.iter().map(|s| s.tokens.len()).sum(),
                 sources: if multi {
@@ -223,19 +224,26 @@ impl Gram {
         }
     }
 
-    /// Adds `x^T x` for `x` of shape `(rows, cols)`; the product is one f32 matmul per
-    /// chunk (summing at most a few thousand rows), accumulated across chunks in f64.
-    pub fn add(&mut self, x: &Tensor) -> candle_core::Result<()> {
-        self.add_cross(x, x)
+    /// Adds `x^T x` for `x` of shape `(rows, cols)` row-major: one chunk of
+    /// [`Gram::shrinkage`]. The product is f32 GEMMs over the chunk's rows (a few
+    /// thousand), accumulated across chunks in f64. Only the tiles on and below the
+    /// diagonal are computed and mirrored, so `h` is exactly symmetric.
+    pub fn add(&mut self, x: &[f32]) {
+        let v = product(x, x, self.cols, true);
+        self.accumulate(v, x.len() / self.cols.max(1));
     }
 
-    /// Adds `a^T b` for `a`, `b` of shape `(rows, cols)` (the cross statistics of two
-    /// inputs seen on the same rows), like [`Gram::add`]. Each call is one chunk of
-    /// [`Gram::shrinkage`].
-    pub fn add_cross(&mut self, a: &Tensor, b: &Tensor) -> candle_core::Result<()> {
-        let atb = a.t()?.matmul(b)?.to_dtype(DType::F32)?;
-        let v = atb.flatten_all()?.to_vec1::<f32>()?;
-        let m = a.dim(0)? as f64;
+    /// Adds `a^T b` for `a`, `b` of shape `(rows, cols)` row-major (the cross statistics
+    /// of two inputs seen on the same rows), like [`Gram::add`].
+    pub fn add_cross(&mut self, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "add_cross: operands of different shapes");
+        let v = product(a, b, self.cols, false);
+        self.accumulate(v, a.len() / self.cols.max(1));
+    }
+
+    /// Adds one chunk's product `v (cols, cols)` over `rows` rows.
+    fn accumulate(&mut self, v: Vec<f32>, rows: usize) {
+        let m = rows as f64;
         match self.spread.as_mut() {
             None => {
                 for (a, b) in self.h.iter_mut().zip(v) {
@@ -254,7 +262,6 @@ impl Gram {
                 sp.chunks += 1;
             }
         }
-        Ok(())
     }
 
     /// Shrinkage intensity towards the diagonal, in [0, 1], estimated on the
@@ -298,6 +305,73 @@ impl Gram {
     }
 }
 
+/// Columns per tile of [`product`].
+const TILE: usize = 128;
+
+/// `a^T b (cols, cols)` row-major in f32 for `a`, `b` of shape `(rows, cols)` row-major:
+/// one single-threaded GEMM per (column tile of `a`, column tile of `b`), tiles in
+/// parallel (so the bits do not depend on the thread count). With `sym` (`a == b`),
+/// only the tiles on and below the diagonal are computed and the lower triangle is
+/// mirrored into the upper one.
+fn product(a: &[f32], b: &[f32], cols: usize, sym: bool) -> Vec<f32> {
+    assert!(
+        cols > 0 && a.len().is_multiple_of(cols),
+        "Gram: input is not (rows, {cols})"
+    );
+    let rows = a.len() / cols;
+    let tiles: Vec<usize> = (0..cols).step_by(TILE).collect();
+    let pairs: Vec<(usize, usize)> = tiles
+        .iter()
+        .flat_map(|&i| {
+            tiles
+                .iter()
+                .filter(move |&&j| !sym || j <= i)
+                .map(move |&j| (i, j))
+        })
+        .collect();
+    let blocks: Vec<Vec<f32>> = pairs
+        .par_iter()
+        .map(|&(i, j)| {
+            let (mi, nj) = (TILE.min(cols - i), TILE.min(cols - j));
+            let mut out = vec![0f32; mi * nj];
+            if rows > 0 {
+                // out (mi, nj) = A[:, i..]^T (mi, rows) . B[:, j..] (rows, nj)
+                let lhs = Mat {
+                    data: &a[i..],
+                    rs: 1,
+                    cs: cols,
+                };
+                gemm(
+                    mi,
+                    nj,
+                    rows,
+                    lhs,
+                    Mat::rows(&b[j..], cols),
+                    &mut out,
+                    nj,
+                    false,
+                );
+            }
+            out
+        })
+        .collect();
+    let mut v = vec![0f32; cols * cols];
+    for (&(i, j), blk) in pairs.iter().zip(&blocks) {
+        let nj = TILE.min(cols - j);
+        for (r, row) in blk.chunks_exact(nj).enumerate() {
+            v[(i + r) * cols + j..(i + r) * cols + j + nj].copy_from_slice(row);
+        }
+    }
+    if sym {
+        for r in 0..cols {
+            for c in r + 1..cols {
+                v[r * cols + c] = v[c * cols + r];
+            }
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,7 +388,8 @@ mod tests {
         let (a, ra) = c.windows().unwrap();
         let (b, rb) = c.windows().unwrap();
         assert_eq!(ra.starts, rb.starts);
-        assert_eq!(a.to_vec2::<u32>().unwrap(), b.to_vec2::<u32>().unwrap());
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 5 * 10);
         let other = Calibration {
             seed: 43,
             ..c.clone()
@@ -351,7 +426,7 @@ mod tests {
         assert_eq!(rec.window_sources, vec![0, 1, 0, 1, 0, 1]);
         assert_eq!(rec.n_tokens, 5050);
         assert_eq!(rec.sources[1].n_tokens, 5000);
-        for (i, row) in ids.to_vec2::<u32>().unwrap().iter().enumerate() {
+        for (i, row) in ids.chunks(10).enumerate() {
             let from_a = row[0] < 1000;
             assert_eq!(from_a, i % 2 == 0, "window {i}: {row:?}");
             assert!(
@@ -401,25 +476,24 @@ mod tests {
 
     /// Rows `(rows, 3)`: channel 0 noise, channel 1 = `c` x channel 0 (+ a little of its
     /// own noise), channel 2 independent noise; the workspace's seeded PRNG.
-    fn chunk(rows: usize, c: f32, seed: u64) -> Tensor {
+    fn chunk(rows: usize, c: f32, seed: u64) -> Vec<f32> {
         let mut r = SplitMix64(seed);
-        let v: Vec<f32> = (0..rows)
+        (0..rows)
             .flat_map(|_| {
                 let (a, b, e) = (r.sym(), r.sym(), r.sym());
                 [a, c * a + 0.1 * b, e]
             })
-            .collect();
-        Tensor::from_vec(v, (rows, 3), &Device::Cpu).unwrap()
+            .collect()
     }
 
     #[test]
     fn shrinkage_is_small_for_stable_structure_and_large_for_noise() {
-        let shrink = |chunks: &[Tensor]| {
+        let shrink = |chunks: &[Vec<f32>]| {
             let mut g = Gram::with_spread(3);
             let mut plain = Gram::new(3);
             for x in chunks {
-                g.add(x).unwrap();
-                plain.add(x).unwrap();
+                g.add(x);
+                plain.add(x);
             }
             assert_eq!(g.h, plain.h, "the spread does not change H");
             g.shrinkage().unwrap()
@@ -428,11 +502,11 @@ mod tests {
         let same = vec![chunk(64, 1.0, 3); 4];
         assert_eq!(shrink(&same), 0.0);
         // Channels 0 and 1 coupled the same way in every chunk: the structure is real.
-        let stable: Vec<Tensor> = (0..6).map(|k| chunk(256, 1.0, 10 + k)).collect();
+        let stable: Vec<Vec<f32>> = (0..6).map(|k| chunk(256, 1.0, 10 + k)).collect();
         let d_stable = shrink(&stable);
         // The coupling flips sign from chunk to chunk: the mean off-diagonal entries
         // are noise, to be shrunk away.
-        let flipping: Vec<Tensor> = (0..6)
+        let flipping: Vec<Vec<f32>> = (0..6)
             .map(|k| chunk(256, if k % 2 == 0 { 1.0 } else { -1.0 }, 10 + k))
             .collect();
         let d_flip = shrink(&flipping);
@@ -446,24 +520,56 @@ mod tests {
         // covariance scale the loud pair would own the sums (delta ~ 0); on the
         // correlation scale the quiet pair's chunk-to-chunk flips count as much as the
         // loud pair's stable coupling: Var(r_34) ~ 1/(K-1) = 0.2 against r_01^2 ~ 1.
-        let mixed: Vec<Tensor> = (0..6u64)
+        let mixed: Vec<Vec<f32>> = (0..6u64)
             .map(|k| {
                 let sign = if k % 2 == 0 { 1.0 } else { -1.0 };
-                let loud = (chunk(256, 1.0, 10 + k) * 100.0).unwrap();
-                let quiet = chunk(256, sign, 50 + k).narrow(1, 0, 2).unwrap();
-                Tensor::cat(&[&loud, &quiet], 1).unwrap()
+                let loud = chunk(256, 1.0, 10 + k);
+                let quiet = chunk(256, sign, 50 + k);
+                // rows: the loud triple x100, then the quiet pair's first two channels
+                loud.chunks(3)
+                    .zip(quiet.chunks(3))
+                    .flat_map(|(l, q)| [l[0] * 100.0, l[1] * 100.0, l[2] * 100.0, q[0], q[1]])
+                    .collect()
             })
             .collect();
         let mut g = Gram::with_spread(5);
         for x in &mixed {
-            g.add(x).unwrap();
+            g.add(x);
         }
         let d_mixed = g.shrinkage().unwrap();
         assert!((0.15..0.3).contains(&d_mixed), "mixed {d_mixed}");
         // One chunk: nothing to estimate from.
         let mut one = Gram::with_spread(3);
-        one.add(&stable[0]).unwrap();
+        one.add(&stable[0]);
         assert_eq!(one.shrinkage(), None);
         assert_eq!(Gram::new(3).shrinkage(), None);
+    }
+
+    /// The tiled products against a plain f64 reference: every tile shape (a ragged last
+    /// tile), the mirrored triangle, and the cross product's asymmetry.
+    #[test]
+    fn tiled_products_match_a_plain_reference() {
+        let (rows, cols) = (37, 300);
+        let mut r = SplitMix64(5);
+        let a: Vec<f32> = (0..rows * cols).map(|_| r.sym()).collect();
+        let b: Vec<f32> = (0..rows * cols).map(|_| r.sym()).collect();
+        let reference = |x: &[f32], y: &[f32], i: usize, j: usize| -> f64 {
+            (0..rows)
+                .map(|t| f64::from(x[t * cols + i]) * f64::from(y[t * cols + j]))
+                .sum()
+        };
+        let mut g = Gram::new(cols);
+        g.add(&a);
+        let mut c = Gram::new(cols);
+        c.add_cross(&a, &b);
+        for i in 0..cols {
+            for j in 0..cols {
+                let p = i * cols + j;
+                assert_eq!(g.h[p], g.h[j * cols + i], "H exactly symmetric");
+                assert!((g.h[p] - reference(&a, &a, i, j)).abs() < 1e-4, "H {i} {j}");
+                assert!((c.h[p] - reference(&a, &b, i, j)).abs() < 1e-4, "C {i} {j}");
+            }
+        }
+        assert_ne!(c.h[1], c.h[cols]);
     }
 }

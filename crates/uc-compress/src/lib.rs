@@ -4,9 +4,12 @@
 //! transformer block, its tensors are read, encoded ([`Method`]) and written as one
 //! container through [`uc_format::PackWriter`] (temp file + rename, journal) -> the
 //! globals container (embedding, head, final norm) -> `manifest.json`. Only one block's
-//! source weights are resident at a time. An interrupted run resumes from the journal:
-//! completed containers (re-hashed) are kept, the rest recomputed, and since encoding is
-//! deterministic the final pack is byte-identical to an uninterrupted run's.
+//! source weights are resident at a time. Calibrated runs take their activation
+//! statistics from the runtime's engine: [`uc_runtime::staged::Stager`] runs each block
+//! on the calibration windows (plain `Vec<f32>` activations), paused at every linear's
+//! input. An interrupted run resumes from the journal: completed containers (re-hashed)
+//! are kept, the rest recomputed, and since encoding is deterministic the final pack is
+//! byte-identical to an uninterrupted run's.
 #![deny(missing_docs)]
 
 pub mod alloc;
@@ -27,6 +30,9 @@ pub enum CompressError {
     /// The source checkpoint could not be read.
     #[error(transparent)]
     Model(#[from] uc_model::ModelError),
+    /// The forward engine (block loading, the staged forward) failed.
+    #[error(transparent)]
+    Runtime(#[from] uc_runtime::RuntimeError),
     /// Encoding a tensor failed (non-finite weights, bad settings).
     #[error("tensor {tensor}: {source}")]
     Codec {

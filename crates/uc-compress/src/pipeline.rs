@@ -3,7 +3,6 @@
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Gram};
 use crate::{CompressError, Result};
-use candle_core::Tensor;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,11 +13,11 @@ use uc_format::{
     SourceInfo, GLOBALS_CONTAINER,
 };
 use uc_model::checkpoint::Checkpoint;
-use uc_model::llama::{
-    block_prefix, Block, Globals, RotaryTables, Step, Tap, BLOCK_LINEARS, EMBED, FINAL_NORM,
-    LM_HEAD,
-};
+use uc_model::names::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
 use uc_model::source::WeightSource;
+use uc_runtime::linear::{DenseLinear, Linear};
+use uc_runtime::staged::{Paused, Stager, Step, Tap};
+use uc_runtime::weights::{BlockWeights, CheckpointLoader, WeightLoader};
 
 /// How linear weights are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -345,9 +344,10 @@ pub fn compress(
     let mut sensitivity = Vec::new();
     let mut probe_seconds = 0.0;
     let mut specs: HashMap<String, CodecSpec> = HashMap::new();
-    if let (Some(budget), Some((ids, _))) = (opts.budget_bpw, &windows) {
+    let loader = CheckpointLoader::open(src)?;
+    if let (Some(budget), Some((ids, record))) = (opts.budget_bpw, &windows) {
         let t = Instant::now();
-        sensitivity = probe(&ck, ids, &opts.body, progress)?;
+        sensitivity = probe(&ck, &loader, ids, record.seq_len, &opts.body, progress)?;
         probe_seconds = t.elapsed().as_secs_f64();
         let candidates: Vec<CodecSpec> = BUDGET_BITS
             .iter()
@@ -400,9 +400,10 @@ pub fn compress(
     }
     let spec_of = |name: &str| *specs.get(name).unwrap_or(&opts.body);
     let mut stream = match (opts.method, &windows) {
-        (Method::Gptq, Some((ids, _))) => Some(Stream::new(&ck, ids)?),
+        (Method::Gptq, Some((ids, record))) => Some(Stream::new(&ck, ids, record.seq_len)?),
         _ => None,
     };
+    drop(windows);
 
     let mut tensors = Vec::new();
     let mut blocks = Vec::new();
@@ -427,7 +428,7 @@ pub fn compress(
             Some(st) => {
                 // A resumed block is recomputed (deterministically: the same codes) so
                 // the quantized stream can be carried forward; its file is kept.
-                let (ts, mse) = st.block(&ck, layer, &mut c, opts, &spec_of)?;
+                let (ts, mse) = st.block(&loader, layer, &mut c, opts, &spec_of)?;
                 let bits: f64 = ts.iter().map(|t| t.bpw * t.elements as f64).sum();
                 let elements: u64 = ts.iter().map(|t| t.elements).sum();
                 if !complete {
@@ -469,6 +470,7 @@ pub fn compress(
         });
     }
 
+    drop(stream); // the streams' memory, before the embedding is read and encoded
     if !done(&writer, GLOBALS_CONTAINER) {
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
         tensors.push(quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
@@ -503,25 +505,68 @@ pub fn compress(
     })
 }
 
+/// The embedding rows of `ids`, `(ids.len(), hidden)` row-major (the teacher's: the
+/// embedding's own quantization error is measured by evaluation, not fed into blocks).
+fn embed(ck: &Checkpoint, ids: &[u32]) -> Result<Vec<f32>> {
+    let cfg = ck.config();
+    let (vocab, h) = (cfg.vocab_size, cfg.hidden_size);
+    let (table, shape) = ck.tensor_f32(EMBED)?;
+    if shape != [vocab, h] {
+        return Err(uc_model::ModelError::ShapeMismatch {
+            name: EMBED.into(),
+            found: shape,
+            expected: vec![vocab, h],
+        }
+        .into());
+    }
+    let mut x = Vec::with_capacity(ids.len() * h);
+    for (position, &id) in ids.iter().enumerate() {
+        let row = table.get(id as usize * h..(id as usize + 1) * h).ok_or(
+            uc_model::ModelError::TokenOutOfRange {
+                id,
+                position,
+                vocab,
+            },
+        )?;
+        x.extend_from_slice(row);
+    }
+    Ok(x)
+}
+
+/// Linear `k` of `b` as f32 `(rows, cols)`.
+fn weight_of(b: &BlockWeights, k: usize) -> (Vec<f32>, usize, usize) {
+    let w = &b.linears[k];
+    let mut buf = Vec::new();
+    let v = w
+        .weight_f32(uc_runtime::kernels::Isa::Scalar, &mut buf)
+        .to_vec();
+    (v, w.rows(), w.cols())
+}
+
+/// `recon (rows, cols)` as a linear to swap into a block.
+fn dense(name: &str, recon: Vec<f32>, rows: usize, cols: usize) -> Result<Box<dyn Linear>> {
+    Ok(Box::new(DenseLinear::new(name, recon, rows, cols)?))
+}
+
 /// The sensitivity probe: on the teacher stream of the first [`PROBE_SEQS`] calibration
-/// windows, block by block, the per-channel relative MSE ([`channel_rel_mse`]) that
-/// round-to-nearest at [`PROBE_BITS`] bits (group and scale dtype of `body`) of each
-/// linear alone adds to the block output. One block's weights resident at a time, like
-/// the main pass.
+/// windows (`ids`: `(n_seqs, seq_len)` row-major), block by block, the per-channel
+/// relative MSE ([`channel_rel_mse`]) that round-to-nearest at [`PROBE_BITS`] bits
+/// (group and scale dtype of `body`) of each linear alone adds to the block output. One
+/// block's weights resident at a time, like the main pass.
 fn probe(
     ck: &Checkpoint,
-    ids: &Tensor,
+    loader: &CheckpointLoader,
+    ids: &[u32],
+    seq_len: usize,
     body: &CodecSpec,
     progress: &mut dyn FnMut(Event),
 ) -> Result<Vec<Sensitivity>> {
     let cfg = ck.config();
-    let n = ids.dim(0).map_err(uc_model::ModelError::from)?;
-    let sub = ids
-        .narrow(0, 0, PROBE_SEQS.min(n))
-        .map_err(uc_model::ModelError::from)?;
-    let seq = sub.dim(1).map_err(uc_model::ModelError::from)?;
-    let rope = RotaryTables::new(&cfg.rope, cfg.head_dim, seq)?;
-    let mut x = Globals::load(ck)?.embed(&sub)?;
+    let h = cfg.hidden_size;
+    let n = (ids.len() / seq_len).min(PROBE_SEQS);
+    let stager = Stager::new(cfg, seq_len)?;
+    // x: (n * seq_len, hidden)
+    let mut x = embed(ck, &ids[..n * seq_len])?;
     // The probe measures the codes' error alone: no overlay.
     let spec = CodecSpec {
         bits: PROBE_BITS,
@@ -530,15 +575,15 @@ fn probe(
     };
     let mut out = Vec::new();
     for layer in 0..cfg.num_layers {
-        let block = Block::load(ck, layer)?;
+        let mut block = loader.block(layer)?;
         // The teacher's forward paused before each stage: a probed linear's block
         // output is computed from its own stage on (bit-identical to a whole forward,
         // since everything before it is the teacher's).
-        let mut stages = Vec::with_capacity(STAGES.len());
-        let mut st = block.begin(&x)?;
+        let mut stages: Vec<Paused> = Vec::with_capacity(Tap::ALL.len());
+        let mut st = stager.begin(&block, x)?;
         let y = loop {
             stages.push(st.clone());
-            match block.resume(st, &rope)? {
+            match stager.resume(&block, st) {
                 Step::Paused(next) => st = next,
                 Step::Done(y) => break y,
             }
@@ -546,33 +591,23 @@ fn probe(
         let p = block_prefix(layer);
         for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
-            let weight = &block.linears[k].weight;
-            let shape = weight.dims().to_vec();
-            let [rows, cols] = shape[..] else {
-                return Err(CompressError::Settings(format!(
-                    "{name}: expected a 2-D weight, got {shape:?}"
-                )));
-            };
-            let w = weight
-                .flatten_all()
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(uc_model::ModelError::from)?;
+            let (w, rows, cols) = weight_of(&block, k);
             let qt = uc_codec::encode_rtn(&w, rows, cols, &spec, None).map_err(codec_err(&name))?;
             let recon =
                 uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(&name))?;
-            let mut probed = block.clone();
-            probed.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
-                .map_err(uc_model::ModelError::from)?;
-            let from = stages[STAGES
-                .iter()
-                .position(|(_, ls)| ls.contains(&k))
-                .unwrap_or(0)]
-            .clone();
+            let teacher =
+                std::mem::replace(&mut block.linears[k], dense(&name, recon, rows, cols)?);
+            let tap = Tap::ALL
+                .into_iter()
+                .find(|t| t.linears().contains(&k))
+                .unwrap_or(Tap::Attention);
+            let probed = stager.finish(&block, stages[tap.index()].clone());
+            block.linears[k] = teacher;
             out.push(Sensitivity {
                 name,
                 rows,
                 cols,
-                probe_rel_mse: channel_rel_mse(&probed.finish(from, &rope)?, &y)?,
+                probe_rel_mse: channel_rel_mse(&probed, &y, h),
             });
         }
         x = y;
@@ -585,86 +620,72 @@ fn probe(
 }
 
 /// Hidden states of the calibration windows through the teacher and through the
-/// quantized model so far, `(n_seqs, seq_len, hidden)` each.
+/// quantized model so far, `(n_seqs * seq_len, hidden)` row-major each.
 struct Stream {
-    teacher: Tensor,
-    student: Tensor,
-    rope: RotaryTables,
+    teacher: Vec<f32>,
+    student: Vec<f32>,
+    stager: Stager,
 }
 
-/// Windows per forward chunk: bounds the attention buffers (chunk x heads x L x L).
+/// Windows per forward chunk: one chunk is one call of the stager (its activations) and
+/// one term of the Gram matrices' chunk-to-chunk spread ([`Gram::shrinkage`]).
 const CHUNK: usize = 4;
 
-/// The encoding stages of a block: each input tap with the linears it feeds (indices
-/// into [`BLOCK_LINEARS`]), in forward order.
-const STAGES: [(Tap, &[usize]); 4] = [
-    (Tap::Attention, &[0, 1, 2]),
-    (Tap::AttentionOutput, &[3]),
-    (Tap::Mlp, &[4, 5]),
-    (Tap::MlpDown, &[6]),
-];
-
-/// `f` applied to `x` in chunks of [`CHUNK`] windows, in order.
-fn each_chunk(x: &Tensor, mut f: impl FnMut(&Tensor) -> uc_model::error::Result<()>) -> Result<()> {
-    let n = x.dim(0).map_err(uc_model::ModelError::from)?;
-    for s in (0..n).step_by(CHUNK) {
-        let part = x
-            .narrow(0, s, CHUNK.min(n - s))
-            .map_err(uc_model::ModelError::from)?;
-        f(&part)?;
-    }
-    Ok(())
-}
-
-/// `f` applied to `x` in chunks of [`CHUNK`] windows, concatenated.
-fn chunked(
-    x: &Tensor,
-    mut f: impl FnMut(&Tensor) -> uc_model::error::Result<Tensor>,
-) -> Result<Tensor> {
-    let mut outs = Vec::new();
-    each_chunk(x, |part| {
-        outs.push(f(part)?);
-        Ok(())
-    })?;
-    Ok(Tensor::cat(&outs, 0).map_err(uc_model::ModelError::from)?)
-}
-
 /// Mean squared error of `a` against `b`, relative to the mean square of `b`.
-fn rel_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let m = |t: Tensor| -> uc_model::error::Result<f64> {
-        Ok(f64::from(t.sqr()?.mean_all()?.to_scalar::<f32>()?))
-    };
-    let diff = (a - b).map_err(uc_model::ModelError::from)?;
-    Ok(m(diff)? / m(b.clone())?.max(f64::MIN_POSITIVE))
+fn rel_mse(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += f64::from(x - y).powi(2);
+        den += f64::from(y).powi(2);
+    }
+    num / den.max(f64::MIN_POSITIVE)
 }
 
 /// Mean over hidden channels of each channel's MSE relative to its mean square in `b`
-/// (`a`, `b`: (n, seq, hidden)). Unlike [`rel_mse`], a few channels of huge magnitude
-/// (the "massive activations" that appear in the residual stream a few blocks in) do not
-/// swamp the measure, so errors in different blocks are comparable.
-fn channel_rel_mse(a: &Tensor, b: &Tensor) -> Result<f64> {
-    let f = || -> uc_model::error::Result<f64> {
-        let h = b.dim(2)?;
-        let err = (a - b)?.sqr()?.reshape(((), h))?.mean(0)?;
-        let ms = b.sqr()?.reshape(((), h))?.mean(0)?;
-        let ratio = err.broadcast_div(&ms.clamp(f32::MIN_POSITIVE, f32::MAX)?)?;
-        Ok(f64::from(ratio.mean_all()?.to_scalar::<f32>()?))
-    };
-    Ok(f()?)
+/// (`a`, `b`: (rows, hidden) row-major). Unlike [`rel_mse`], a few channels of huge
+/// magnitude (the "massive activations" that appear in the residual stream a few blocks
+/// in) do not swamp the measure, so errors in different blocks are comparable.
+fn channel_rel_mse(a: &[f32], b: &[f32], hidden: usize) -> f64 {
+    let (mut err, mut ms) = (vec![0f64; hidden], vec![0f64; hidden]);
+    for (ra, rb) in a.chunks_exact(hidden).zip(b.chunks_exact(hidden)) {
+        for c in 0..hidden {
+            err[c] += f64::from(ra[c] - rb[c]).powi(2);
+            ms[c] += f64::from(rb[c]).powi(2);
+        }
+    }
+    let floor = f64::from(f32::MIN_POSITIVE);
+    err.iter()
+        .zip(&ms)
+        .map(|(e, m)| e / m.max(floor))
+        .sum::<f64>()
+        / hidden.max(1) as f64
+}
+
+/// Splits `x` into chunks of `len` values (the last may be shorter), releasing `x`.
+fn chunks_of(x: Vec<f32>, len: usize) -> Vec<Vec<f32>> {
+    let out = x.chunks(len).map(<[f32]>::to_vec).collect();
+    drop(x);
+    out
+}
+
+/// A paused forward's next state; `Done` is not expected here.
+fn paused(step: Step) -> Result<Paused> {
+    match step {
+        Step::Paused(p) => Ok(p),
+        Step::Done(_) => Err(CompressError::Settings(
+            "block forward ended before its last tap".into(),
+        )),
+    }
 }
 
 impl Stream {
-    fn new(ck: &Checkpoint, ids: &Tensor) -> Result<Self> {
-        let cfg = ck.config();
-        let globals = Globals::load(ck)?;
-        // Both streams start from the teacher's embedding; the embedding's own
-        // quantization error is measured by evaluation, not fed into the blocks.
-        let x = globals.embed(ids)?;
-        let seq = ids.dim(1).map_err(uc_model::ModelError::from)?;
+    /// Both streams at the teacher's embedding of `ids` (`(n_seqs, seq_len)`).
+    fn new(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<Self> {
+        let x = embed(ck, ids)?;
         Ok(Stream {
             teacher: x.clone(),
             student: x,
-            rope: RotaryTables::new(&cfg.rope, cfg.head_dim, seq)?,
+            stager: Stager::new(ck.config(), seq_len)?,
         })
     }
 
@@ -678,76 +699,94 @@ impl Stream {
     /// [`Options::teacher_target`], each stage also pairs its input with the teacher's
     /// (teacher block on the teacher stream) and encodes towards the teacher's outputs
     /// ([`crate::target`]).
+    ///
+    /// Memory: per chunk of [`CHUNK`] windows, one paused forward of each stream, both
+    /// advanced to the stage being encoded chunk by chunk while its statistics are
+    /// summed (so no stage's inputs are held for more than the paused state needs); the
+    /// teacher's forward is finished as soon as its last tap has been read.
     fn block(
         &mut self,
-        ck: &Checkpoint,
+        loader: &CheckpointLoader,
         layer: usize,
         c: &mut ContainerBuilder,
         opts: &Options,
         spec_of: &dyn Fn(&str) -> CodecSpec,
     ) -> Result<(Vec<TensorSummary>, f64)> {
-        let teacher = Block::load(ck, layer)?;
-        let rope = &self.rope;
-        // The teacher's linear inputs, per chunk, in stage order (only kept for the
-        // teacher target), and the teacher stream's next state.
-        let mut teacher_taps: Vec<Vec<Tensor>> = Vec::new();
+        let teacher = loader.block(layer)?;
+        // The student: the teacher's norms, its linears swapped for their
+        // reconstructions stage by stage.
+        let mut student = loader.block(layer)?;
+        let st = &self.stager;
+        let len = CHUNK * st.seq_len() * loader.config().hidden_size;
         let keep = opts.teacher_target;
-        let next_teacher = chunked(&self.teacher, |x| {
-            let mut taps = Vec::with_capacity(STAGES.len());
-            let y = teacher.forward_tapped(x, rope, &mut |_, input| {
-                if keep {
-                    taps.push(input.clone());
-                }
-                Ok(())
-            })?;
-            teacher_taps.push(taps);
-            Ok(y)
-        })?;
-        // The student's forward, per chunk, paused before the stage being encoded: each
-        // stage's inputs come from the block as quantized so far, and nothing is
-        // computed twice.
-        let mut paused = Vec::new();
-        each_chunk(&self.student, |x| {
-            paused.push(teacher.begin(x)?);
-            Ok(())
-        })?;
-        let mut outputs = Vec::with_capacity(paused.len());
-        let mut student = teacher.clone();
+        let total = self.student.len();
+        // Paused forwards per chunk, at the previous stage's tap (both start at the first).
+        let mut teach: Vec<Option<Paused>> = Vec::new();
+        for x in chunks_of(std::mem::take(&mut self.teacher), len) {
+            teach.push(Some(st.begin(&teacher, x)?));
+        }
+        let mut stud: Vec<Option<Paused>> = Vec::new();
+        for x in chunks_of(std::mem::take(&mut self.student), len) {
+            stud.push(Some(st.begin(&student, x)?));
+        }
+        let mut next_teacher = Vec::with_capacity(total);
         let p = block_prefix(layer);
         let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
-        for (stage, (tap, linears)) in STAGES.iter().enumerate() {
-            // H = X_s^T X_s and C = X_s^T X_t of this stage's input.
-            let cols = paused[0].input.dim(1).map_err(uc_model::ModelError::from)?;
-            let mut h = if opts.auto_shrink {
-                Gram::with_spread(cols)
-            } else {
-                Gram::new(cols)
-            };
-            let mut cross = keep.then(|| Gram::new(cols));
-            for (chunk, st) in paused.iter().enumerate() {
-                debug_assert_eq!(st.tap, *tap);
-                let mut f = || -> candle_core::Result<()> {
-                    h.add(&st.input)?;
-                    if let Some(cr) = cross.as_mut() {
-                        cr.add_cross(&st.input, &teacher_taps[chunk][stage])?;
-                    }
-                    Ok(())
+        for (stage, tap) in Tap::ALL.into_iter().enumerate() {
+            let mut h: Option<Gram> = None;
+            let mut cross: Option<Gram> = None;
+            for (ts, ss) in teach.iter_mut().zip(stud.iter_mut()) {
+                let (Some(t), Some(s)) = (ts.take(), ss.take()) else {
+                    return Err(CompressError::Settings("lost a paused forward".into()));
                 };
-                f().map_err(uc_model::ModelError::from)?;
+                // Both to this stage's tap: the student with the stages encoded so far.
+                let (t, s) = if stage == 0 {
+                    (t, s)
+                } else {
+                    (
+                        paused(st.resume(&teacher, t))?,
+                        paused(st.resume(&student, s))?,
+                    )
+                };
+                // H = X_s^T X_s and C = X_s^T X_t of this stage's input.
+                let cols = s.cols();
+                let h = h.get_or_insert_with(|| {
+                    if opts.auto_shrink {
+                        Gram::with_spread(cols)
+                    } else {
+                        Gram::new(cols)
+                    }
+                });
+                h.add(s.input());
+                if keep {
+                    cross
+                        .get_or_insert_with(|| Gram::new(cols))
+                        .add_cross(s.input(), t.input());
+                }
+                let (mut t, mut s) = (t, s);
+                if matches!(tap, Tap::Attention | Tap::Mlp) {
+                    // Inputs that are the normed stream: recomputed when resumed.
+                    t.compact();
+                    s.compact();
+                }
+                if tap == Tap::MlpDown {
+                    // The teacher's last tap is read: finish its forward now.
+                    next_teacher.extend(st.finish(&teacher, t));
+                } else {
+                    *ts = Some(t);
+                }
+                *ss = Some(s);
             }
+            let Some(h) = h else {
+                return Err(CompressError::Settings("no calibration chunks".into()));
+            };
             let gptq = GptqOptions {
                 shrink: h.shrinkage().unwrap_or(opts.gptq.shrink),
                 ..opts.gptq
             };
-            for &k in *linears {
+            for &k in tap.linears() {
                 let name = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
-                let weight = &teacher.linears[k].weight;
-                let shape = weight.dims().to_vec();
-                let w = weight
-                    .flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(uc_model::ModelError::from)?;
-                let (rows, cols) = (shape[0], shape[1]);
+                let (w, rows, cols) = weight_of(&teacher, k);
                 let target = cross.as_ref().and_then(|cr| {
                     crate::target::teacher_target(&w, rows, cols, &h.h, &cr.h, opts.target_damp)
                 });
@@ -756,30 +795,26 @@ impl Stream {
                     c,
                     &name,
                     target.as_deref().unwrap_or(&w),
-                    &shape,
+                    &[rows, cols],
                     Role::Body,
                     &spec,
                     Some((&h, gptq)),
                 )?;
                 summary.rel_err = rel_err(&w, &recon);
-                student.linears[k].weight = Tensor::from_vec(recon, shape, weight.device())
-                    .map_err(uc_model::ModelError::from)?;
+                student.linears[k] = dense(&name, recon, rows, cols)?;
                 summaries.push(summary);
             }
-            // Past this stage's linears, now quantized.
-            let mut next = Vec::with_capacity(paused.len());
-            for st in paused {
-                match student.resume(st, rope)? {
-                    Step::Paused(st) => next.push(st),
-                    Step::Done(y) => outputs.push(y),
-                }
-            }
-            paused = next;
         }
-        drop(teacher_taps);
+        // Past the last stage, now quantized: the student's block output.
+        let mut next_student = Vec::with_capacity(total);
+        for s in stud.iter_mut() {
+            if let Some(s) = s.take() {
+                next_student.extend(st.finish(&student, s));
+            }
+        }
+        let mse = rel_mse(&next_student, &next_teacher);
         self.teacher = next_teacher;
-        self.student = Tensor::cat(&outputs, 0).map_err(uc_model::ModelError::from)?;
-        let mse = rel_mse(&self.student, &self.teacher)?;
+        self.student = next_student;
         Ok((summaries, mse))
     }
 }

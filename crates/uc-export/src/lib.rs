@@ -375,7 +375,7 @@ pub fn export_gguf(pack: &Path, out: &Path, dtype: Dtype) -> Result<ExportReport
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let (mut params, mut worst) = (0u64, (0f32, String::new()));
     for name in tensor_names(&src) {
-        if cfg.tie_word_embeddings && name == uc_model::llama::LM_HEAD {
+        if cfg.tie_word_embeddings && name == uc_model::names::LM_HEAD {
             continue; // llama.cpp reuses token_embd when output.weight is absent
         }
         let (gname, qk) = gguf_name(&name, arch).ok_or_else(|| {

@@ -273,15 +273,3 @@ impl WeightSource for Checkpoint {
         format!("checkpoint {}", self.dir.display())
     }
 }
-
-/// Expected shapes of a tensor, checked by the forward code on load.
-pub(crate) fn check_shape(name: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
-    if t.dims() != expected {
-        return Err(ModelError::ShapeMismatch {
-            name: name.to_string(),
-            found: t.dims().to_vec(),
-            expected: expected.to_vec(),
-        });
-    }
-    Ok(())
-}

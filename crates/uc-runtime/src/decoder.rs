@@ -1,31 +1,22 @@
 //! The incremental decoder: Llama-family blocks (llama, SmolLM, mistral, qwen2, qwen3)
 //! over a KV cache. A prompt is prefilled in one pass; then one token at a time.
 //!
-//! Numerics follow `uc_model::llama` (itself checked against transformers): rotary
-//! frequencies in f32 with Llama-3 scaling, rotate-half rotary, GQA (query head `h` reads
-//! KV head `h / (heads / kv_heads)`), RMSNorm `x / sqrt(mean(x^2) + eps) * w`, softmax in
-//! f32, SiLU-gated MLP, q/k/v biases (qwen2), per-head q/k RMSNorm before rotary (qwen3),
-//! optional sliding window (mistral), head tied to the embedding when configured.
-//!
-//! Buffers (n = tokens in this call, p = position of the first):
-//! - `x`: residual stream `(n, hidden)`
-//! - `q`: `(n, heads * head_dim)`; `k`, `v`: `(n, kv_heads * head_dim)`
-//! - KV cache per layer: `(kv_heads, capacity, head_dim)` for K and for V, so one KV
-//!   head's keys are a contiguous `(positions, head_dim)` matrix (a GEMM operand).
+//! The block math is [`crate::block`] (numerics, buffer shapes); this module adds the
+//! embedding, the KV cache (`(kv_heads, capacity, head_dim)` per layer for K and for V),
+//! resident or streamed blocks, the final norm and the head (tied to the embedding when
+//! configured).
 
-use crate::kernels::attention;
-use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
+use crate::block::{Ctx, Work};
 use crate::kernels::math;
 use crate::kernels::Isa;
 use crate::kv::KvCache;
-use crate::linear::{self, Linear, Op};
+use crate::linear::{self, Op};
 use crate::stream::{HeadPlan, Loaded, Streamer};
 use crate::weights::{BlockWeights, GlobalWeights, WeightLoader};
 use crate::{Result, RuntimeError};
-use rayon::prelude::*;
 use std::sync::Arc;
 use uc_model::config::ModelConfig;
-use uc_model::llama::{EMBED, LM_HEAD};
+use uc_model::names::{EMBED, LM_HEAD};
 
 /// Which logits a forward call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,12 +36,8 @@ pub struct DecoderOptions {
     pub stream_layers: bool,
 }
 
-/// Query rows per attention task in prefill.
-const ATTN_QUERY_BLOCK: usize = 64;
 /// Tokens per forward pass when streaming (bounds activations, see `forward`).
 const STREAM_PREFILL_CHUNK: usize = 512;
-/// Tokens per MLP pass in prefill (bounds the `(tokens, intermediate)` buffers).
-const MLP_TOKENS: usize = 256;
 /// Vocabulary rows per streamed head chunk (~1 MiB of 6- to 8-bit codes at hidden 576).
 const HEAD_CHUNK_ROWS: usize = 2048;
 
@@ -85,7 +72,7 @@ pub struct Decoder {
     capacity: usize,
 }
 
-pub use uc_model::llama::inverse_frequencies;
+pub use crate::rotary::inverse_frequencies;
 
 impl Decoder {
     /// Loads the globals (and, unless streaming, every block) from `loader`. When
@@ -136,17 +123,7 @@ impl Decoder {
                 ),
             )
         };
-        let inv = inverse_frequencies(&cfg.rope, cfg.head_dim);
-        let half = inv.len();
-        let mut cos = Vec::with_capacity(opts.capacity * half);
-        let mut sin = Vec::with_capacity(opts.capacity * half);
-        for p in 0..opts.capacity {
-            for &f in &inv {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let (cos, sin) = crate::rotary::tables(&cfg.rope, cfg.head_dim, opts.capacity);
         let (l, g, c, d) = (
             cfg.num_layers,
             cfg.num_kv_heads,
@@ -336,11 +313,13 @@ impl Decoder {
             } else {
                 linear::Par::Team
             },
+            whole: linear::whole_weight_prefill(),
             cos,
             sin,
             pos: *pos,
             capacity: *capacity,
             n,
+            seqs: 1,
         };
         let mut work = match work_slot.take() {
             Some(w) if w.n == n => w,
@@ -410,235 +389,5 @@ impl Decoder {
                 "streamed head without a streamer".into(),
             )),
         }
-    }
-}
-
-thread_local! {
-    /// Tiles of the flash attention, reused across tasks on this thread.
-    static FLASH: std::cell::RefCell<attention::Scratch> = std::cell::RefCell::new(attention::Scratch::default());
-}
-
-fn op<'a>(w: &'a dyn Linear, bias: Option<&'a [f32]>) -> Op<'a> {
-    Op { w, bias }
-}
-
-/// Activation buffers of one forward call, reused by every block (`n` tokens).
-struct Work {
-    /// Tokens the buffers are sized for.
-    n: usize,
-    /// Normed residual `(n, hidden)`.
-    xn: Vec<f32>,
-    /// `(n, heads * head_dim)`.
-    q: Vec<f32>,
-    /// `(n, kv_heads * head_dim)` each.
-    k: Vec<f32>,
-    v: Vec<f32>,
-    /// Attention context `(n, heads * head_dim)`.
-    ctx: Vec<f32>,
-    /// o_proj and down_proj output `(n, hidden)`.
-    o: Vec<f32>,
-    /// `(min(n, MLP_TOKENS), intermediate)` each.
-    gate: Vec<f32>,
-    up: Vec<f32>,
-}
-
-impl Work {
-    fn new(cfg: &ModelConfig, n: usize) -> Self {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let (q, kv) = (
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-        );
-        let z = |k: usize| vec![0f32; n * k];
-        Work {
-            n,
-            xn: z(h),
-            q: z(q),
-            k: z(kv),
-            v: z(kv),
-            ctx: z(q),
-            o: z(h),
-            gate: vec![0f32; n.min(MLP_TOKENS) * i],
-            up: vec![0f32; n.min(MLP_TOKENS) * i],
-        }
-    }
-}
-
-/// What one forward call's blocks share.
-struct Ctx<'a> {
-    cfg: &'a ModelConfig,
-    isa: Isa,
-    /// Threads for the decode loops.
-    par: linear::Par,
-    cos: &'a [f32],
-    sin: &'a [f32],
-    pos: usize,
-    capacity: usize,
-    n: usize,
-}
-
-impl Ctx<'_> {
-    /// One block on `x (n, hidden)` in place; appends this call's K/V to the cache.
-    fn block(&self, b: &BlockWeights, kc: &mut [f32], vc: &mut [f32], x: &mut [f32], w: &mut Work) {
-        let cfg = self.cfg;
-        let (n, isa) = (self.n, self.isa);
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let eps = cfg.rms_norm_eps as f32;
-        let [q_proj, k_proj, v_proj, o_proj, gate, up, down] = &b.linears;
-
-        // Attention.
-        math::rms_norm(x, &b.input_norm, eps, &mut w.xn);
-        let bias = |i: usize| b.qkv_bias.as_ref().map(|bs| bs[i].as_slice());
-        let ops = [
-            op(q_proj.as_ref(), bias(0)),
-            op(k_proj.as_ref(), bias(1)),
-            op(v_proj.as_ref(), bias(2)),
-        ];
-        linear::forward_into_with(
-            self.par,
-            isa,
-            &ops,
-            &w.xn,
-            n,
-            &mut [&mut w.q, &mut w.k, &mut w.v],
-        );
-        if let Some((qn, kn)) = &b.qk_norm {
-            math::rms_norm_inplace(&mut w.q, qn, eps);
-            math::rms_norm_inplace(&mut w.k, kn, eps);
-        }
-        let half = hd / 2;
-        for t in 0..n {
-            let p = self.pos + t;
-            let (c, s) = (
-                &self.cos[p * half..(p + 1) * half],
-                &self.sin[p * half..(p + 1) * half],
-            );
-            w.q[t * nh * hd..(t + 1) * nh * hd]
-                .chunks_exact_mut(hd)
-                .for_each(|head| math::rope(head, c, s));
-            w.k[t * nkv * hd..(t + 1) * nkv * hd]
-                .chunks_exact_mut(hd)
-                .for_each(|head| math::rope(head, c, s));
-            for g in 0..nkv {
-                let dst = (g * self.capacity + p) * hd;
-                let src = (t * nkv + g) * hd;
-                kc[dst..dst + hd].copy_from_slice(&w.k[src..src + hd]);
-                vc[dst..dst + hd].copy_from_slice(&w.v[src..src + hd]);
-            }
-        }
-        self.attention(&w.q, kc, vc, &mut w.ctx);
-        linear::forward_into_with(
-            self.par,
-            isa,
-            &[op(o_proj.as_ref(), None)],
-            &w.ctx,
-            n,
-            &mut [&mut w.o],
-        );
-        x.iter_mut().zip(&w.o).for_each(|(x, o)| *x += o);
-
-        // MLP: down(silu(gate(x)) * up(x)), at most MLP_TOKENS rows at a time so the
-        // (tokens, intermediate) buffers stay small on long prompts.
-        math::rms_norm(x, &b.post_attn_norm, eps, &mut w.xn);
-        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        let ops = [op(gate.as_ref(), None), op(up.as_ref(), None)];
-        for t0 in (0..n).step_by(MLP_TOKENS) {
-            let m = MLP_TOKENS.min(n - t0);
-            let (g, u) = (&mut w.gate[..m * inter], &mut w.up[..m * inter]);
-            linear::forward_into_with(
-                self.par,
-                isa,
-                &ops,
-                &w.xn[t0 * h..(t0 + m) * h],
-                m,
-                &mut [&mut *g, &mut *u],
-            );
-            g.par_chunks_mut(4096)
-                .zip(u.par_chunks(4096))
-                .for_each(|(g, u)| math::silu_mul(isa, g, u));
-            let out = &mut w.o[t0 * h..(t0 + m) * h];
-            linear::forward_into_with(self.par, isa, &[op(down.as_ref(), None)], g, m, &mut [out]);
-        }
-        x.iter_mut().zip(&w.o).for_each(|(x, d)| *x += d);
-    }
-
-    /// The keys query `t` of this call may see: `lo ..= pos + t` (causal, and within the
-    /// sliding window when there is one).
-    fn key_range(&self, t: usize) -> (usize, usize) {
-        let p = self.pos + t;
-        let lo = self
-            .cfg
-            .sliding_window
-            .map_or(0, |w| (p + 1).saturating_sub(w));
-        (lo, p + 1)
-    }
-
-    /// Scaled dot-product attention of `q (n, heads * hd)` against the cache into
-    /// `ctx (n, heads * hd)`.
-    fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], ctx: &mut [f32]) {
-        let cfg = self.cfg;
-        let (n, nh, hd, isa, cap) = (self.n, cfg.num_heads, cfg.head_dim, self.isa, self.capacity);
-        let group = nh / cfg.num_kv_heads;
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
-        if n == 1 {
-            // Decode: one query per head; heads in parallel.
-            let (lo, end) = self.key_range(0);
-            ctx.fill(0.0);
-            let heads: Vec<std::sync::Mutex<&mut [f32]>> =
-                ctx.chunks_mut(hd).map(std::sync::Mutex::new).collect();
-            linear::par_for_each(self.par, nh, &|head| {
-                let Ok(mut out) = heads[head].lock() else {
-                    return;
-                };
-                let g = head / group;
-                let qv = &q[head * hd..(head + 1) * hd];
-                let keys = &kc[g * cap * hd..];
-                let vals = &vc[g * cap * hd..];
-                let mut s: Vec<f32> = (lo..end)
-                    .map(|j| dense::dot(isa, qv, &keys[j * hd..(j + 1) * hd]) * scale)
-                    .collect();
-                math::softmax(isa, &mut s);
-                for (j, p) in (lo..end).zip(&s) {
-                    dense::axpy(isa, *p, &vals[j * hd..(j + 1) * hd], &mut out);
-                }
-            });
-            return;
-        }
-        // Prefill: per (head, block of queries), flash-style attention over key tiles
-        // (kernels::attention; no (queries, keys) score matrix), context written into
-        // the block's rows and head columns of ctx (n, heads * hd).
-        let bounds: Vec<usize> = (0..=nh).map(|h| h * hd).collect();
-        let tasks: Vec<(usize, usize, ColBlock)> = split_columns(ctx, n, nh * hd, &bounds)
-            .into_iter()
-            .enumerate()
-            .flat_map(|(head, b)| {
-                b.split_rows(ATTN_QUERY_BLOCK)
-                    .into_iter()
-                    .map(move |(t0, b)| (head, t0, b))
-            })
-            .collect();
-        tasks.into_par_iter().for_each(|(head, t0, mut out)| {
-            let g = head / group;
-            let range = |r: usize| self.key_range(t0 + r);
-            let prob = attention::Problem {
-                rows: out.n(),
-                head_dim: hd,
-                q: Mat {
-                    data: &q[(t0 * nh + head) * hd..],
-                    rs: nh * hd,
-                    cs: 1,
-                },
-                keys: &kc[g * cap * hd..(g + 1) * cap * hd],
-                vals: &vc[g * cap * hd..(g + 1) * cap * hd],
-                scale,
-                range: &range,
-            };
-            FLASH.with(|sc| {
-                let mut sc = sc.borrow_mut();
-                attention::flash(isa, &prob, &mut sc, &mut |r, ctx| {
-                    out.row_mut(r).copy_from_slice(ctx)
-                });
-            });
-        });
     }
 }

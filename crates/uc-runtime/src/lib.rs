@@ -8,9 +8,15 @@
 //!   + overlay, never expanded to f32 as a whole).
 //! - [`kernels`]: the compute -- fused quantized mat-vec, exact tile dequantization,
 //!   GEMM, exp/softmax/RMSNorm/rotary -- each SIMD kernel beside its scalar reference.
+//! - `block` (private): the block math, once -- five pieces (attention-in norm,
+//!   q/k/v + rotary + attention, o + residual, gate/up + SiLU, down + residual) that
+//!   both of the following run.
 //! - [`decoder::Decoder`]: Llama-family blocks over a KV cache; prefill in one pass,
 //!   then one token at a time; blocks resident or streamed from disk ([`stream`], the
-//!   next block prefetched on a background thread).
+//!   next block prefetched on a background thread). Serves eval, run, bench, serve.
+//! - [`staged::Stager`]: the same blocks on batches of independent calibration windows,
+//!   paused at each linear's input ([`staged::Tap`]) so `uc compress` can take its
+//!   statistics and swap weights stage by stage. [`rotary`]: the rotary tables.
 //! - [`kv`]: the KV cache, in memory or (streaming) in an unlinked file whose pages
 //!   leave the resident set after each layer.
 //! - [`team`]: spinning worker threads for the decode step's short parallel loops.
@@ -20,13 +26,16 @@
 #![deny(missing_docs)]
 
 pub mod bench;
+mod block;
 pub mod decoder;
 pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod kv;
 pub mod linear;
+pub mod rotary;
 pub mod sampler;
+pub mod staged;
 pub mod stream;
 pub mod team;
 pub mod weights;

@@ -628,13 +628,30 @@ pub fn forward_into_with(
     n: usize,
     outs: &mut [&mut [f32]],
 ) {
+    forward_into_opts(par, whole_weight_prefill(), isa, ops, x, n, outs)
+}
+
+/// [`forward_into_with`], with `whole` choosing the whole-weight prefill (one
+/// multi-threaded GEMM per weight, whose bits depend on the thread count) over the
+/// per-tile one (single-threaded GEMMs per 128-row tile: the same bits on any number
+/// of threads).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_into_opts(
+    par: Par,
+    whole: bool,
+    isa: Isa,
+    ops: &[Op],
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
     assert_eq!(ops.len(), outs.len(), "forward_into: one output per op");
     let aux: Vec<Vec<f32>> = if ops.iter().any(|op| op.w.has_prologue()) {
         ops.par_iter().map(|op| op.w.prologue(isa, x, n)).collect()
     } else {
         vec![Vec::new(); ops.len()]
     };
-    if n > FUSED_MAX_TOKENS && whole_weight_prefill() {
+    if n > FUSED_MAX_TOKENS && whole {
         // Prefill: each weight reconstructed once, then one multi-threaded GEMM.
         WEIGHT.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -745,7 +762,7 @@ pub fn int_decode(isa: Isa) -> bool {
 /// (default: measured faster here, and a tile is all the f32 weight ever in memory), or
 /// whole-weight reconstruction + one multi-threaded GEMM (`UC_PREFILL=whole`, kept for
 /// comparison on other machines).
-fn whole_weight_prefill() -> bool {
+pub(crate) fn whole_weight_prefill() -> bool {
     static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *WHOLE.get_or_init(|| std::env::var("UC_PREFILL").is_ok_and(|v| v == "whole"))
 }

@@ -25,7 +25,7 @@ use uc_codec::{CodecSpec, Kernel, Overlay, QuantTensor, Reconstructor};
 use uc_format::{Container, DenseDtype, Encoding, Pack};
 use uc_model::checkpoint::Checkpoint;
 use uc_model::config::{Family, ModelConfig};
-use uc_model::llama::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
+use uc_model::names::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
 use uc_model::source::WeightSource;
 
 /// One transformer block's weights.

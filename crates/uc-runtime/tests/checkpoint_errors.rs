@@ -1,13 +1,16 @@
-//! Bad checkpoints give typed errors naming the file or tensor, never a panic.
+//! Bad checkpoints give typed errors naming the file or tensor, never a panic: opened
+//! by the runtime's loader ([`CheckpointLoader`], the engine's dense weight source) and
+//! loaded into a [`Decoder`].
 
 use std::path::Path;
-use uc_model::checkpoint::Checkpoint;
-use uc_model::llama::Model;
+use std::sync::Arc;
 use uc_model::ModelError;
+use uc_runtime::weights::CheckpointLoader;
+use uc_runtime::{Decoder, DecoderOptions, Logits, RuntimeError, WeightLoader};
 
 fn copy_fixture(name: &str) -> tempfile::TempDir {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+        .join("../uc-model/tests/fixtures")
         .join(name);
     let dir = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(&src).unwrap() {
@@ -17,11 +20,31 @@ fn copy_fixture(name: &str) -> tempfile::TempDir {
     dir
 }
 
+/// The loader's error, which must come from checkpoint intake (uc-model).
+fn open_err(dir: &Path) -> ModelError {
+    match CheckpointLoader::open(dir).err().unwrap() {
+        RuntimeError::Model(e) => e,
+        e => panic!("not a checkpoint error: {e}"),
+    }
+}
+
+/// A resident decoder over the checkpoint in `dir` (every block loaded and checked).
+fn load(dir: &Path) -> Result<Decoder, RuntimeError> {
+    let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir)?);
+    Decoder::new(
+        loader,
+        DecoderOptions {
+            capacity: 16,
+            stream_layers: false,
+        },
+    )
+}
+
 #[test]
 fn missing_config_is_named() {
     let d = copy_fixture("llama");
     std::fs::remove_file(d.path().join("config.json")).unwrap();
-    let e = Checkpoint::open(d.path()).err().unwrap();
+    let e = open_err(d.path());
     assert!(matches!(e, ModelError::MissingFile { .. }), "{e}");
     assert!(e.to_string().contains("config.json"));
 }
@@ -30,7 +53,7 @@ fn missing_config_is_named() {
 fn missing_weights_file_is_named() {
     let d = copy_fixture("llama");
     std::fs::remove_file(d.path().join("model.safetensors")).unwrap();
-    let e = Checkpoint::open(d.path()).err().unwrap();
+    let e = open_err(d.path());
     assert!(matches!(e, ModelError::MissingFile { .. }), "{e}");
 }
 
@@ -43,7 +66,7 @@ fn missing_shard_is_named() {
         .find(|p| p.to_string_lossy().contains("model-00002-of-"))
         .unwrap();
     std::fs::remove_file(&shard).unwrap();
-    let e = Checkpoint::open(d.path()).err().unwrap();
+    let e = open_err(d.path());
     assert!(
         e.to_string()
             .contains(&*shard.file_name().unwrap().to_string_lossy()),
@@ -57,7 +80,7 @@ fn truncated_safetensors_is_rejected() {
     let p = d.path().join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 7]).unwrap();
-    let e = Checkpoint::open(d.path()).err().unwrap();
+    let e = open_err(d.path());
     assert!(matches!(e, ModelError::BadSafetensors { .. }), "{e}");
 }
 
@@ -69,7 +92,7 @@ fn garbage_header_is_rejected() {
     bytes[0..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&p, &bytes).unwrap();
     assert!(matches!(
-        Checkpoint::open(d.path()).err().unwrap(),
+        open_err(d.path()),
         ModelError::BadSafetensors { .. }
     ));
 }
@@ -78,10 +101,7 @@ fn garbage_header_is_rejected() {
 fn malformed_config_is_rejected() {
     let d = copy_fixture("llama");
     std::fs::write(d.path().join("config.json"), "{\"model_type\": \"llama\", ").unwrap();
-    assert!(matches!(
-        Checkpoint::open(d.path()).err().unwrap(),
-        ModelError::BadConfig { .. }
-    ));
+    assert!(matches!(open_err(d.path()), ModelError::BadConfig { .. }));
 }
 
 #[test]
@@ -91,9 +111,11 @@ fn wrong_shape_names_the_tensor() {
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     cfg["intermediate_size"] = serde_json::json!(100);
     std::fs::write(&p, cfg.to_string()).unwrap();
-    let ck = Checkpoint::open(d.path()).unwrap();
-    let e = Model::load(&ck, 16).err().unwrap();
-    assert!(matches!(e, ModelError::ShapeMismatch { .. }), "{e}");
+    let e = load(d.path()).err().unwrap();
+    assert!(
+        matches!(e, RuntimeError::Model(ModelError::ShapeMismatch { .. })),
+        "{e}"
+    );
     assert!(e.to_string().contains("mlp.gate_proj.weight"), "{e}");
 }
 
@@ -104,19 +126,17 @@ fn missing_tensor_is_named() {
     let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
     cfg["num_hidden_layers"] = serde_json::json!(3);
     std::fs::write(&p, cfg.to_string()).unwrap();
-    let ck = Checkpoint::open(d.path()).unwrap();
-    let e = Model::load(&ck, 16).err().unwrap();
+    let e = load(d.path()).err().unwrap();
     assert!(e.to_string().contains("model.layers.2."), "{e}");
 }
 
 #[test]
 fn out_of_vocabulary_token_is_an_error() {
     let d = copy_fixture("llama");
-    let ck = Checkpoint::open(d.path()).unwrap();
-    let model = Model::load(&ck, 16).unwrap();
-    let e = model.logits_for(&[1, 2, 100_000]).err().unwrap();
+    let mut dec = load(d.path()).unwrap();
+    let e = dec.forward(&[1, 2, 100_000], Logits::All).err().unwrap();
     assert!(
-        matches!(e, ModelError::TokenOutOfRange { id: 100_000, .. }),
+        matches!(e, RuntimeError::TokenOutOfRange { id: 100_000, .. }),
         "{e}"
     );
 }

@@ -1,0 +1,349 @@
+//! The block forward paused at the inputs of its linears, for calibration (`uc
+//! compress`): the same pieces as the decoder ([`crate::block`]), run on a batch of
+//! independent windows (each at positions `0 .. seq_len`, with its own scratch K/V; no
+//! cache is shared between windows or kept between calls).
+//!
+//! [`Stager::begin`] takes a block input and stops at [`Tap::Attention`], handing out
+//! the q/k/v input; [`Stager::resume`] runs to the next tap ([`Tap::AttentionOutput`]:
+//! the attention context into o, [`Tap::Mlp`]: the normed stream into gate/up,
+//! [`Tap::MlpDown`]: the SwiGLU activation into down) or to the block output, with
+//! whatever weights it is given -- so a caller can swap a stage's linears (the
+//! compressor quantizes them) and go on without recomputing what came before. A paused
+//! forward resumed with weights `B` equals `B`'s whole forward whenever the linears
+//! before the pause are `B`'s too (tested bit for bit).
+//!
+//! Determinism: every parallel loop splits outputs, never a sum (linears by 128-row
+//! weight tiles with single-threaded GEMMs, attention by (window, head, 64-query block)),
+//! so the bits do not depend on the number of threads (tested with 1 and 2).
+//!
+//! Shapes: `x` and block outputs `(seqs * seq_len, hidden)` row-major, window `s` in
+//! rows `s * seq_len ..`; a tap's input `(seqs * seq_len, cols)` with `cols` the input
+//! width of its linears.
+
+use crate::block::{Ctx, MLP_TOKENS};
+use crate::kernels::math;
+use crate::kernels::Isa;
+use crate::linear::Par;
+use crate::weights::BlockWeights;
+use crate::{Result, RuntimeError};
+use uc_model::config::ModelConfig;
+
+/// The four distinct inputs of a block's linears (q/k/v share one, gate/up share one),
+/// in forward order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tap {
+    /// Normed residual into q, k, v: `(rows, hidden)`.
+    Attention,
+    /// Attention context into o: `(rows, heads * head_dim)`.
+    AttentionOutput,
+    /// Normed residual into gate, up: `(rows, hidden)`.
+    Mlp,
+    /// SwiGLU activation into down: `(rows, intermediate)`.
+    MlpDown,
+}
+
+impl Tap {
+    /// Every tap, in forward order.
+    pub const ALL: [Tap; 4] = [Tap::Attention, Tap::AttentionOutput, Tap::Mlp, Tap::MlpDown];
+
+    /// The linears reading this input, as indices into
+    /// [`uc_model::names::BLOCK_LINEARS`] (and [`BlockWeights::linears`]).
+    pub fn linears(self) -> &'static [usize] {
+        match self {
+            Tap::Attention => &[0, 1, 2],
+            Tap::AttentionOutput => &[3],
+            Tap::Mlp => &[4, 5],
+            Tap::MlpDown => &[6],
+        }
+    }
+
+    /// Position in [`Tap::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A block forward stopped just before the linears of [`Paused::tap`].
+#[derive(Clone)]
+pub struct Paused {
+    tap: Tap,
+    /// Windows in the batch.
+    seqs: usize,
+    /// Tokens of all windows.
+    rows: usize,
+    /// The residual stream so far `(rows, hidden)`: the block input before the
+    /// attention's output is added, the post-attention stream after.
+    resid: Vec<f32>,
+    /// The tap's input `(rows, cols)`.
+    input: Vec<f32>,
+}
+
+impl Paused {
+    /// Which linears run next.
+    pub fn tap(&self) -> Tap {
+        self.tap
+    }
+
+    /// Their input, `(rows, cols)` row-major; empty after [`Paused::compact`].
+    pub fn input(&self) -> &[f32] {
+        &self.input
+    }
+
+    /// Drops the tap's input, keeping only the residual stream: [`Stager::resume`]
+    /// recomputes the input from it with the weights it is given (the normed stream at
+    /// [`Tap::Attention`] and [`Tap::Mlp`]; q/k/v and attention at
+    /// [`Tap::AttentionOutput`], whose residual is still the block input; gate/up at
+    /// [`Tap::MlpDown`]) -- the same bits when those weights are the ones that produced
+    /// it. For holding many paused forwards between stages in less memory.
+    pub fn compact(&mut self) {
+        self.input = Vec::new();
+    }
+
+    /// Rows of the input: tokens of all windows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Width of the input.
+    pub fn cols(&self) -> usize {
+        self.input.len() / self.rows()
+    }
+
+    /// Windows in the batch.
+    pub fn seqs(&self) -> usize {
+        self.seqs
+    }
+}
+
+/// What [`Stager::resume`] reached.
+pub enum Step {
+    /// The next tap.
+    Paused(Paused),
+    /// The block output `(rows, hidden)`.
+    Done(Vec<f32>),
+}
+
+/// Runs blocks on batches of independent windows of `seq_len` tokens, pausing at taps.
+pub struct Stager {
+    cfg: ModelConfig,
+    isa: Isa,
+    seq_len: usize,
+    /// Rotary tables `(seq_len, head_dim / 2)`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Stager {
+    /// A stager for windows of `seq_len` tokens of a model with configuration `cfg`.
+    pub fn new(cfg: &ModelConfig, seq_len: usize) -> Result<Self> {
+        if seq_len == 0 {
+            return Err(RuntimeError::InvalidArgument(
+                "windows need at least one token".into(),
+            ));
+        }
+        if !cfg.head_dim.is_multiple_of(2) || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
+            return Err(RuntimeError::InvalidArgument("head layout".into()));
+        }
+        let (cos, sin) = crate::rotary::tables(&cfg.rope, cfg.head_dim, seq_len);
+        Ok(Stager {
+            cfg: cfg.clone(),
+            isa: Isa::detect(),
+            seq_len,
+            cos,
+            sin,
+        })
+    }
+
+    /// Tokens per window.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// The instruction set the kernels run with.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Uses `isa` (falls back to scalar if unavailable); for tests and comparisons.
+    pub fn set_isa(&mut self, isa: Isa) {
+        self.isa = isa.or_scalar();
+    }
+
+    fn ctx(&self, seqs: usize) -> Ctx<'_> {
+        Ctx {
+            cfg: &self.cfg,
+            isa: self.isa,
+            par: Par::Rayon,
+            whole: false,
+            cos: &self.cos,
+            sin: &self.sin,
+            pos: 0,
+            capacity: self.seq_len,
+            n: seqs * self.seq_len,
+            seqs,
+        }
+    }
+
+    /// Starts the forward of `x (seqs * seq_len, hidden)` through block `b`, paused at
+    /// [`Tap::Attention`] (its input is the normed `x`).
+    pub fn begin(&self, b: &BlockWeights, x: Vec<f32>) -> Result<Paused> {
+        let (h, l) = (self.cfg.hidden_size, self.seq_len);
+        if x.is_empty() || !x.len().is_multiple_of(h * l) {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "block input of {} values is not whole windows of {l} x {h}",
+                x.len()
+            )));
+        }
+        if b.input_norm.len() != h {
+            return Err(RuntimeError::bad(
+                &format!("block {}", b.layer),
+                "weights do not match the stager's configuration",
+            ));
+        }
+        let mut xn = vec![0f32; x.len()];
+        math::rms_norm(&x, &b.input_norm, self.cfg.rms_norm_eps as f32, &mut xn);
+        Ok(Paused {
+            tap: Tap::Attention,
+            seqs: x.len() / (h * l),
+            rows: x.len() / h,
+            resid: x,
+            input: xn,
+        })
+    }
+
+    /// Runs a paused forward to its next tap, or to the block output after
+    /// [`Tap::MlpDown`], with the weights of `b`.
+    pub fn resume(&self, b: &BlockWeights, p: Paused) -> Step {
+        // On a pool worker, so the parallel loops inside start from one.
+        rayon::scope(|_| self.resume_in_pool(b, p))
+    }
+
+    fn resume_in_pool(&self, b: &BlockWeights, p: Paused) -> Step {
+        let cfg = &self.cfg;
+        let ctx = self.ctx(p.seqs);
+        let n = ctx.n;
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qw, kvw) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let Paused {
+            tap,
+            seqs,
+            rows,
+            mut resid,
+            mut input,
+        } = p;
+        if input.is_empty() {
+            input = self.recompute(b, tap, seqs, &resid);
+        }
+        let paused = |tap, resid, input| {
+            Step::Paused(Paused {
+                tap,
+                seqs,
+                rows,
+                resid,
+                input,
+            })
+        };
+        match tap {
+            Tap::Attention => {
+                let z = |k: usize| vec![0f32; k];
+                let (mut q, mut k, mut v) = (z(n * qw), z(n * kvw), z(n * kvw));
+                // Scratch K/V: one (kv_heads, seq_len, head_dim) slab per window.
+                let (mut kc, mut vc) = (z(n * kvw), z(n * kvw));
+                let mut out = z(n * qw);
+                ctx.attend(
+                    b, &input, &mut kc, &mut vc, &mut q, &mut k, &mut v, &mut out,
+                );
+                paused(Tap::AttentionOutput, resid, out)
+            }
+            Tap::AttentionOutput => {
+                let mut o = vec![0f32; n * h];
+                ctx.attn_out(b, &input, &mut o, &mut resid);
+                let mut xn = o;
+                math::rms_norm(&resid, &b.post_attn_norm, cfg.rms_norm_eps as f32, &mut xn);
+                paused(Tap::Mlp, resid, xn)
+            }
+            Tap::Mlp => {
+                let mut act = vec![0f32; n * inter];
+                let mut up = vec![0f32; n.min(MLP_TOKENS) * inter];
+                for t0 in (0..n).step_by(MLP_TOKENS) {
+                    let m = MLP_TOKENS.min(n - t0);
+                    ctx.gate_up(
+                        b,
+                        &input[t0 * h..(t0 + m) * h],
+                        m,
+                        &mut act[t0 * inter..(t0 + m) * inter],
+                        &mut up[..m * inter],
+                    );
+                }
+                paused(Tap::MlpDown, resid, act)
+            }
+            Tap::MlpDown => {
+                let mut o = vec![0f32; n * h];
+                for t0 in (0..n).step_by(MLP_TOKENS) {
+                    let m = MLP_TOKENS.min(n - t0);
+                    ctx.down(
+                        b,
+                        &input[t0 * inter..(t0 + m) * inter],
+                        m,
+                        &mut o[t0 * h..(t0 + m) * h],
+                    );
+                }
+                resid.iter_mut().zip(&o).for_each(|(x, d)| *x += d);
+                Step::Done(resid)
+            }
+        }
+    }
+
+    /// The input of `tap` from the residual `resid` of a paused forward (see
+    /// [`Paused::compact`]).
+    fn recompute(&self, b: &BlockWeights, tap: Tap, seqs: usize, resid: &[f32]) -> Vec<f32> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let norm = |w: &[f32]| {
+            let mut xn = vec![0f32; resid.len()];
+            math::rms_norm(resid, w, eps, &mut xn);
+            xn
+        };
+        let (rows, input_norm, mlp_norm) = (
+            resid.len() / self.cfg.hidden_size,
+            &b.input_norm,
+            &b.post_attn_norm,
+        );
+        let at = |tap, input| Paused {
+            tap,
+            seqs,
+            rows,
+            resid: resid.to_vec(),
+            input,
+        };
+        let step = match tap {
+            Tap::Attention => return norm(input_norm),
+            Tap::Mlp => return norm(mlp_norm),
+            // The residual is the block input: from the attention's input on.
+            Tap::AttentionOutput => self.resume_in_pool(b, at(Tap::Attention, norm(input_norm))),
+            // The residual is the post-attention stream: from gate/up's input on.
+            Tap::MlpDown => self.resume_in_pool(b, at(Tap::Mlp, norm(mlp_norm))),
+        };
+        match step {
+            Step::Paused(p) => p.input,
+            Step::Done(_) => unreachable!("a tap before the block output"),
+        }
+    }
+
+    /// Runs a paused forward to the block output with the weights of `b`.
+    pub fn finish(&self, b: &BlockWeights, mut p: Paused) -> Vec<f32> {
+        loop {
+            match self.resume(b, p) {
+                Step::Paused(next) => p = next,
+                Step::Done(y) => return y,
+            }
+        }
+    }
+
+    /// The whole block on `x (seqs * seq_len, hidden)`.
+    pub fn forward(&self, b: &BlockWeights, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(self.finish(b, self.begin(b, x)?))
+    }
+}
