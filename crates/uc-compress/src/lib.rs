@@ -11,6 +11,7 @@
 
 pub mod alloc;
 mod calib;
+pub mod memory;
 mod pipeline;
 mod target;
 
