@@ -11,6 +11,13 @@ use serde::Serialize;
 /// processes start near 10 MiB; this leaves room for rayon's pool and buffers).
 pub const BASE_BYTES: u64 = 64 << 20;
 
+/// The margin [`Phase::with_margin`] adds, in percent of the tracked terms. Set from
+/// measurements (scripts/bench_big.sh, docs/research-log.md 2026-12-03 evening): without
+/// it the estimate was 10% under the measured peak RSS of a 7B-shaped RTN compress
+/// (1.55 GiB vs 1.72 GiB) and 13% under a 1B-shaped calibrated one (4.54 vs 5.22 GiB);
+/// mimalloc, which uc runs with purging off, keeps freed blocks per thread.
+pub const MARGIN_PERCENT: u64 = 20;
+
 /// One named part of a phase's resident set.
 #[derive(Debug, Clone, Serialize)]
 pub struct Term {
@@ -32,6 +39,18 @@ pub struct Phase {
 }
 
 impl Phase {
+    /// A phase of the given terms plus a margin of [`MARGIN_PERCENT`] of their sum for
+    /// what the terms do not track (allocator retention, per-thread buffers, mapped
+    /// source pages).
+    pub fn with_margin(name: &str, mut terms: Vec<(String, u64)>) -> Self {
+        let tracked: u64 = terms.iter().map(|(_, b)| b).sum();
+        terms.push((
+            format!("allocator retention and untracked buffers ({MARGIN_PERCENT}% of the rest)"),
+            tracked * MARGIN_PERCENT / 100,
+        ));
+        Phase::new(name, terms)
+    }
+
     /// A phase of the given terms (zero terms dropped).
     pub fn new(name: &str, terms: Vec<(String, u64)>) -> Self {
         let terms: Vec<Term> = terms

@@ -145,7 +145,7 @@ pub fn estimate(
             act,
         ]
     };
-    Ok(MemoryEstimate::from_phases(vec![Phase::new(
+    Ok(MemoryEstimate::from_phases(vec![Phase::with_margin(
         if stream {
             "decode (streamed)"
         } else {
