@@ -17,7 +17,7 @@
 #   run7b     uc bench --stream-layers --max-memory 1500M on pack A (random prompt ids:
 #             no tokenizer matches a 32000-id vocabulary here; 16 prompt tokens, 8
 #             decoded, one warm-up + one timed run; MIMALLOC_ALLOW_THP=0 as bench_run.sh)
-#   rtn1b     1B RTN compress --max-memory 3G
+#   rtn1b     1B RTN compress --max-memory 3500M
 #   calib1b   1B default (calibrated) compress --calib-sotu assets/sotu
 #             --max-memory ${CALIB1B_MAX_MEMORY:-3G} (CALIB1B_ARGS adds arguments, e.g.
 #             "--calib-seqs 8")
@@ -158,7 +158,9 @@ stage_run7b() {
 
 stage_rtn1b() {
     rm -rf "$SCRATCH/p1b-rtn"
-    timed rtn1b "$UC" compress "$M1" -o "$SCRATCH/p1b-rtn" --method rtn --max-memory 3G --json
+    # (the recorded run used 3G, planned before the estimate had its margin; with the
+    # margin the plan is 3.34 GiB and 3G is refused: results/big/plan.json)
+    timed rtn1b "$UC" compress "$M1" -o "$SCRATCH/p1b-rtn" --method rtn --max-memory 3500M --json
 }
 
 stage_calib1b() {
