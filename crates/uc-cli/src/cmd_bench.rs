@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// A hard memory budget, e.g. 1500M or 2G (K/M/G/T = 1024^k bytes), planned
+    /// before loading as for `uc run --max-memory`; reported with the estimate.
+    #[arg(long, value_name = "SIZE", value_parser = uc_format::memory::parse_size)]
+    max_memory: Option<u64>,
     /// Also write the JSON report to this file.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -89,6 +93,8 @@ struct Report {
     peak_rss_mib: Option<f64>,
     /// RSS right after loading, MiB.
     rss_after_load_mib: Option<f64>,
+    /// `--max-memory` and the estimated peak (bytes), with its terms.
+    memory: serde_json::Value,
     machine: Machine,
 }
 
@@ -106,11 +112,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         Verify::Full
     };
+    let capacity = settings.prompt_len + settings.gen + 1;
+    let memory = crate::cmd_run::memory_plan(
+        &a.model,
+        capacity,
+        settings.prompt_len,
+        a.stream_layers,
+        a.max_memory,
+    )?;
     let t = Instant::now();
     let loader = weights::open(&a.model, verify)
         .with_context(|| format!("opening model {}", a.model.display()))?;
     let cfg = loader.config().clone();
-    let capacity = settings.prompt_len + settings.gen + 1;
     let mut dec = Decoder::new(
         loader.clone(),
         DecoderOptions {
@@ -144,6 +157,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         timings,
         peak_rss_mib: bench::peak_rss_mib(),
         rss_after_load_mib,
+        memory,
         machine: Machine::detect(rayon::current_num_threads(), dec.isa()),
     };
     if let Some(out) = &a.out {

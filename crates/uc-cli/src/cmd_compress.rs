@@ -114,6 +114,13 @@ pub struct CompressArgs {
     /// (0.1: ten times the error-feedback damping, docs/research-log.md).
     #[arg(long, default_value_t = 0.1)]
     target_damp: f64,
+    /// A hard memory budget, e.g. 2G or 1500M (K/M/G/T = 1024^k bytes): the peak
+    /// resident set is estimated from the model's shapes and the settings before
+    /// anything is written, and a run whose estimate exceeds SIZE is refused, naming
+    /// what does not fit. Not built yet: spilling calibration activations to disk (a
+    /// calibrated run that does not fit needs fewer --calib-seqs or a shorter --calib-len).
+    #[arg(long, value_name = "SIZE", value_parser = uc_format::memory::parse_size)]
+    max_memory: Option<u64>,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -242,6 +249,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         target_damp: a.target_damp,
         auto_shrink: a.shrink == Shrink::Auto,
     };
+    let memory = memory_plan(&a, &opts)?;
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
     // are written, so tests can exercise resume at an exact point.
     let abort_after: Option<usize> = std::env::var("UC_TEST_ABORT_AFTER_BLOCKS")
@@ -292,6 +300,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
             "calibration_seconds": calibration_seconds,
             "probe_seconds": summary.probe_seconds,
             "resumed_blocks": summary.resumed_blocks,
+            "memory": memory,
             "tensors": summary.tensors,
             "blocks": summary.blocks,
         }));
@@ -321,6 +330,29 @@ pub fn run(a: CompressArgs) -> Result<()> {
         ))?;
     }
     output::line(&format!("fingerprint {}", m.fingerprint))
+}
+
+/// The memory plan of this run: the estimate, checked against `--max-memory` (a run
+/// that does not fit is refused here, before the pack directory is created or touched).
+fn memory_plan(a: &CompressArgs, opts: &uc_compress::Options) -> Result<serde_json::Value> {
+    let cfg = uc_model::config::ModelConfig::from_file(&a.src.join("config.json"))
+        .with_context(|| format!("reading {}", a.src.display()))?;
+    let tokens: u64 = opts
+        .calibration
+        .as_ref()
+        .map_or(0, |c| c.sources.iter().map(|s| s.tokens.len() as u64).sum());
+    let est = uc_compress::memory::estimate(&cfg, opts, tokens);
+    if let Some(budget) = a.max_memory {
+        if let Err(msg) = est.check(budget) {
+            anyhow::bail!("--max-memory: compressing {} {msg}", a.src.display());
+        }
+    }
+    Ok(serde_json::json!({
+        "max_memory_bytes": a.max_memory,
+        "estimate_peak_bytes": est.peak_bytes,
+        "estimate_phase": est.peak_phase,
+        "estimate": est,
+    }))
 }
 
 /// SOTU corpus directory used for calibration when no set and no text is named.

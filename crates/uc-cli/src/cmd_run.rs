@@ -53,6 +53,12 @@ pub struct RunArgs {
     /// Print timings to stderr at the end.
     #[arg(long)]
     stats: bool,
+    /// A hard memory budget, e.g. 1500M or 2G (K/M/G/T = 1024^k bytes): the peak
+    /// resident set (weights as held, KV cache, activations) is estimated before the
+    /// model is loaded, and a run whose estimate exceeds SIZE is refused, naming what
+    /// does not fit (try --stream-layers).
+    #[arg(long, value_name = "SIZE", value_parser = uc_format::memory::parse_size)]
+    max_memory: Option<u64>,
 }
 
 /// mimalloc's `mi_option_purge_delay` (see main.rs; the crate does not name it).
@@ -84,6 +90,37 @@ pub fn set_threads(n: Option<usize>) -> Result<()> {
             .context("setting up the thread pool")?;
     }
     Ok(())
+}
+
+/// The memory plan of a decoder over `model`: the estimate, checked against
+/// `max_memory` before anything is loaded (a run that does not fit is refused).
+pub fn memory_plan(
+    model: &std::path::Path,
+    capacity: usize,
+    prompt: usize,
+    stream: bool,
+    max_memory: Option<u64>,
+) -> Result<serde_json::Value> {
+    let cfg = uc_model::config::ModelConfig::from_file(&model.join("config.json"))
+        .with_context(|| format!("reading the config of {}", model.display()))?;
+    let est = uc_runtime::memory::estimate(model, &cfg, capacity, prompt, stream)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", model.display()))?;
+    if let Some(budget) = max_memory {
+        if let Err(msg) = est.check(budget) {
+            let hint = if stream {
+                ""
+            } else {
+                " (--stream-layers keeps weights on disk)"
+            };
+            bail!("--max-memory: running {} {msg}{hint}", model.display());
+        }
+    }
+    Ok(serde_json::json!({
+        "max_memory_bytes": max_memory,
+        "estimate_peak_bytes": est.peak_bytes,
+        "estimate_phase": est.peak_phase,
+        "estimate": est,
+    }))
 }
 
 /// ChatML: the format of SmolLM2-Instruct and Qwen chat models.
@@ -121,10 +158,11 @@ pub fn run(a: RunArgs) -> Result<()> {
     } else {
         Verify::Full
     };
+    let capacity = ids.len() + a.max_tokens;
+    let memory = memory_plan(&a.model, capacity, ids.len(), a.stream_layers, a.max_memory)?;
     let loader = weights::open(&a.model, verify)
         .with_context(|| format!("opening model {}", a.model.display()))?;
     let max_ctx = loader.config().max_position_embeddings;
-    let capacity = ids.len() + a.max_tokens;
     if capacity > max_ctx {
         bail!("prompt ({} tokens) + --max-tokens {} exceeds the model's context of {max_ctx} positions", ids.len(), a.max_tokens);
     }
@@ -180,6 +218,15 @@ pub fn run(a: RunArgs) -> Result<()> {
             stats.prompt_tokens as f64 / stats.prefill_s.max(1e-9),
             stats.ttft_s * 1e3,
             decode
+        );
+        eprintln!(
+            "[peak RSS {:.0} MiB; estimated peak {:.0} MiB{}]",
+            uc_runtime::bench::peak_rss_mib().unwrap_or(f64::NAN),
+            memory["estimate_peak_bytes"].as_f64().unwrap_or(f64::NAN) / (1u64 << 20) as f64,
+            match a.max_memory {
+                Some(b) => format!(", budget {:.0} MiB", b as f64 / (1u64 << 20) as f64),
+                None => String::new(),
+            }
         );
     }
     Ok(())

@@ -14,6 +14,7 @@
 
 pub mod alloc;
 mod calib;
+pub mod memory;
 mod pipeline;
 mod target;
 

@@ -24,6 +24,7 @@ mod container;
 mod error;
 mod hash;
 mod manifest;
+pub mod memory;
 mod pack;
 pub mod rng;
 mod writer;

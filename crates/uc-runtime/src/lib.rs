@@ -23,6 +23,7 @@
 //! - [`sampler`]: greedy / temperature / top-p with a seeded PRNG.
 //! - [`generate`]: the generation loop, stop tokens, streaming detokenization.
 //! - [`bench`]: time to first token, prefill / decode throughput, peak RSS, machine.
+//! - [`memory`]: the peak resident set estimated before loading (`--max-memory`).
 #![deny(missing_docs)]
 
 pub mod bench;
@@ -33,6 +34,7 @@ pub mod generate;
 pub mod kernels;
 pub mod kv;
 pub mod linear;
+pub mod memory;
 pub mod rotary;
 pub mod sampler;
 pub mod staged;

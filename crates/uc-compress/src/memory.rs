@@ -1,0 +1,186 @@
+//! The memory plan of a compression: an estimate of the peak resident set, made from
+//! the model's shapes and the options before anything is computed, so that
+//! `uc compress --max-memory SIZE` can refuse a run that would not fit, naming the
+//! phase and the terms that do not.
+//!
+//! The estimate follows what [`crate::compress`] holds at each phase (the terms below
+//! name them) plus a margin for what they do not track
+//! ([`uc_format::memory::MARGIN_PERCENT`]); it is a model, not a measurement, and
+//! `scripts/bench_big.sh` compares it with the measured peak RSS on real-size shapes
+//! (results/big_7b.json, results/big_1b.json).
+//! When the pipeline changes what it keeps resident, this module must change with it.
+//!
+//! Not planned for (not built): spilling calibration activations to disk when they do
+//! not fit. A calibrated run whose activations exceed the budget is refused; the user
+//! can lower `--calib-seqs` / `--calib-len`.
+
+use crate::{Method, Options};
+use uc_codec::CodecSpec;
+use uc_format::memory::{MemoryEstimate, Phase, BASE_BYTES};
+use uc_model::config::ModelConfig;
+
+/// A block linear: name, rows, cols.
+fn block_linears(cfg: &ModelConfig) -> [(&'static str, u64, u64); 7] {
+    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let q = (cfg.num_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
+    [
+        ("q_proj", q, h),
+        ("k_proj", kv, h),
+        ("v_proj", kv, h),
+        ("o_proj", h, q),
+        ("gate_proj", i, h),
+        ("up_proj", i, h),
+        ("down_proj", h, i),
+    ]
+}
+
+/// Stored bytes of a rows x cols tensor under `spec` (codes, scales, codebook).
+fn stored(spec: &CodecSpec, rows: u64, cols: u64) -> u64 {
+    spec.stored_bytes(rows as usize, cols as usize)
+        .unwrap_or(rows * cols)
+}
+
+/// Resident bytes while one tensor of `n` elements is encoded without calibration and
+/// checked: its f32 weights, the unpacked codes (one byte each), the packed entries
+/// (twice: the encoder's and the container's copy), and the f32 reconstruction the
+/// error is measured on. (On SmolLM2-135M, whose peak is its 49152 x 576 embedding, the
+/// same term without the second copy of the entries came out 10% under the measured
+/// peak RSS.)
+fn rtn_tensor(n: u64, packed: u64) -> u64 {
+    4 * n + n + 2 * packed + 4 * n
+}
+
+/// The estimate for compressing a model of config `cfg` with `opts`; `calib_tokens` is
+/// the number of tokens of the tokenized calibration sources (resident as u32 for the
+/// whole run; 0 without calibration).
+pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryEstimate {
+    let h = cfg.hidden_size as u64;
+    let i = cfg.intermediate_size as u64;
+    let vocab = cfg.vocab_size as u64;
+    let q = (cfg.num_heads * cfg.head_dim) as u64;
+    let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
+    let lin = block_linears(cfg);
+    let block_params: u64 = lin.iter().map(|(_, r, c)| r * c).sum();
+    // With a budget any tensor may get the widest codes; plan for them.
+    let body = match opts.budget_bpw {
+        Some(_) => CodecSpec {
+            bits: *crate::BUDGET_BITS.iter().max().expect("bits"),
+            ..opts.body
+        },
+        None => opts.body,
+    };
+    let block_packed: u64 = lin.iter().map(|(_, r, c)| stored(&body, *r, *c)).sum();
+    let (widest_name, wr, wc) = *lin
+        .iter()
+        .max_by_key(|(_, r, c)| r * c)
+        .expect("seven linears");
+    let widest = wr * wc;
+    let embed_packed = stored(&opts.embed, vocab, h);
+    let heads_packed = if cfg.tie_word_embeddings {
+        embed_packed
+    } else {
+        2 * embed_packed
+    };
+    let base = ("process baseline".to_string(), BASE_BYTES);
+    let tokens = (
+        "tokenized calibration text (u32)".to_string(),
+        4 * calib_tokens,
+    );
+
+    let calibrated = opts.method == Method::Gptq;
+    let mut phases = Vec::new();
+    // Globals: embedding, then the untied head, each as one tensor; the embedding's
+    // entries stay in the container while the head is encoded.
+    let mut globals = vec![
+        base.clone(),
+        tokens.clone(),
+        (
+            format!("encoding the {vocab} x {h} embedding/head (f32 weights + codes + f32 reconstruction)"),
+            rtn_tensor(vocab * h, embed_packed) - embed_packed,
+        ),
+        ("embedding/head entries in the globals container".into(), heads_packed),
+    ];
+    let mut tokens_m = 0;
+    if let (true, Some(cal)) = (calibrated, &opts.calibration) {
+        tokens_m = (cal.n_seqs * cal.seq_len) as u64;
+        // The teacher and quantized streams are still held when the globals are encoded.
+        globals.push((
+            format!("teacher + quantized hidden states ({tokens_m} tokens x {h}, f32)"),
+            2 * 4 * tokens_m * h,
+        ));
+    }
+    phases.push(Phase::with_margin("globals", globals));
+
+    if !calibrated {
+        phases.push(Phase::with_margin(
+            "block",
+            vec![
+                base,
+                tokens,
+                (
+                    format!("encoding the largest block linear, {widest_name} {wr} x {wc} (f32 weights + codes + f32 reconstruction)"),
+                    rtn_tensor(widest, stored(&body, wr, wc)) - stored(&body, wr, wc),
+                ),
+                ("one block's packed entries (container)".into(), block_packed),
+            ],
+        ));
+        return MemoryEstimate::from_phases(phases);
+    }
+
+    // Calibrated: the stream start loads the globals dense to embed the windows.
+    let dense_globals = if cfg.tie_word_embeddings { 1 } else { 2 } * vocab * h * 4;
+    phases.push(Phase::with_margin(
+        "stream start",
+        vec![
+            base.clone(),
+            tokens.clone(),
+            ("embedding (and head) as f32".into(), dense_globals),
+            (
+                format!("embedded windows ({tokens_m} tokens x {h}, f32)"),
+                2 * 4 * tokens_m * h,
+            ),
+        ],
+    ));
+    let chunk_tokens = tokens_m.min(4 * opts.calibration.as_ref().map_or(0, |c| c.seq_len as u64));
+    let seq = opts.calibration.as_ref().map_or(0, |c| c.seq_len as u64);
+    let chunk_windows = chunk_tokens / seq.max(1);
+    let cols = h.max(q).max(i);
+    let gram_count = if opts.teacher_target { 2 } else { 1 } * if opts.auto_shrink { 2 } else { 1 };
+    phases.push(Phase::with_margin(
+        "block",
+        vec![
+            base,
+            tokens,
+            (
+                format!("one block's weights, teacher + quantized copy ({block_params} params, f32)"),
+                2 * 4 * block_params,
+            ),
+            (
+                format!("calibration activations: teacher, quantized, next and output streams ({tokens_m} tokens x {h}, f32)"),
+                4 * 4 * tokens_m * h,
+            ),
+            (
+                format!("calibration activations: the paused quantized forward (residual + widest input, {tokens_m} tokens, f32)"),
+                4 * tokens_m * (h + cols),
+            ),
+            (
+                // Teacher and student advance chunk by chunk while the Gram matrices are
+                // summed, so the teacher's linear inputs are never held for all chunks;
+                // attention is tiled (no seq x seq scores), K/V scratch per window.
+                format!("forward temporaries of one chunk ({chunk_windows} windows: MLP, projections, K/V scratch)"),
+                4 * chunk_tokens * (3 * i + 3 * h + q + 2 * kv) + 4 * chunk_windows * 2 * seq * kv,
+            ),
+            (
+                format!("Gram matrices of the widest stage input ({cols} x {cols}, f64)"),
+                gram_count * 8 * cols * cols,
+            ),
+            (
+                format!("solver workspace for {widest_name} (3 Gram-sized f64 factors, f64 copies of the weight, f32 weights/target/reconstruction, codes)"),
+                3 * 8 * cols * cols + 3 * 8 * widest + 3 * 4 * widest + widest,
+            ),
+            ("one block's packed entries (container)".into(), block_packed),
+        ],
+    ));
+    MemoryEstimate::from_phases(phases)
+}
