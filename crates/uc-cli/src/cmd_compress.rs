@@ -170,9 +170,19 @@ fn compress_allocator() {
     // SAFETY: mi_option_set only stores an integer in mimalloc's option table; both
     // options are documented as settable at run time.
     unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, purge_delay_ms());
         libmimalloc_sys::mi_option_set(libmimalloc_sys::mi_option_large_os_pages, 0);
     }
+}
+
+/// [`PURGE_DELAY_MS`], or `UC_PURGE_DELAY_MS` from the environment (a benchmark knob:
+/// scripts/bench_purge_delay.sh weighs wall time against peak RSS with it).
+fn purge_delay_ms() -> std::os::raw::c_long {
+    std::env::var("UC_PURGE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&ms: &std::os::raw::c_long| ms >= 0)
+        .unwrap_or(PURGE_DELAY_MS)
 }
 
 pub fn run(a: CompressArgs) -> Result<()> {
