@@ -451,14 +451,21 @@ pub fn compress(
                 dense_into(&ck, &mut c, &format!("{p}.{lin}.bias"), Role::Other)?;
             }
         }
+        // The family's norms (required: a missing one is an error naming it, not a pack
+        // that cannot run), in the order Llama-family packs have always been written.
+        let slots = uc_model::names::block_norms(cfg.norm_layout);
+        let qk = cfg.qk_norm != uc_model::config::QkNorm::None;
         for norm in [
             "input_layernorm",
             "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
             "self_attn.q_norm",
             "self_attn.k_norm",
         ] {
             let name = format!("{p}.{norm}.weight");
-            if ck.contains(&name) {
+            let required = slots.contains(&Some(norm)) || (qk && norm.starts_with("self_attn."));
+            if required || ck.contains(&name) {
                 dense_into(&ck, &mut c, &name, Role::Norm)?;
             }
         }
@@ -514,6 +521,7 @@ fn embed(ck: &Checkpoint, ids: &[u32]) -> Result<Vec<f32>> {
     if shape != [vocab, h] {
         return Err(uc_model::ModelError::ShapeMismatch {
             name: EMBED.into(),
+            file: ck.file_of(EMBED).unwrap_or(ck.dir()).to_path_buf(),
             found: shape,
             expected: vec![vocab, h],
         }
@@ -530,6 +538,8 @@ fn embed(ck: &Checkpoint, ids: &[u32]) -> Result<Vec<f32>> {
         )?;
         x.extend_from_slice(row);
     }
+    // The decoder's own embedding step (Gemma scales it).
+    uc_runtime::scale_embedding(cfg, &mut x);
     Ok(x)
 }
 

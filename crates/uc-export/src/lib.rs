@@ -197,6 +197,15 @@ pub fn export_safetensors(
     dtype: Dtype,
 ) -> Result<ExportReport, ExportError> {
     let (src, fingerprint) = verified(pack)?;
+    if src.config().fused_projections() {
+        // The pack holds Phi-3's fused projections split (uc-model's checkpoint reader
+        // splits them on load); transformers' Phi3 reads only qkv_proj / gate_up_proj.
+        return Err(ExportError::Unsupported(
+            "Phi-3 checkpoints (re-fusing q/k/v into qkv_proj and gate/up into gate_up_proj \
+             is not built)"
+                .into(),
+        ));
+    }
     let tmp = staging(out)?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
@@ -353,6 +362,12 @@ fn gguf_arch(cfg: &ModelConfig) -> Result<Arch, ExportError> {
         )),
         Family::Qwen2 => Ok(Arch::Qwen2),
         Family::Qwen3 => Ok(Arch::Qwen3),
+        Family::Olmo2 | Family::Phi3 | Family::Gemma2 | Family::Gemma3 => {
+            Err(ExportError::Unsupported(format!(
+                "GGUF export of {:?} (only the Llama family: llama, mistral, qwen2, qwen3)",
+                cfg.family
+            )))
+        }
     }
 }
 

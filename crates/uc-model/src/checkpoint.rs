@@ -5,6 +5,13 @@
 //! once (by the `safetensors` crate, which checks offsets and coverage); a tensor's
 //! bytes are converted to f32 only when asked for, so a model larger than RAM can be
 //! walked one tensor at a time.
+//!
+//! Fused projections (Phi-3's `qkv_proj` `(q + 2 kv, hidden)` and `gate_up_proj`
+//! `(2 inter, hidden)`) are split on open: a row-major tensor's row blocks are contiguous
+//! byte ranges, so q/k/v and gate/up become ordinary entries (sub-ranges of the fused
+//! tensor's bytes, nothing copied) under the usual seven names, and the fused names
+//! disappear. Every reader past this point (runtime loader, compressor, pack) sees seven
+//! linears.
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -96,6 +103,9 @@ impl Checkpoint {
             }
             shards.push(Shard { path, map });
         }
+        if config.fused_projections() {
+            split_fused(dir, &config, &shards, &mut tensors)?;
+        }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -103,6 +113,13 @@ impl Checkpoint {
             tensors,
             fingerprint: OnceLock::new(),
         })
+    }
+
+    /// The weight file holding tensor `name`, if any.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors
+            .get(name)
+            .map(|t| self.shards[t.shard].path.as_path())
     }
 
     /// The checkpoint directory.
@@ -152,6 +169,65 @@ impl Checkpoint {
         }
         Ok((values, info.shape.clone()))
     }
+}
+
+/// Replaces every block's fused projections by their row blocks (see the module doc):
+/// `qkv_proj` -> `q_proj`, `k_proj`, `v_proj`; `gate_up_proj` -> `gate_proj`, `up_proj`.
+/// A missing fused tensor or one of the wrong shape is an error naming it and its file.
+fn split_fused(
+    dir: &Path,
+    cfg: &ModelConfig,
+    shards: &[Shard],
+    tensors: &mut BTreeMap<String, TensorInfo>,
+) -> Result<()> {
+    use crate::names::{block_prefix, BLOCK_LINEARS, FUSED_GATE_UP, FUSED_QKV};
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    for layer in 0..cfg.num_layers {
+        let p = block_prefix(layer);
+        for (fused, parts) in [
+            (FUSED_QKV, &[(0, q), (1, kv), (2, kv)][..]),
+            (FUSED_GATE_UP, &[(4, i), (5, i)][..]),
+        ] {
+            let name = format!("{p}.{fused}.weight");
+            let info = tensors
+                .remove(&name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    name: name.clone(),
+                    dir: dir.to_path_buf(),
+                })?;
+            let rows: usize = parts.iter().map(|(_, r)| r).sum();
+            if info.shape != [rows, h] {
+                return Err(ModelError::ShapeMismatch {
+                    name,
+                    file: shards[info.shard].path.clone(),
+                    found: info.shape,
+                    expected: vec![rows, h],
+                });
+            }
+            let row_bytes = h * info.dtype.bitsize() / 8;
+            let mut start = info.range.start;
+            for &(k, r) in parts {
+                let part = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
+                let entry = TensorInfo {
+                    shape: vec![r, h],
+                    range: start..start + r * row_bytes,
+                    ..info.clone()
+                };
+                start += r * row_bytes;
+                if tensors.insert(part.clone(), entry).is_some() {
+                    return Err(ModelError::BadSafetensors {
+                        path: shards[info.shard].path.clone(),
+                        reason: format!("both {name} and {part} are present"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Drops the mapped pages of `range` from the resident set once a tensor has been copied

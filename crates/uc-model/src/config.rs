@@ -1,7 +1,15 @@
-//! `config.json` of a Hugging Face Llama-family checkpoint, parsed and checked.
+//! `config.json` of a Hugging Face dense decoder checkpoint, parsed and checked: the
+//! Llama family (llama, mistral, qwen2, qwen3) and OLMo-2, Phi-3, Gemma-2, Gemma-3 (text).
+//!
+//! Every family difference the engine needs is turned into data here (norm layout, q/k
+//! norm width, activation, embedding scale, attention scale and soft-caps, per-layer
+//! sliding window and rotary settings), so the forward pass switches on fields, never on
+//! the family name.
 //!
 //! Accepts both spellings of the rotary settings: transformers <= 4 writes
-//! `rope_theta` + `rope_scaling`, transformers 5 writes one `rope_parameters` object.
+//! `rope_theta` + `rope_scaling` (Gemma-3: + `rope_local_base_freq`, Phi-3: +
+//! `partial_rotary_factor`), transformers 5 writes one `rope_parameters` object (Gemma-3:
+//! one per layer type, `full_attention` and `sliding_attention`).
 
 use crate::error::{ModelError, Result};
 use serde::Deserialize;
@@ -19,9 +27,67 @@ pub enum Family {
     Qwen2,
     /// Qwen3 (RMSNorm on q and k per head).
     Qwen3,
+    /// OLMo-2: norms on the attention / MLP outputs, q/k RMSNorm over the whole
+    /// projection.
+    Olmo2,
+    /// Phi-3: fused qkv and gate_up projections (split on load), partial rotary.
+    Phi3,
+    /// Gemma-2: GeGLU, `(1 + w)` sandwich norms, scaled embedding, soft-capping,
+    /// alternating sliding-window layers.
+    Gemma2,
+    /// Gemma-3 (text): Gemma-2's block plus per-head q/k norms and local/global rotary.
+    Gemma3,
 }
 
-const SUPPORTED: &str = "llama, mistral, qwen2, qwen3";
+const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text";
+
+/// Where a block's RMSNorms sit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormLayout {
+    /// Before attention and before the MLP (Llama family, Phi-3).
+    Pre,
+    /// After attention and after the MLP, on their outputs before the residual add; no
+    /// input norms (OLMo-2).
+    Post,
+    /// Both: before and after attention and the MLP (Gemma-2/3).
+    Sandwich,
+}
+
+impl NormLayout {
+    /// Which of the four norm slots (attention input, attention output, MLP input, MLP
+    /// output) this layout has.
+    pub fn slots(self) -> [bool; 4] {
+        match self {
+            NormLayout::Pre => [true, false, true, false],
+            NormLayout::Post => [false, true, false, true],
+            NormLayout::Sandwich => [true, true, true, true],
+        }
+    }
+}
+
+/// RMSNorm on the query and key projections before rotary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QkNorm {
+    /// None.
+    None,
+    /// Over each head, weight `(head_dim,)` (qwen3, gemma3).
+    PerHead,
+    /// Over the whole projection of a token, weights `(heads * head_dim,)` and
+    /// `(kv_heads * head_dim,)` (OLMo-2).
+    Whole,
+}
+
+/// The MLP's gate activation: `act(gate(x)) * up(x)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// SiLU (SwiGLU).
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`; GeGLU).
+    GeluTanh,
+}
 
 impl Family {
     fn from_model_type(t: &str) -> Option<Self> {
@@ -30,6 +96,10 @@ impl Family {
             "mistral" => Some(Family::Mistral),
             "qwen2" => Some(Family::Qwen2),
             "qwen3" => Some(Family::Qwen3),
+            "olmo2" => Some(Family::Olmo2),
+            "phi3" => Some(Family::Phi3),
+            "gemma2" => Some(Family::Gemma2),
+            "gemma3_text" => Some(Family::Gemma3),
             _ => None,
         }
     }
@@ -42,6 +112,8 @@ pub struct Rope {
     pub theta: f64,
     /// Llama-3 style frequency scaling, when configured.
     pub llama3: Option<Llama3Scaling>,
+    /// Linear scaling (`rope_type: "linear"`): frequencies divided by this factor.
+    pub linear: Option<f64>,
 }
 
 /// Llama-3 rotary scaling (`rope_type: "llama3"`).
@@ -86,8 +158,60 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections have biases (qwen2, or `attention_bias: true`).
     pub attention_bias: bool,
-    /// Sliding attention window, when the model uses one.
+    /// Sliding attention window, when the model uses one (on the layers of
+    /// `sliding_layers`).
     pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends within `sliding_window` (all layers for mistral,
+    /// qwen2/3 with `use_sliding_window`, phi3; alternating for gemma).
+    pub sliding_layers: Vec<bool>,
+    /// Rotary settings of the sliding layers when they differ (gemma3's local theta).
+    pub local_rope: Option<Rope>,
+    /// Leading dimensions of each head that are rotated (`head_dim *
+    /// partial_rotary_factor`; all of them unless configured).
+    pub rotary_dim: usize,
+    /// Where the block's norms sit.
+    pub norm_layout: NormLayout,
+    /// Norm weights are stored as `w` and applied as `1 + w` (gemma).
+    pub norm_unit_offset: bool,
+    /// q/k RMSNorm.
+    pub qk_norm: QkNorm,
+    /// MLP activation.
+    pub activation: Activation,
+    /// Multiplier of the token embedding (gemma: `sqrt(hidden)` rounded to the
+    /// checkpoint's dtype, as transformers computes it).
+    pub embed_scale: Option<f32>,
+    /// Attention scores are `q.k / sqrt(attn_scalar)`: `head_dim`, or gemma's
+    /// `query_pre_attn_scalar`.
+    pub attn_scalar: f64,
+    /// Attention scores soft-capped as `c * tanh(s / c)` (gemma2).
+    pub attn_softcap: Option<f64>,
+    /// Logits soft-capped likewise (gemma2).
+    pub final_softcap: Option<f64>,
+}
+
+impl ModelConfig {
+    /// The sliding window of block `layer`, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        match self.sliding_layers.get(layer) {
+            Some(true) => self.sliding_window,
+            _ => None,
+        }
+    }
+
+    /// The rotary settings of block `layer`.
+    pub fn rope_of(&self, layer: usize) -> &Rope {
+        match (&self.local_rope, self.sliding_layers.get(layer)) {
+            (Some(local), Some(true)) => local,
+            _ => &self.rope,
+        }
+    }
+
+    /// Whether `q_proj`/`k_proj`/`v_proj` and `gate_proj`/`up_proj` are stored fused in
+    /// the checkpoint (`qkv_proj`, `gate_up_proj`; phi3): the checkpoint reader splits
+    /// them (see `checkpoint`).
+    pub fn fused_projections(&self) -> bool {
+        self.family == Family::Phi3
+    }
 }
 
 /// The raw keys we read; anything else in config.json is ignored.
@@ -110,6 +234,18 @@ struct Raw {
     attention_bias: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
+    sliding_window_pattern: Option<usize>,
+    rope_local_base_freq: Option<f64>,
+    partial_rotary_factor: Option<f64>,
+    hidden_act: Option<String>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
+    torch_dtype: Option<String>,
+    dtype: Option<String>,
 }
 
 /// Upper bound on any one dimension: a header that asks for more is corrupt, and
@@ -184,14 +320,69 @@ impl ModelConfig {
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
             return Err(bad(format!("rms_norm_eps {rms_norm_eps} must be positive")));
         }
-        let rope = parse_rope(&raw).map_err(bad)?;
+        let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+        let (rope, local_rope) = parse_ropes(&raw, family).map_err(&bad)?;
         let sliding_window = match family {
-            Family::Mistral => raw.sliding_window,
+            Family::Mistral | Family::Phi3 => raw.sliding_window,
             Family::Qwen2 | Family::Qwen3 if raw.use_sliding_window == Some(true) => {
                 raw.sliding_window
             }
+            Family::Gemma2 | Family::Gemma3 => raw.sliding_window,
             _ => None,
         };
+        if sliding_window == Some(0) {
+            return Err(bad(
+                "sliding_window = 0: a window must hold at least one key".into(),
+            ));
+        }
+        let sliding_layers = sliding_layers(&raw, family, num_layers).map_err(&bad)?;
+        let rotary_dim = rotary_dim(&raw, head_dim).map_err(&bad)?;
+        let (norm_layout, qk_norm) = match family {
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 => {
+                (NormLayout::Pre, QkNorm::None)
+            }
+            Family::Qwen3 => (NormLayout::Pre, QkNorm::PerHead),
+            Family::Olmo2 => (NormLayout::Post, QkNorm::Whole),
+            Family::Gemma2 => (NormLayout::Sandwich, QkNorm::None),
+            Family::Gemma3 => (NormLayout::Sandwich, QkNorm::PerHead),
+        };
+        let activation = activation(&raw, family).map_err(&bad)?;
+        let attention_bias = raw.attention_bias.unwrap_or(family == Family::Qwen2);
+        if attention_bias && (gemma || matches!(family, Family::Olmo2 | Family::Phi3)) {
+            // These families put the bias on o_proj too, which the engine does not carry.
+            return Err(bad(format!(
+                "attention_bias = true is not supported for model_type {model_type:?} (o_proj bias)"
+            )));
+        }
+        if gemma && raw.use_bidirectional_attention == Some(true) {
+            return Err(bad(
+                "use_bidirectional_attention = true is not supported (causal decoders only)".into(),
+            ));
+        }
+        let positive = |v: Option<f64>, key: &str| -> Result<Option<f64>> {
+            match v {
+                Some(x) if !(x.is_finite() && x > 0.0) => {
+                    Err(bad(format!("{key} = {x} must be a positive number")))
+                }
+                v => Ok(v),
+            }
+        };
+        let (attn_scalar, attn_softcap, final_softcap) = if gemma {
+            (
+                positive(raw.query_pre_attn_scalar, "query_pre_attn_scalar")?
+                    .unwrap_or(head_dim as f64),
+                positive(raw.attn_logit_softcapping, "attn_logit_softcapping")?,
+                positive(raw.final_logit_softcapping, "final_logit_softcapping")?,
+            )
+        } else {
+            (head_dim as f64, None, None)
+        };
+        let embed_scale = gemma.then(|| {
+            embed_scale(
+                hidden_size,
+                raw.dtype.as_deref().or(raw.torch_dtype.as_deref()),
+            )
+        });
         Ok(ModelConfig {
             family,
             hidden_size,
@@ -204,24 +395,184 @@ impl ModelConfig {
             rms_norm_eps,
             rope,
             max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            attention_bias: raw.attention_bias.unwrap_or(family == Family::Qwen2),
+            // Gemma's configs default to a tied head (and its checkpoints carry no lm_head).
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
+            attention_bias,
             sliding_window,
+            sliding_layers,
+            local_rope,
+            rotary_dim,
+            norm_layout,
+            norm_unit_offset: gemma,
+            qk_norm,
+            activation,
+            embed_scale,
+            attn_scalar,
+            attn_softcap,
+            final_softcap,
         })
     }
 }
 
-/// Rotary settings from either config spelling.
-fn parse_rope(raw: &Raw) -> std::result::Result<Rope, String> {
-    // transformers 5: everything in rope_parameters; transformers 4: rope_theta + rope_scaling.
-    let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
-    let theta = raw
+/// `sqrt(hidden)` as transformers' Gemma computes it: an f32 scalar cast to the
+/// embedding's dtype (`dtype` / `torch_dtype` of config.json), e.g. sqrt(2304) = 48 exactly
+/// but sqrt(640) = 25.298 -> 25.25 in bf16. The checkpoint was trained with that rounding.
+fn embed_scale(hidden: usize, dtype: Option<&str>) -> f32 {
+    let s = (hidden as f64).sqrt() as f32;
+    match dtype {
+        Some("bfloat16") => half::bf16::from_f32(s).to_f32(),
+        Some("float16") => half::f16::from_f32(s).to_f32(),
+        _ => s,
+    }
+}
+
+/// The MLP activation; an explicit activation the family does not use is an error,
+/// never silently replaced.
+fn activation(raw: &Raw, family: Family) -> std::result::Result<Activation, String> {
+    let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+    // Gemma's modeling code reads hidden_activation; configs on the Hub carry both keys.
+    let (key, act) = match (gemma, &raw.hidden_activation, &raw.hidden_act) {
+        (true, Some(a), _) => ("hidden_activation", a.as_str()),
+        (_, _, Some(a)) => ("hidden_act", a.as_str()),
+        (true, None, None) => return Ok(Activation::GeluTanh),
+        (false, _, None) => return Ok(Activation::Silu),
+    };
+    match (gemma, act) {
+        (false, "silu") => Ok(Activation::Silu),
+        (true, "gelu_pytorch_tanh") => Ok(Activation::GeluTanh),
+        (false, other) => Err(format!(
+            "{key} {other:?} is not supported (this family: silu)"
+        )),
+        (true, other) => Err(format!(
+            "{key} {other:?} is not supported (this family: gelu_pytorch_tanh)"
+        )),
+    }
+}
+
+/// Which layers attend within the sliding window: `layer_types` when the config lists
+/// them; else gemma2 alternates (even layers sliding), gemma3 makes every
+/// `sliding_window_pattern`-th layer (default 6) global; other families use the window
+/// (if any) everywhere.
+fn sliding_layers(
+    raw: &Raw,
+    family: Family,
+    layers: usize,
+) -> std::result::Result<Vec<bool>, String> {
+    if let Some(types) = &raw.layer_types {
+        if types.len() != layers {
+            return Err(format!(
+                "layer_types has {} entries for num_hidden_layers {layers}",
+                types.len()
+            ));
+        }
+        return types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                "sliding_attention" => Ok(true),
+                "full_attention" => Ok(false),
+                other => Err(format!(
+                    "layer_types[{i}] = {other:?} (supported: sliding_attention, full_attention)"
+                )),
+            })
+            .collect();
+    }
+    Ok(match family {
+        Family::Gemma2 => (0..layers).map(|i| i % 2 == 0).collect(),
+        Family::Gemma3 => {
+            let p = raw.sliding_window_pattern.unwrap_or(6);
+            if p == 0 {
+                return Err("sliding_window_pattern = 0".into());
+            }
+            (0..layers).map(|i| (i + 1) % p != 0).collect()
+        }
+        _ => vec![true; layers],
+    })
+}
+
+/// `int(head_dim * partial_rotary_factor)` as transformers computes it; even and at least 2.
+fn rotary_dim(raw: &Raw, head_dim: usize) -> std::result::Result<usize, String> {
+    let factor = raw
         .rope_parameters
         .as_ref()
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .and_then(|v| v.as_f64())
+        .or(raw.partial_rotary_factor)
+        .unwrap_or(1.0);
+    if !(factor > 0.0 && factor <= 1.0) {
+        return Err(format!("partial_rotary_factor {factor} must be in (0, 1]"));
+    }
+    let dim = (head_dim as f64 * factor) as usize;
+    if dim < 2 || dim % 2 != 0 {
+        return Err(format!(
+            "partial_rotary_factor {factor} gives {dim} rotated dimensions of head_dim {head_dim}; \
+             it must be even and at least 2"
+        ));
+    }
+    Ok(dim)
+}
+
+/// The global rotary settings and, for gemma3, those of the sliding (local) layers.
+fn parse_ropes(raw: &Raw, family: Family) -> std::result::Result<(Rope, Option<Rope>), String> {
+    if family != Family::Gemma3 {
+        // transformers 5: everything in rope_parameters; transformers 4: rope_theta +
+        // rope_scaling.
+        let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+        let rope = parse_rope(
+            params,
+            raw.rope_theta.unwrap_or(10_000.0),
+            "rope_parameters",
+        )?;
+        return Ok((rope, None));
+    }
+    // Gemma-3: global layers theta 1e6 (rope_theta, scaled by rope_scaling), local layers
+    // theta 1e4 (rope_local_base_freq), or one rope_parameters object per layer type.
+    let per_type = raw
+        .rope_parameters
+        .as_ref()
+        .filter(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
+    match per_type {
+        Some(p) => Ok((
+            parse_rope(
+                p.get("full_attention"),
+                1_000_000.0,
+                "rope_parameters.full_attention",
+            )?,
+            Some(parse_rope(
+                p.get("sliding_attention"),
+                10_000.0,
+                "rope_parameters.sliding_attention",
+            )?),
+        )),
+        None => {
+            let params = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
+            let global = parse_rope(
+                params,
+                raw.rope_theta.unwrap_or(1_000_000.0),
+                "rope_scaling",
+            )?;
+            let local = parse_rope(
+                None,
+                raw.rope_local_base_freq.unwrap_or(10_000.0),
+                "rope_local_base_freq",
+            )?;
+            Ok((global, Some(local)))
+        }
+    }
+}
+
+/// One rotary setting from its parameters object (`rope_parameters`, or the legacy
+/// `rope_scaling`) and the theta to use when the object has none; `field` names the
+/// object in errors.
+fn parse_rope(
+    params: Option<&serde_json::Value>,
+    default_theta: f64,
+    field: &str,
+) -> std::result::Result<Rope, String> {
+    let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
+    let theta = params
         .and_then(|p| num(p, "rope_theta"))
-        .or(raw.rope_theta)
-        .unwrap_or(10_000.0);
+        .unwrap_or(default_theta);
     if !(theta.is_finite() && theta > 1.0) {
         return Err(format!("rope_theta {theta} must be > 1"));
     }
@@ -229,11 +580,27 @@ fn parse_rope(raw: &Raw) -> std::result::Result<Rope, String> {
         .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
         .and_then(|t| t.as_str())
         .unwrap_or("default");
-    let llama3 = match (kind, params) {
-        ("default", _) => None,
+    let mut rope = Rope {
+        theta,
+        llama3: None,
+        linear: None,
+    };
+    match (kind, params) {
+        ("default", _) => {}
+        ("linear", Some(p)) => {
+            let f = num(p, "factor")
+                .ok_or_else(|| format!("{field}: rope scaling linear: missing factor"))?;
+            if !(f.is_finite() && f > 0.0) {
+                return Err(format!(
+                    "{field}: rope scaling linear: factor {f} must be > 0"
+                ));
+            }
+            rope.linear = Some(f);
+        }
         ("llama3", Some(p)) => {
-            let get =
-                |k: &str| num(p, k).ok_or_else(|| format!("rope scaling llama3: missing {k}"));
+            let get = |k: &str| {
+                num(p, k).ok_or_else(|| format!("{field}: rope scaling llama3: missing {k}"))
+            };
             let s = Llama3Scaling {
                 factor: get("factor")?,
                 low_freq_factor: get("low_freq_factor")?,
@@ -252,11 +619,16 @@ fn parse_rope(raw: &Raw) -> std::result::Result<Rope, String> {
             if !ok {
                 return Err(format!("rope scaling llama3: invalid values {s:?}"));
             }
-            Some(s)
+            rope.llama3 = Some(s);
         }
-        (other, _) => return Err(format!("unsupported rope scaling type {other:?}")),
-    };
-    Ok(Rope { theta, llama3 })
+        (other, _) => {
+            return Err(format!(
+                "{field}: unsupported rope scaling type {other:?} (supported: default, linear, \
+                 llama3; Phi-3's long-context longrope/su scaling is not implemented)"
+            ))
+        }
+    }
+    Ok(rope)
 }
 
 #[cfg(test)]
@@ -334,5 +706,155 @@ mod tests {
         .unwrap();
         assert!(c.attention_bias);
         assert_eq!(c.family, Family::Qwen2);
+    }
+
+    const SMALL: &str = r#""hidden_size":32,"intermediate_size":48,"num_hidden_layers":6,
+        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"vocab_size":128"#;
+
+    #[test]
+    fn gemma3_legacy_and_per_layer_type_rope_spellings_agree() {
+        let legacy = parse(&format!(
+            r#"{{"model_type":"gemma3_text",{SMALL},"rope_theta":1e6,"rope_local_base_freq":1e4,
+            "rope_scaling":{{"rope_type":"linear","factor":8}},"sliding_window":512,
+            "sliding_window_pattern":3,"query_pre_attn_scalar":24,"torch_dtype":"bfloat16"}}"#
+        ))
+        .unwrap();
+        let v5 = parse(&format!(
+            r#"{{"model_type":"gemma3_text",{SMALL},"rope_parameters":{{
+            "full_attention":{{"rope_type":"linear","factor":8,"rope_theta":1e6}},
+            "sliding_attention":{{"rope_type":"default","rope_theta":1e4}}}},
+            "layer_types":["sliding_attention","sliding_attention","full_attention",
+            "sliding_attention","sliding_attention","full_attention"],"sliding_window":512,
+            "query_pre_attn_scalar":24,"dtype":"bfloat16"}}"#
+        ))
+        .unwrap();
+        for c in [&legacy, &v5] {
+            assert_eq!(c.family, Family::Gemma3);
+            assert_eq!(c.rope.theta, 1e6);
+            assert_eq!(c.rope.linear, Some(8.0));
+            assert_eq!(c.local_rope.as_ref().map(|r| r.theta), Some(1e4));
+            assert_eq!(c.sliding_layers, [true, true, false, true, true, false]);
+            assert_eq!((c.window(0), c.window(2)), (Some(512), None));
+            assert_eq!(c.rope_of(0).theta, 1e4);
+            assert_eq!(c.rope_of(2).theta, 1e6);
+            assert_eq!(c.attn_scalar, 24.0);
+            assert_eq!(c.norm_layout, NormLayout::Sandwich);
+            assert_eq!(c.qk_norm, QkNorm::PerHead);
+            assert_eq!(c.activation, Activation::GeluTanh);
+            assert!(c.norm_unit_offset && c.tie_word_embeddings);
+        }
+    }
+
+    #[test]
+    fn gemma_embedding_scale_is_rounded_to_the_checkpoint_dtype() {
+        // sqrt(640) = 25.2982...: bf16 keeps 8 significant bits -> 25.25.
+        let g = |dtype: &str| {
+            parse(&format!(
+                r#"{{"model_type":"gemma2","hidden_size":640,"intermediate_size":48,
+                "num_hidden_layers":2,"num_attention_heads":4,"head_dim":16,"vocab_size":128,
+                "torch_dtype":"{dtype}"}}"#
+            ))
+            .unwrap()
+        };
+        assert_eq!(g("bfloat16").embed_scale, Some(25.25));
+        assert_eq!(g("float32").embed_scale, Some(640f64.sqrt() as f32));
+        // Gemma-2 defaults: alternate layers sliding (even ones), gelu-tanh, soft-caps only
+        // when configured.
+        let c = g("float32");
+        assert_eq!(c.sliding_layers, [true, false]);
+        assert_eq!(c.sliding_window, None);
+        assert_eq!(c.attn_softcap, None);
+        assert!(parse(&format!(r#"{{"model_type":"llama",{SMALL}}}"#))
+            .unwrap()
+            .embed_scale
+            .is_none());
+    }
+
+    #[test]
+    fn phi3_partial_rotary_in_either_spelling() {
+        let legacy = parse(&format!(
+            r#"{{"model_type":"phi3",{SMALL},"partial_rotary_factor":0.75,"rope_theta":1e4}}"#
+        ))
+        .unwrap();
+        let v5 = parse(&format!(
+            r#"{{"model_type":"phi3",{SMALL},"rope_parameters":{{"rope_type":"default",
+            "rope_theta":1e4,"partial_rotary_factor":0.75}}}}"#
+        ))
+        .unwrap();
+        assert_eq!((legacy.rotary_dim, v5.rotary_dim), (12, 12));
+        assert!(legacy.fused_projections());
+        let e = parse(&format!(
+            r#"{{"model_type":"phi3",{SMALL},"partial_rotary_factor":0.1}}"#
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("partial_rotary_factor"), "{e}");
+    }
+
+    #[test]
+    fn phi3_longrope_is_a_clear_error_naming_the_file() {
+        for kind in ["longrope", "su"] {
+            let e = parse(&format!(
+                r#"{{"model_type":"phi3",{SMALL},"rope_scaling":{{"type":"{kind}",
+                "short_factor":[1.0],"long_factor":[1.0]}}}}"#
+            ))
+            .unwrap_err();
+            let m = e.to_string();
+            assert!(m.contains("config.json") && m.contains(kind), "{m}");
+            assert!(matches!(e, ModelError::BadConfig { .. }));
+        }
+    }
+
+    #[test]
+    fn olmo2_has_post_norms_and_whole_projection_qk_norm() {
+        let c = parse(&format!(r#"{{"model_type":"olmo2",{SMALL}}}"#)).unwrap();
+        assert_eq!(c.norm_layout, NormLayout::Post);
+        assert_eq!(c.qk_norm, QkNorm::Whole);
+        assert_eq!(c.activation, Activation::Silu);
+        let e = parse(&format!(
+            r#"{{"model_type":"olmo2",{SMALL},"attention_bias":true}}"#
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("attention_bias"), "{e}");
+    }
+
+    #[test]
+    fn new_families_reject_bad_fields_by_name() {
+        let cases = [
+            (
+                r#""model_type":"gemma2","hidden_activation":"gelu""#,
+                "hidden_activation",
+            ),
+            (r#""model_type":"llama","hidden_act":"gelu""#, "hidden_act"),
+            (
+                r#""model_type":"gemma3_text","layer_types":["full_attention"]"#,
+                "layer_types",
+            ),
+            (
+                r#""model_type":"gemma2","query_pre_attn_scalar":0"#,
+                "query_pre_attn_scalar",
+            ),
+            (
+                r#""model_type":"gemma2","attn_logit_softcapping":-1"#,
+                "attn_logit_softcapping",
+            ),
+            (
+                r#""model_type":"gemma3_text","use_bidirectional_attention":true"#,
+                "use_bidirectional_attention",
+            ),
+        ];
+        for (extra, field) in cases {
+            let e = parse(&format!("{{{extra},{SMALL}}}")).unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains(field) && m.contains("config.json"),
+                "{extra}: {m}"
+            );
+        }
+        // The unknown-type error lists the new families.
+        let e = parse(&format!(r#"{{"model_type":"gemma3",{SMALL}}}"#)).unwrap_err();
+        assert!(e.to_string().contains("gemma3_text") && e.to_string().contains("olmo2"));
+        // A missing field of a new family is named.
+        let e = parse(r#"{"model_type":"phi3","hidden_size":64}"#).unwrap_err();
+        assert!(e.to_string().contains("intermediate_size"), "{e}");
     }
 }

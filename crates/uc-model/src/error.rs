@@ -65,10 +65,12 @@ pub enum ModelError {
         dir: PathBuf,
     },
     /// A tensor has a shape other than the config implies.
-    #[error("tensor {name}: shape {found:?}, expected {expected:?}")]
+    #[error("tensor {name} in {file}: shape {found:?}, expected {expected:?}")]
     ShapeMismatch {
         /// The tensor name.
         name: String,
+        /// The file holding it.
+        file: PathBuf,
         /// The shape in the file.
         found: Vec<usize>,
         /// The shape the config implies.

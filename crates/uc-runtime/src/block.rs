@@ -1,23 +1,34 @@
-//! The block math, written once: a Llama-family block (llama, SmolLM, mistral, qwen2,
-//! qwen3) as five pieces that both callers run in the same order --
+//! The block math, written once: a dense decoder block (llama, SmolLM, mistral, qwen2,
+//! qwen3, OLMo-2, Phi-3, Gemma-2/3) as five pieces that both callers run in the same
+//! order --
 //!
-//! 1. attention input norm: `xn = rms_norm(x)` (input of q, k, v);
-//! 2. [`Ctx::attend`]: q/k/v, per-head q/k norm (qwen3), rotary, K/V into the cache,
-//!    attention -> context (input of o);
-//! 3. [`Ctx::attn_out`]: `x += o_proj(context)`; then the MLP input norm
-//!    `xn = rms_norm(x)` (input of gate, up);
-//! 4. [`Ctx::gate_up`]: `act = silu(gate(xn)) * up(xn)` (input of down);
-//! 5. [`Ctx::down`] and the residual add.
+//! 1. [`Ctx::attn_input`]: `xn = rms_norm(x)`, or `x` itself where the family has no
+//!    input norm (OLMo-2) (input of q, k, v);
+//! 2. [`Ctx::attend`]: q/k/v, q/k norm (per head: qwen3, gemma3; over the whole
+//!    projection: OLMo-2), rotary (of the first `rotary_dim` dimensions of each head,
+//!    with the layer's tables), K/V into the cache, attention (scale, soft-cap and
+//!    sliding window of the layer) -> context (input of o);
+//! 3. [`Ctx::attn_out`]: `x += norm(o_proj(context))` (the output norm only for OLMo-2
+//!    and Gemma); then [`Ctx::mlp_input`] (input of gate, up);
+//! 4. [`Ctx::gate_up`]: `act = silu(gate(xn)) * up(xn)` (GeGLU with gelu-tanh for Gemma)
+//!    (input of down);
+//! 5. [`Ctx::down`] and [`Ctx::mlp_residual`]: `x += norm(down(act))` (output norm only
+//!    for OLMo-2 and Gemma).
+//!
+//! Family differences are data in [`ModelConfig`] and [`BlockWeights`] (which norms
+//! exist, their widths, the activation, scales, windows, rotary tables): there is one
+//! attention and one MLP.
 //!
 //! [`crate::decoder::Decoder`] runs them back to back ([`Ctx::block`]);
 //! [`crate::staged::Stager`] pauses between them so the compressor can read each
 //! linear's input and swap weights before going on.
 //!
 //! Numerics follow transformers' eager path (checked against its logits by
-//! tests/golden.rs): rotary frequencies in f32 with Llama-3 scaling, rotate-half
-//! rotary, GQA (query head `h` reads KV head `h / (heads / kv_heads)`), RMSNorm
-//! `x / sqrt(mean(x^2) + eps) * w`, softmax in f32, SiLU-gated MLP, q/k/v biases
-//! (qwen2), optional sliding window (mistral).
+//! tests/golden.rs): rotary frequencies in f32 with Llama-3 or linear scaling,
+//! rotate-half rotary, GQA (query head `h` reads KV head `h / (heads / kv_heads)`),
+//! RMSNorm `x / sqrt(mean(x^2) + eps) * w` (Gemma's `1 + w` is added to the weight at
+//! load), softmax in f32, SiLU- or GELU-gated MLP, q/k/v biases (qwen2), optional
+//! sliding window (mistral, phi3; alternate layers for gemma).
 //!
 //! Buffers (n = tokens in this call over `seqs` independent sequences of `n / seqs`
 //! tokens each, every sequence at positions `pos ..`):
@@ -32,9 +43,10 @@ use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
 use crate::kernels::math;
 use crate::kernels::Isa;
 use crate::linear::{self, Linear, Op, Par};
+use crate::rotary::Tables;
 use crate::weights::BlockWeights;
 use rayon::prelude::*;
-use uc_model::config::ModelConfig;
+use uc_model::config::{Activation, ModelConfig};
 
 /// Query rows per attention task in prefill.
 const ATTN_QUERY_BLOCK: usize = 64;
@@ -101,9 +113,8 @@ pub(crate) struct Ctx<'a> {
     /// Whole-weight prefill GEMMs (`UC_PREFILL=whole`; their bits depend on the thread
     /// count, so the staged API never uses them).
     pub(crate) whole: bool,
-    /// Rotary tables `(positions, head_dim / 2)`.
-    pub(crate) cos: &'a [f32],
-    pub(crate) sin: &'a [f32],
+    /// Rotary tables `(positions, rotary_dim / 2)`, per layer kind.
+    pub(crate) rope: &'a Tables,
     /// Position of every sequence's first token in this call.
     pub(crate) pos: usize,
     /// Positions per sequence in the K/V cache.
@@ -140,11 +151,10 @@ impl Ctx<'_> {
         w: &mut Work,
     ) {
         let (n, h, inter) = (self.n, self.cfg.hidden_size, self.cfg.intermediate_size);
-        let eps = self.cfg.rms_norm_eps as f32;
-        math::rms_norm(x, &b.input_norm, eps, &mut w.xn);
+        self.attn_input(b, x, &mut w.xn);
         self.attend(b, &w.xn, kc, vc, &mut w.q, &mut w.k, &mut w.v, &mut w.ctx);
         self.attn_out(b, &w.ctx, &mut w.o, x);
-        math::rms_norm(x, &b.post_attn_norm, eps, &mut w.xn);
+        self.mlp_input(b, x, &mut w.xn);
         // At most MLP_TOKENS rows at a time, so the (tokens, intermediate) buffers stay
         // small on long prompts.
         for t0 in (0..n).step_by(MLP_TOKENS) {
@@ -153,7 +163,34 @@ impl Ctx<'_> {
             self.gate_up(b, &w.xn[t0 * h..(t0 + m) * h], m, g, u);
             self.down(b, g, m, &mut w.o[t0 * h..(t0 + m) * h]);
         }
-        x.iter_mut().zip(&w.o).for_each(|(x, d)| *x += d);
+        self.mlp_residual(b, &mut w.o, x);
+    }
+
+    /// `out = rms_norm(x)` with weight `w`, or a copy of `x` where the slot has no norm.
+    fn norm_into(&self, w: Option<&Vec<f32>>, x: &[f32], out: &mut [f32]) {
+        match w {
+            Some(w) => math::rms_norm(x, w, self.cfg.rms_norm_eps as f32, out),
+            None => out.copy_from_slice(x),
+        }
+    }
+
+    /// Piece 1: the input of q/k/v from the residual `x (n, hidden)` into `xn`.
+    pub(crate) fn attn_input(&self, b: &BlockWeights, x: &[f32], xn: &mut [f32]) {
+        self.norm_into(b.norms.attn_in.as_ref(), x, xn);
+    }
+
+    /// End of piece 3: the input of gate/up from the post-attention residual.
+    pub(crate) fn mlp_input(&self, b: &BlockWeights, x: &[f32], xn: &mut [f32]) {
+        self.norm_into(b.norms.mlp_in.as_ref(), x, xn);
+    }
+
+    /// End of piece 5: `x (m, hidden) += norm(out)` (the MLP output norm where the family
+    /// has one); `out` is normed in place.
+    pub(crate) fn mlp_residual(&self, b: &BlockWeights, out: &mut [f32], x: &mut [f32]) {
+        if let Some(w) = &b.norms.mlp_out {
+            math::rms_norm_inplace(out, w, self.cfg.rms_norm_eps as f32);
+        }
+        x.iter_mut().zip(&*out).for_each(|(x, d)| *x += d);
     }
 
     /// Piece 2: `ctx (n, heads * hd)` = attention of this call's tokens given their
@@ -187,19 +224,22 @@ impl Ctx<'_> {
             math::rms_norm_inplace(q, qn, eps);
             math::rms_norm_inplace(k, kn, eps);
         }
-        let (half, len, slab) = (hd / 2, self.seq_len(), self.slab());
+        // Rotary on the first `rot` dimensions of each head (all unless partial).
+        let (cos, sin) = self.rope.of_layer(cfg, b.layer);
+        let rot = cfg.rotary_dim;
+        let (half, len, slab) = (rot / 2, self.seq_len(), self.slab());
         for t in 0..n {
             let (s, p) = (t / len, self.pos + t % len);
             let (c, sn) = (
-                &self.cos[p * half..(p + 1) * half],
-                &self.sin[p * half..(p + 1) * half],
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
             );
             q[t * nh * hd..(t + 1) * nh * hd]
                 .chunks_exact_mut(hd)
-                .for_each(|head| math::rope(head, c, sn));
+                .for_each(|head| math::rope(&mut head[..rot], c, sn));
             k[t * nkv * hd..(t + 1) * nkv * hd]
                 .chunks_exact_mut(hd)
-                .for_each(|head| math::rope(head, c, sn));
+                .for_each(|head| math::rope(&mut head[..rot], c, sn));
             for g in 0..nkv {
                 let dst = s * slab + (g * self.capacity + p) * hd;
                 let src = (t * nkv + g) * hd;
@@ -207,10 +247,11 @@ impl Ctx<'_> {
                 vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
             }
         }
-        self.attention(q, kc, vc, ctx);
+        self.attention(q, kc, vc, ctx, cfg.window(b.layer));
     }
 
-    /// Piece 3: `x (n, hidden) += o_proj(ctx)`; `o` is `(n, hidden)` scratch.
+    /// Piece 3: `x (n, hidden) += norm(o_proj(ctx))` (the attention output norm where the
+    /// family has one); `o` is `(n, hidden)` scratch.
     pub(crate) fn attn_out(&self, b: &BlockWeights, ctx: &[f32], o: &mut [f32], x: &mut [f32]) {
         self.linears(
             &[op(b.linears[3].as_ref(), None)],
@@ -218,11 +259,14 @@ impl Ctx<'_> {
             self.n,
             &mut [&mut *o],
         );
+        if let Some(w) = &b.norms.attn_out {
+            math::rms_norm_inplace(o, w, self.cfg.rms_norm_eps as f32);
+        }
         x.iter_mut().zip(&*o).for_each(|(x, o)| *x += o);
     }
 
-    /// Piece 4: `act (m, inter) = silu(gate(xn)) * up(xn)` for `xn (m, hidden)`; `up` is
-    /// `(m, inter)` scratch.
+    /// Piece 4: `act (m, inter) = act(gate(xn)) * up(xn)` for `xn (m, hidden)` (SiLU, or
+    /// gelu-tanh for Gemma); `up` is `(m, inter)` scratch.
     pub(crate) fn gate_up(
         &self,
         b: &BlockWeights,
@@ -237,9 +281,16 @@ impl Ctx<'_> {
         ];
         self.linears(&ops, xn, m, &mut [&mut *act, &mut *up]);
         let isa = self.isa;
-        act.par_chunks_mut(4096)
-            .zip(up.par_chunks(4096))
-            .for_each(|(g, u)| math::silu_mul(isa, g, u));
+        match self.cfg.activation {
+            Activation::Silu => act
+                .par_chunks_mut(4096)
+                .zip(up.par_chunks(4096))
+                .for_each(|(g, u)| math::silu_mul(isa, g, u)),
+            Activation::GeluTanh => act
+                .par_chunks_mut(4096)
+                .zip(up.par_chunks(4096))
+                .for_each(|(g, u)| math::gelu_tanh_mul(g, u)),
+        }
     }
 
     /// Piece 5 (before the residual add): `out (m, hidden) = down(act)`.
@@ -248,27 +299,26 @@ impl Ctx<'_> {
     }
 
     /// The keys query `t` of a sequence (its index in this call's part of that
-    /// sequence) may see: `lo ..= pos + t` (causal, and within the sliding window when
-    /// there is one).
-    fn key_range(&self, t: usize) -> (usize, usize) {
+    /// sequence) may see: `lo ..= pos + t` (causal, and within the layer's sliding
+    /// `window` when it has one: the `window` newest keys).
+    fn key_range(&self, window: Option<usize>, t: usize) -> (usize, usize) {
         let p = self.pos + t;
-        let lo = self
-            .cfg
-            .sliding_window
-            .map_or(0, |w| (p + 1).saturating_sub(w));
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
         (lo, p + 1)
     }
 
     /// Scaled dot-product attention of `q (n, heads * hd)` against the cache into
-    /// `ctx (n, heads * hd)`.
-    fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], ctx: &mut [f32]) {
+    /// `ctx (n, heads * hd)`; scores `q.k / sqrt(attn_scalar)`, soft-capped when
+    /// configured, keys within `window`.
+    fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], ctx: &mut [f32], window: Option<usize>) {
         let cfg = self.cfg;
         let (n, nh, hd, isa, cap) = (self.n, cfg.num_heads, cfg.head_dim, self.isa, self.capacity);
         let group = nh / cfg.num_kv_heads;
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let scale = (1.0 / cfg.attn_scalar.sqrt()) as f32;
+        let softcap = cfg.attn_softcap.map(|c| c as f32);
         if n == 1 {
             // Decode: one query per head; heads in parallel.
-            let (lo, end) = self.key_range(0);
+            let (lo, end) = self.key_range(window, 0);
             ctx.fill(0.0);
             let heads: Vec<std::sync::Mutex<&mut [f32]>> =
                 ctx.chunks_mut(hd).map(std::sync::Mutex::new).collect();
@@ -283,6 +333,9 @@ impl Ctx<'_> {
                 let mut s: Vec<f32> = (lo..end)
                     .map(|j| dense::dot(isa, qv, &keys[j * hd..(j + 1) * hd]) * scale)
                     .collect();
+                if let Some(c) = softcap {
+                    s.iter_mut().for_each(|v| *v = attention::softcap(*v, c));
+                }
                 math::softmax(isa, &mut s);
                 for (j, p) in (lo..end).zip(&s) {
                     dense::axpy(isa, *p, &vals[j * hd..(j + 1) * hd], &mut out);
@@ -308,7 +361,7 @@ impl Ctx<'_> {
             .collect();
         tasks.into_par_iter().for_each(|(s, head, t0, mut out)| {
             let g = head / group;
-            let range = |r: usize| self.key_range(t0 + r);
+            let range = |r: usize| self.key_range(window, t0 + r);
             let kv = s * slab + g * cap * hd..s * slab + (g + 1) * cap * hd;
             let prob = attention::Problem {
                 rows: out.n(),
@@ -321,6 +374,7 @@ impl Ctx<'_> {
                 keys: &kc[kv.clone()],
                 vals: &vc[kv],
                 scale,
+                softcap,
                 range: &range,
             };
             FLASH.with(|sc| {

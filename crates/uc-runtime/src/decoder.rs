@@ -1,10 +1,11 @@
-//! The incremental decoder: Llama-family blocks (llama, SmolLM, mistral, qwen2, qwen3)
-//! over a KV cache. A prompt is prefilled in one pass; then one token at a time.
+//! The incremental decoder: dense decoder blocks (every family of
+//! `uc_model::config::Family`) over a KV cache. A prompt is prefilled in one pass; then
+//! one token at a time.
 //!
 //! The block math is [`crate::block`] (numerics, buffer shapes); this module adds the
-//! embedding, the KV cache (`(kv_heads, capacity, head_dim)` per layer for K and for V),
-//! resident or streamed blocks, the final norm and the head (tied to the embedding when
-//! configured).
+//! embedding (scaled by `embed_scale` for Gemma), the KV cache (`(kv_heads, capacity,
+//! head_dim)` per layer for K and for V), resident or streamed blocks, the final norm and
+//! the head (tied to the embedding when configured; logits soft-capped for Gemma-2).
 
 use crate::block::{Ctx, Work};
 use crate::kernels::math;
@@ -60,9 +61,8 @@ pub struct Decoder {
     loader: Arc<dyn WeightLoader>,
     globals: Globals,
     blocks: Blocks,
-    /// `(capacity, head_dim / 2)` each.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Rotary tables, `(capacity, rotary_dim / 2)` each.
+    rope: crate::rotary::Tables,
     /// K and V of every layer (on disk when streaming).
     cache: KvCache,
     /// Activation buffers of the last forward call, reused when the next has as many
@@ -123,7 +123,7 @@ impl Decoder {
                 ),
             )
         };
-        let (cos, sin) = crate::rotary::tables(&cfg.rope, cfg.head_dim, opts.capacity);
+        let rope = crate::rotary::Tables::new(&cfg, opts.capacity);
         let (l, g, c, d) = (
             cfg.num_layers,
             cfg.num_kv_heads,
@@ -141,8 +141,7 @@ impl Decoder {
             loader,
             globals,
             blocks,
-            cos,
-            sin,
+            rope,
             cache,
             work: None,
             pos: 0,
@@ -293,11 +292,11 @@ impl Decoder {
                 }
             }
         }
+        crate::scale_embedding(&self.cfg, &mut x);
         let Decoder {
             cfg,
             blocks,
-            cos,
-            sin,
+            rope,
             cache,
             pos,
             capacity,
@@ -314,8 +313,7 @@ impl Decoder {
                 linear::Par::Team
             },
             whole: linear::whole_weight_prefill(),
-            cos,
-            sin,
+            rope,
             pos: *pos,
             capacity: *capacity,
             n,
@@ -346,19 +344,31 @@ impl Decoder {
         };
         let m = rows.len() / h;
         let mut xn = vec![0f32; rows.len()];
+        let mut logits = self.head(rows, &mut xn, m, eps)?;
+        if let Some(c) = self.cfg.final_softcap {
+            // Gemma-2: c * tanh(logits / c), in f32 as transformers computes it.
+            let c = c as f32;
+            logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+        }
+        Ok(logits)
+    }
+
+    /// The final norm of `rows (m, hidden)` into `xn` and the head: `(m, vocab)` logits.
+    fn head(&mut self, rows: &[f32], xn: &mut [f32], m: usize, eps: f32) -> Result<Vec<f32>> {
+        let (isa, vocab) = (self.isa, self.cfg.vocab_size);
         match (&self.globals, &mut self.blocks) {
             (Globals::Resident(g), _) => {
-                math::rms_norm(rows, &g.norm, eps, &mut xn);
+                math::rms_norm(rows, &g.norm, eps, xn);
                 let head = Op {
                     w: g.head.as_ref(),
                     bias: None,
                 };
-                Ok(linear::forward(isa, &[head], &xn, m)
+                Ok(linear::forward(isa, &[head], xn, m)
                     .pop()
                     .unwrap_or_default())
             }
             (Globals::Streamed { norm }, Blocks::Streamed(s)) => {
-                math::rms_norm(rows, norm, eps, &mut xn);
+                math::rms_norm(rows, norm, eps, xn);
                 let plan = s
                     .head()
                     .cloned()
@@ -375,7 +385,7 @@ impl Decoder {
                             w: w.as_ref(),
                             bias: None,
                         }],
-                        &xn,
+                        xn,
                         m,
                     );
                     for (t, src) in y[0].chunks_exact(r.len()).enumerate() {

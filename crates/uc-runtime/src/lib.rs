@@ -9,9 +9,10 @@
 //! - [`kernels`]: the compute -- fused quantized mat-vec, exact tile dequantization,
 //!   GEMM, exp/softmax/RMSNorm/rotary -- each SIMD kernel beside its scalar reference.
 //! - `block` (private): the block math, once -- five pieces (attention-in norm,
-//!   q/k/v + rotary + attention, o + residual, gate/up + SiLU, down + residual) that
-//!   both of the following run.
-//! - [`decoder::Decoder`]: Llama-family blocks over a KV cache; prefill in one pass,
+//!   q/k/v + rotary + attention, o + residual, gate/up + SiLU/GELU, down + residual),
+//!   with the family differences as data (which norms exist, q/k norm width, scales,
+//!   soft-caps, windows and rotary per layer) that both of the following run.
+//! - [`decoder::Decoder`]: dense decoder blocks over a KV cache; prefill in one pass,
 //!   then one token at a time; blocks resident or streamed from disk ([`stream`], the
 //!   next block prefetched on a background thread). Serves eval, run, bench, serve.
 //! - [`staged::Stager`]: the same blocks on batches of independent calibration windows,
@@ -47,3 +48,12 @@ pub use error::{Result, RuntimeError};
 pub use generate::{generate, GenerateOptions, GenerationStats};
 pub use sampler::{Sampler, SamplingParams};
 pub use weights::{Verify, WeightLoader};
+
+/// Scales token embeddings `x (n, hidden)` in place by the model's embedding multiplier
+/// (Gemma: `sqrt(hidden)` in the checkpoint's dtype); a no-op for other families. The
+/// decoder and the compressor's calibration streams both start with it.
+pub fn scale_embedding(cfg: &uc_model::config::ModelConfig, x: &mut [f32]) {
+    if let Some(s) = cfg.embed_scale {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+}

@@ -1,17 +1,24 @@
-//! Rotary position tables: `1 / theta^(2i / d)` in f32 (Llama-3 scaling when
+//! Rotary position tables: `1 / theta^(2i / d)` in f32 (Llama-3 or linear scaling when
 //! configured), and per-position cos / sin as transformers computes them (the angle is
-//! the f32 product `position * frequency`). The rotation itself is
-//! [`crate::kernels::math::rope`].
+//! the f32 product `position * frequency`). `d` is the rotated width of a head
+//! (`rotary_dim`: all of it unless partial, as Phi-3 may be). [`Tables`] holds one set
+//! per kind of layer (gemma3's sliding layers have their own theta). The rotation itself
+//! is [`crate::kernels::math::rope`].
 
-use uc_model::config::Rope;
+use uc_model::config::{ModelConfig, Rope};
 
-/// `1 / theta^(2i / d)` for `i < head_dim / 2`, in f32, with Llama-3 scaling when
-/// configured.
+/// `1 / theta^(2i / d)` for `i < head_dim / 2`, in f32, with Llama-3 or linear scaling
+/// when configured.
 pub fn inverse_frequencies(rope: &Rope, head_dim: usize) -> Vec<f32> {
     let base = rope.theta as f32;
     let inv: Vec<f32> = (0..head_dim / 2)
         .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
         .collect();
+    if let Some(f) = rope.linear {
+        // transformers: inv_freq /= factor (an f32 tensor by a scalar).
+        let f = f as f32;
+        return inv.into_iter().map(|x| x / f).collect();
+    }
     let Some(s) = &rope.llama3 else { return inv };
     let (factor, lo, hi, old) = (
         s.factor as f32,
@@ -52,4 +59,32 @@ pub fn tables(rope: &Rope, head_dim: usize, positions: usize) -> (Vec<f32>, Vec<
         }
     }
     (cos, sin)
+}
+
+/// The rotary tables of a model: `(positions, rotary_dim / 2)` cos and sin for the global
+/// settings and, when the sliding layers have their own (gemma3), for those.
+pub struct Tables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    local: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Tables {
+    /// Tables of `cfg` for positions `0..positions`.
+    pub fn new(cfg: &ModelConfig, positions: usize) -> Self {
+        let (cos, sin) = tables(&cfg.rope, cfg.rotary_dim, positions);
+        let local = cfg
+            .local_rope
+            .as_ref()
+            .map(|r| tables(r, cfg.rotary_dim, positions));
+        Tables { cos, sin, local }
+    }
+
+    /// `(cos, sin)` of block `layer`.
+    pub fn of_layer(&self, cfg: &ModelConfig, layer: usize) -> (&[f32], &[f32]) {
+        match &self.local {
+            Some((c, s)) if cfg.sliding_layers.get(layer).copied().unwrap_or(false) => (c, s),
+            _ => (&self.cos, &self.sin),
+        }
+    }
 }

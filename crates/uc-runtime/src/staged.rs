@@ -5,8 +5,9 @@
 //!
 //! [`Stager::begin`] takes a block input and stops at [`Tap::Attention`], handing out
 //! the q/k/v input; [`Stager::resume`] runs to the next tap ([`Tap::AttentionOutput`]:
-//! the attention context into o, [`Tap::Mlp`]: the normed stream into gate/up,
-//! [`Tap::MlpDown`]: the SwiGLU activation into down) or to the block output, with
+//! the attention context into o, [`Tap::Mlp`]: the normed stream into gate/up (the
+//! stream itself for OLMo-2, which has no MLP input norm), [`Tap::MlpDown`]: the gated
+//! activation into down) or to the block output, with
 //! whatever weights it is given -- so a caller can swap a stage's linears (the
 //! compressor quantizes them) and go on without recomputing what came before. A paused
 //! forward resumed with weights `B` equals `B`'s whole forward whenever the linears
@@ -21,7 +22,6 @@
 //! width of its linears.
 
 use crate::block::{Ctx, MLP_TOKENS};
-use crate::kernels::math;
 use crate::kernels::Isa;
 use crate::linear::Par;
 use crate::weights::BlockWeights;
@@ -128,9 +128,8 @@ pub struct Stager {
     cfg: ModelConfig,
     isa: Isa,
     seq_len: usize,
-    /// Rotary tables `(seq_len, head_dim / 2)`.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Rotary tables `(seq_len, rotary_dim / 2)`.
+    rope: crate::rotary::Tables,
 }
 
 impl Stager {
@@ -144,13 +143,11 @@ impl Stager {
         if !cfg.head_dim.is_multiple_of(2) || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             return Err(RuntimeError::InvalidArgument("head layout".into()));
         }
-        let (cos, sin) = crate::rotary::tables(&cfg.rope, cfg.head_dim, seq_len);
         Ok(Stager {
             cfg: cfg.clone(),
             isa: Isa::detect(),
             seq_len,
-            cos,
-            sin,
+            rope: crate::rotary::Tables::new(cfg, seq_len),
         })
     }
 
@@ -175,8 +172,7 @@ impl Stager {
             isa: self.isa,
             par: Par::Rayon,
             whole: false,
-            cos: &self.cos,
-            sin: &self.sin,
+            rope: &self.rope,
             pos: 0,
             capacity: self.seq_len,
             n: seqs * self.seq_len,
@@ -194,14 +190,14 @@ impl Stager {
                 x.len()
             )));
         }
-        if b.input_norm.len() != h {
+        if b.linears[0].cols() != h {
             return Err(RuntimeError::bad(
                 &format!("block {}", b.layer),
                 "weights do not match the stager's configuration",
             ));
         }
         let mut xn = vec![0f32; x.len()];
-        math::rms_norm(&x, &b.input_norm, self.cfg.rms_norm_eps as f32, &mut xn);
+        self.ctx(1).attn_input(b, &x, &mut xn);
         Ok(Paused {
             tap: Tap::Attention,
             seqs: x.len() / (h * l),
@@ -262,7 +258,7 @@ impl Stager {
                 let mut o = vec![0f32; n * h];
                 ctx.attn_out(b, &input, &mut o, &mut resid);
                 let mut xn = o;
-                math::rms_norm(&resid, &b.post_attn_norm, cfg.rms_norm_eps as f32, &mut xn);
+                ctx.mlp_input(b, &resid, &mut xn);
                 paused(Tap::Mlp, resid, xn)
             }
             Tap::Mlp => {
@@ -291,7 +287,7 @@ impl Stager {
                         &mut o[t0 * h..(t0 + m) * h],
                     );
                 }
-                resid.iter_mut().zip(&o).for_each(|(x, d)| *x += d);
+                ctx.mlp_residual(b, &mut o, &mut resid);
                 Step::Done(resid)
             }
         }
@@ -300,17 +296,18 @@ impl Stager {
     /// The input of `tap` from the residual `resid` of a paused forward (see
     /// [`Paused::compact`]).
     fn recompute(&self, b: &BlockWeights, tap: Tap, seqs: usize, resid: &[f32]) -> Vec<f32> {
-        let eps = self.cfg.rms_norm_eps as f32;
-        let norm = |w: &[f32]| {
+        let ctx = self.ctx(seqs);
+        let attn_in = || {
             let mut xn = vec![0f32; resid.len()];
-            math::rms_norm(resid, w, eps, &mut xn);
+            ctx.attn_input(b, resid, &mut xn);
             xn
         };
-        let (rows, input_norm, mlp_norm) = (
-            resid.len() / self.cfg.hidden_size,
-            &b.input_norm,
-            &b.post_attn_norm,
-        );
+        let mlp_in = || {
+            let mut xn = vec![0f32; resid.len()];
+            ctx.mlp_input(b, resid, &mut xn);
+            xn
+        };
+        let rows = resid.len() / self.cfg.hidden_size;
         let at = |tap, input| Paused {
             tap,
             seqs,
@@ -319,12 +316,12 @@ impl Stager {
             input,
         };
         let step = match tap {
-            Tap::Attention => return norm(input_norm),
-            Tap::Mlp => return norm(mlp_norm),
+            Tap::Attention => return attn_in(),
+            Tap::Mlp => return mlp_in(),
             // The residual is the block input: from the attention's input on.
-            Tap::AttentionOutput => self.resume_in_pool(b, at(Tap::Attention, norm(input_norm))),
+            Tap::AttentionOutput => self.resume_in_pool(b, at(Tap::Attention, attn_in())),
             // The residual is the post-attention stream: from gate/up's input on.
-            Tap::MlpDown => self.resume_in_pool(b, at(Tap::Mlp, norm(mlp_norm))),
+            Tap::MlpDown => self.resume_in_pool(b, at(Tap::Mlp, mlp_in())),
         };
         match step {
             Step::Paused(p) => p.input,

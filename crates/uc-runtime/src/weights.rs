@@ -24,19 +24,45 @@ use uc_codec::pack::{dense_to_f32, f32_digest, le_u16};
 use uc_codec::{CodecSpec, Kernel, Overlay, QuantTensor, Reconstructor};
 use uc_format::{Container, DenseDtype, Encoding, Pack};
 use uc_model::checkpoint::Checkpoint;
-use uc_model::config::{Family, ModelConfig};
-use uc_model::names::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
+use uc_model::config::{ModelConfig, QkNorm};
+use uc_model::names::{
+    block_norms, block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, QK_NORMS,
+};
 use uc_model::source::WeightSource;
+
+/// A block's RMSNorm weights, `(hidden,)` each, as applied (Gemma's stored `w` already
+/// turned into `1 + w`); `None` where the family has no norm in that place.
+#[derive(Default)]
+pub struct Norms {
+    /// Before attention (`input_layernorm`; none in OLMo-2).
+    pub attn_in: Option<Vec<f32>>,
+    /// On the attention output before the residual add (OLMo-2, Gemma:
+    /// `post_attention_layernorm`).
+    pub attn_out: Option<Vec<f32>>,
+    /// Before the MLP (Llama: `post_attention_layernorm`; Gemma:
+    /// `pre_feedforward_layernorm`; none in OLMo-2).
+    pub mlp_in: Option<Vec<f32>>,
+    /// On the MLP output before the residual add (OLMo-2, Gemma:
+    /// `post_feedforward_layernorm`).
+    pub mlp_out: Option<Vec<f32>>,
+}
+
+impl Norms {
+    fn iter(&self) -> impl Iterator<Item = &Vec<f32>> {
+        [&self.attn_in, &self.attn_out, &self.mlp_in, &self.mlp_out]
+            .into_iter()
+            .flatten()
+    }
+}
 
 /// One transformer block's weights.
 pub struct BlockWeights {
     /// Block index.
     pub layer: usize,
-    /// Attention input norm, `(hidden,)`.
-    pub input_norm: Vec<f32>,
-    /// MLP input norm, `(hidden,)`.
-    pub post_attn_norm: Vec<f32>,
-    /// Per-head q and k norms (qwen3), `(head_dim,)` each.
+    /// The block's norms.
+    pub norms: Norms,
+    /// q and k norms: per head (qwen3, gemma3), `(head_dim,)` each, or over the whole
+    /// projection (OLMo-2), `(heads * head_dim,)` and `(kv_heads * head_dim,)`.
     pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// q, k, v, o, gate, up, down in [`BLOCK_LINEARS`] order.
     pub linears: [Box<dyn Linear>; 7],
@@ -52,8 +78,7 @@ impl BlockWeights {
             .iter()
             .map(|l| l.resident_bytes())
             .sum::<usize>()
-            + v(&self.input_norm)
-            + v(&self.post_attn_norm)
+            + self.norms.iter().map(v).sum::<usize>()
             + self.qk_norm.as_ref().map_or(0, |(a, b)| v(a) + v(b))
             + self.qkv_bias.as_ref().map_or(0, |b| b.iter().map(v).sum())
     }
@@ -160,20 +185,38 @@ fn read_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<Blo
     } else {
         None
     };
-    let qk_norm = if cfg.family == Family::Qwen3 {
-        let hd = cfg.head_dim;
-        Some((
-            r.dense(&format!("{p}.self_attn.q_norm.weight"), &[hd])?,
-            r.dense(&format!("{p}.self_attn.k_norm.weight"), &[hd])?,
-        ))
-    } else {
-        None
+    let hd = cfg.head_dim;
+    let qk_widths = match cfg.qk_norm {
+        QkNorm::None => None,
+        QkNorm::PerHead => Some((hd, hd)),
+        QkNorm::Whole => Some((cfg.num_heads * hd, cfg.num_kv_heads * hd)),
+    };
+    let qk_norm = match qk_widths {
+        Some((qw, kw)) => Some((
+            read_norm(r, cfg, &format!("{p}.{}.weight", QK_NORMS[0]), qw)?,
+            read_norm(r, cfg, &format!("{p}.{}.weight", QK_NORMS[1]), kw)?,
+        )),
+        None => None,
     };
     let h = cfg.hidden_size;
+    let mut slots = Vec::with_capacity(4);
+    for name in block_norms(cfg.norm_layout) {
+        slots.push(match name {
+            Some(n) => Some(read_norm(r, cfg, &format!("{p}.{n}.weight"), h)?),
+            None => None,
+        });
+    }
+    let [attn_in, attn_out, mlp_in, mlp_out]: [Option<Vec<f32>>; 4] = slots
+        .try_into()
+        .map_err(|_| RuntimeError::bad(&p, "four norm slots"))?;
     Ok(BlockWeights {
         layer,
-        input_norm: r.dense(&format!("{p}.input_layernorm.weight"), &[h])?,
-        post_attn_norm: r.dense(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+        norms: Norms {
+            attn_in,
+            attn_out,
+            mlp_in,
+            mlp_out,
+        },
         qk_norm,
         linears: linears
             .try_into()
@@ -182,10 +225,20 @@ fn read_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<Blo
     })
 }
 
+/// A norm weight `(len,)` as applied: Gemma stores `w` and multiplies by `1 + w`
+/// (computed here once, in f32 as transformers does).
+fn read_norm(r: &mut dyn Reader, cfg: &ModelConfig, name: &str, len: usize) -> Result<Vec<f32>> {
+    let mut w = r.dense(name, &[len])?;
+    if cfg.norm_unit_offset {
+        w.iter_mut().for_each(|x| *x += 1.0);
+    }
+    Ok(w)
+}
+
 fn read_globals(r: &mut dyn Reader, cfg: &ModelConfig) -> Result<GlobalWeights> {
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
     let embed: Arc<dyn Linear> = Arc::from(r.linear(EMBED, v, h)?);
-    let norm = r.dense(FINAL_NORM, &[h])?;
+    let norm = read_norm(r, cfg, FINAL_NORM, h)?;
     // Some checkpoints ship lm_head even when tied; the config decides (as uc-model does).
     let head = if cfg.tie_word_embeddings {
         embed.clone()
@@ -224,6 +277,7 @@ impl Reader for CheckpointReader {
         if s != shape {
             return Err(uc_model::ModelError::ShapeMismatch {
                 name: name.into(),
+                file: self.0.file_of(name).unwrap_or(self.0.dir()).to_path_buf(),
                 found: s,
                 expected: shape.to_vec(),
             }
@@ -264,7 +318,12 @@ impl WeightLoader for CheckpointLoader {
         Ok(())
     }
     fn final_norm(&self) -> Result<Vec<f32>> {
-        CheckpointReader(Checkpoint::open(&self.dir)?).dense(FINAL_NORM, &[self.config.hidden_size])
+        read_norm(
+            &mut CheckpointReader(Checkpoint::open(&self.dir)?),
+            &self.config,
+            FINAL_NORM,
+            self.config.hidden_size,
+        )
     }
     /// Same value as uc-model's `Checkpoint::fingerprint` (SHA-256 over the shards'
     /// SHA-256s), computed with buffered reads so no shard stays mapped.
@@ -602,6 +661,7 @@ impl PackReader<'_> {
         if found != shape {
             return Err(uc_model::ModelError::ShapeMismatch {
                 name: name.into(),
+                file: self.loader.dir.join(&rec.file),
                 found,
                 expected: shape.to_vec(),
             }
@@ -883,8 +943,12 @@ impl WeightLoader for PackLoader {
     }
     fn final_norm(&self) -> Result<Vec<f32>> {
         let slot = self.config.num_layers;
-        self.reader(slot)
-            .dense(FINAL_NORM, &[self.config.hidden_size])
+        read_norm(
+            &mut self.reader(slot),
+            &self.config,
+            FINAL_NORM,
+            self.config.hidden_size,
+        )
     }
     fn fingerprint(&self) -> Result<String> {
         Ok(self.pack.manifest().fingerprint.clone())

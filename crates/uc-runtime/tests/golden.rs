@@ -15,13 +15,17 @@ use uc_runtime::{Decoder, DecoderOptions, Logits, WeightLoader};
 /// Max |engine - transformers| over a fixture's logits (|logit| up to ~57 on tied fixtures).
 const TOLERANCE: f32 = 1e-4;
 
-const FIXTURES: [&str; 6] = [
+const FIXTURES: [&str; 10] = [
     "llama",
     "llama3",
     "mistral",
     "qwen2",
     "qwen3",
     "llama_bf16_sharded",
+    "olmo2",
+    "phi3",
+    "gemma2",
+    "gemma3",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -147,6 +151,51 @@ fn qwen3_qk_norm_decoder_matches_full_forward() {
 #[test]
 fn bf16_sharded_decoder_matches_full_forward() {
     check("llama_bf16_sharded", false);
+}
+
+#[test]
+fn olmo2_post_norms_whole_qk_norm_decoder_matches_full_forward() {
+    check("olmo2", false);
+}
+
+#[test]
+fn phi3_fused_partial_rotary_sliding_decoder_matches_full_forward() {
+    check("phi3", false);
+}
+
+#[test]
+fn gemma2_softcap_sandwich_alternating_window_decoder_matches_full_forward() {
+    check("gemma2", false);
+}
+
+#[test]
+fn gemma3_qk_norm_local_global_rope_decoder_matches_full_forward() {
+    check("gemma3", false);
+}
+
+/// Gemma past the fixture's 24 tokens: sliding layers over several 64-query blocks and
+/// key tiles, soft-capped scores in the flash kernel, against token-by-token decode.
+#[test]
+fn gemma_long_prompts_match_token_by_token_decode() {
+    for name in ["gemma2", "gemma3"] {
+        let dir = fixture_with(name, "sliding_window", serde_json::json!(100));
+        let ids = ids(300, 3);
+        let want = decode_logits(dir.path(), &ids);
+        let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir.path()).unwrap());
+        let mut dec = Decoder::new(
+            loader,
+            DecoderOptions {
+                capacity: 300,
+                stream_layers: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(dec.config().window(0), Some(100));
+        assert_eq!(dec.config().window(1), None);
+        let got = dec.forward(&ids, Logits::All).unwrap();
+        let d = max_diff(&got, &want);
+        assert!(d <= TOLERANCE, "{name}: max |diff| {d}");
+    }
 }
 
 #[test]

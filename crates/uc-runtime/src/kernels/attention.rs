@@ -42,8 +42,10 @@ pub struct Problem<'a> {
     pub keys: &'a [f32],
     /// Values `(positions, head_dim)`.
     pub vals: &'a [f32],
-    /// Score scale, `1 / sqrt(head_dim)`.
+    /// Score scale, `1 / sqrt(head_dim)` (or gemma's `1 / sqrt(query_pre_attn_scalar)`).
     pub scale: f32,
+    /// Soft-cap of the scaled scores, `c * tanh(s / c)` (gemma2), when set.
+    pub softcap: Option<f32>,
     /// The visible keys of query `r`.
     pub range: &'a (dyn Fn(usize) -> (usize, usize) + Sync),
 }
@@ -60,6 +62,13 @@ pub struct Scratch {
     l: Vec<f32>,
 }
 
+/// Gemma-2's attention soft-cap of a scaled score, `c * tanh(s / c)` in f32 as
+/// transformers computes it (divide, tanh, multiply).
+#[inline]
+pub fn softcap(s: f32, c: f32) -> f32 {
+    (s / c).tanh() * c
+}
+
 /// The reference: hands query `r`'s context (`head_dim` values) to `emit(r, ctx)`.
 pub fn flash_scalar(p: &Problem, emit: &mut dyn FnMut(usize, &[f32])) {
     let hd = p.head_dim;
@@ -68,6 +77,7 @@ pub fn flash_scalar(p: &Problem, emit: &mut dyn FnMut(usize, &[f32])) {
         let qr = &p.q.data[r * p.q.rs..r * p.q.rs + hd];
         let mut s: Vec<f32> = (lo..hi)
             .map(|j| dense::dot_scalar(qr, &p.keys[j * hd..(j + 1) * hd]) * p.scale)
+            .map(|v| p.softcap.map_or(v, |c| softcap(v, c)))
             .collect();
         let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum = math::exp_shifted_sum_scalar(&mut s, max);
@@ -122,6 +132,9 @@ pub fn flash(isa: Isa, p: &Problem, sc: &mut Scratch, emit: &mut dyn FnMut(usize
             row[b..].fill(0.0);
             let live = &mut row[a..b];
             live.iter_mut().for_each(|v| *v *= p.scale);
+            if let Some(c) = p.softcap {
+                live.iter_mut().for_each(|v| *v = softcap(*v, c));
+            }
             let tmax = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let m_old = sc.m[r];
             let m_new = m_old.max(tmax);
@@ -180,6 +193,7 @@ mod tests {
             keys: &k,
             vals: &vals,
             scale: 0.125,
+            softcap: None,
             range: &range,
         };
         let mut out = vec![0f32; rows * hd];

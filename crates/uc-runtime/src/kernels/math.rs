@@ -68,6 +68,20 @@ pub fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
         .for_each(|(g, u)| *g = *g / (1.0 + (-*g).exp()) * u);
 }
 
+/// `gate[i] = gelu_tanh(gate[i]) * up[i]` (GeGLU), with PyTorch's tanh approximation
+/// `gelu_tanh(v) = 0.5 v (1 + tanh(sqrt(2 / pi) (v + 0.044715 v^3)))` in f32. Scalar
+/// only: Gemma is the one family that uses it.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gelu_tanh_mul: lengths");
+    // sqrt(2 / pi), as PyTorch's kBeta = M_SQRT2 * M_2_SQRTPI * 0.5.
+    const BETA: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+    gate.iter_mut().zip(up).for_each(|(g, u)| {
+        let v = *g;
+        let inner = BETA * (v + 0.044715 * v * v * v);
+        *g = 0.5 * v * (1.0 + inner.tanh()) * u;
+    });
+}
+
 /// RMSNorm of each `w.len()`-wide row of `x` into `out`: `x / sqrt(mean(x^2) + eps) * w`,
 /// with candle's rounding sequence (f32 sum of squares, divide, then multiply).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
