@@ -1,0 +1,314 @@
+//! The dense families beyond Llama (OLMo-2, Phi-3, Gemma-2, Gemma-3 text) end to end on
+//! their tiny golden fixtures: calibrated `uc compress` under a bit budget, `uc verify`,
+//! `uc eval` of the pack against its checkpoint, `uc run` of checkpoint and pack,
+//! resident and with `--stream-layers`; eval digits on 1 and 2 threads; and bad input
+//! (unknown `model_type`, a missing config field, a shard missing a tensor, a tensor of
+//! the wrong shape) refused by name, with nothing written.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+const FAMILIES: [&str; 4] = ["olmo2", "phi3", "gemma2", "gemma3"];
+
+fn ok_stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "uc failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Calibrated compress of `model` at a 5.0 bpw budget into `dir`/pack.
+fn compress(model: &Path, dir: &Path, text: &Path) -> (PathBuf, serde_json::Value) {
+    let pack = dir.join("pack");
+    let out = uc(
+        &[
+            "compress",
+            model.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-seqs",
+            "6",
+            "--calib-len",
+            "40",
+            "--group",
+            "32",
+            "--bpw",
+            "5",
+            "--json",
+        ],
+        &[],
+    );
+    let j = json_of(&out);
+    (pack, j)
+}
+
+fn eval(model: &Path, against: &Path, text: &Path, threads: &str) -> serde_json::Value {
+    json_of(&uc(
+        &[
+            "eval",
+            model.to_str().unwrap(),
+            "--against",
+            against.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--windows",
+            "4",
+            "--json",
+        ],
+        &[("RAYON_NUM_THREADS", threads)],
+    ))
+}
+
+fn run(model: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        model.to_str().unwrap(),
+        "-p",
+        "The quick brown fox",
+        "--max-tokens",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    ok_stdout(&uc(&args, &[]))
+}
+
+/// compress -> verify -> eval -> run (resident and streamed) for one family.
+fn end_to_end(name: &str) {
+    let m = model_with_tokenizer(name);
+    let text = text_file(m.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let (pack, c) = compress(m.path(), tmp.path(), &text);
+    assert_eq!(c["blocks"].as_array().unwrap().len(), 2, "{name}");
+    let bpw = c["bpw_body"].as_f64().unwrap();
+    assert!(bpw > 4.0 && bpw <= 5.0, "{name}: bpw {bpw}");
+    for b in c["blocks"].as_array().unwrap() {
+        let e = b["out_rel_mse"].as_f64().unwrap();
+        assert!(e.is_finite() && e < 0.05, "{name}: block error {e}");
+    }
+    let v = uc(&["verify", pack.to_str().unwrap()], &[]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).starts_with("VERIFY: PASS"),
+        "{name}: {}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+    let e = eval(&pack, m.path(), &text, "2");
+    let (kld, top1) = (
+        e["against"]["kld"].as_f64().unwrap(),
+        e["against"]["top1"].as_f64().unwrap(),
+    );
+    assert!(kld > 0.0 && kld < 0.1, "{name}: kld {kld}");
+    assert!(top1 > 0.8, "{name}: top1 {top1}");
+    let from_checkpoint = run(m.path(), &[]);
+    assert!(!from_checkpoint.trim().is_empty(), "{name}: no text");
+    let resident = run(&pack, &[]);
+    assert!(!resident.trim().is_empty(), "{name}: no text from the pack");
+    assert_eq!(resident, run(&pack, &["--stream-layers"]), "{name}");
+}
+
+#[test]
+fn olmo2_compresses_verifies_evaluates_and_runs() {
+    end_to_end("olmo2");
+}
+
+#[test]
+fn phi3_compresses_verifies_evaluates_and_runs() {
+    end_to_end("phi3");
+}
+
+#[test]
+fn gemma2_compresses_verifies_evaluates_and_runs() {
+    end_to_end("gemma2");
+}
+
+#[test]
+fn gemma3_compresses_verifies_evaluates_and_runs() {
+    end_to_end("gemma3");
+}
+
+#[test]
+fn gemma2_eval_digits_are_identical_for_one_and_two_threads() {
+    let m = model_with_tokenizer("gemma2");
+    let text = text_file(m.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let (pack, _) = compress(m.path(), tmp.path(), &text);
+    let one = eval(&pack, m.path(), &text, "1");
+    let two = eval(&pack, m.path(), &text, "2");
+    assert_eq!(
+        (one["threads"].as_u64(), two["threads"].as_u64()),
+        (Some(1), Some(2))
+    );
+    for key in ["nll", "ppl", "n_pos", "window_nll", "tokens_sha256"] {
+        assert_eq!(one[key], two[key], "{key}");
+    }
+    for key in ["ref_nll", "kld", "top1", "ppl_ratio", "ref_window_nll"] {
+        assert_eq!(one["against"][key], two["against"][key], "{key}");
+    }
+}
+
+/// Rewrites `dir`/model.safetensors without tensor `drop` (offsets recomputed, so the
+/// file stays valid: only the tensor is missing).
+fn drop_tensor(dir: &Path, drop: &str) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    assert!(header.contains_key(drop), "{drop} not in the fixture");
+    let mut entries: Vec<(String, serde_json::Value)> = header
+        .into_iter()
+        .filter(|(k, _)| k != drop && k != "__metadata__")
+        .collect();
+    entries.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap());
+    let (mut out_header, mut body) = (serde_json::Map::new(), Vec::new());
+    for (k, mut v) in entries {
+        let (a, b) = (
+            v["data_offsets"][0].as_u64().unwrap() as usize,
+            v["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        let start = body.len();
+        body.extend_from_slice(&data[a..b]);
+        v["data_offsets"] = serde_json::json!([start, body.len()]);
+        out_header.insert(k, v);
+    }
+    let mut h = serde_json::to_vec(&out_header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend(h);
+    file.extend(body);
+    std::fs::write(&p, file).unwrap();
+}
+
+fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    match value {
+        serde_json::Value::Null => {
+            cfg.as_object_mut().unwrap().remove(key);
+        }
+        v => cfg[key] = v,
+    }
+    std::fs::write(&p, cfg.to_string()).unwrap();
+}
+
+/// `uc compress` of a broken copy fails with exit 1, its stderr naming every string of
+/// `names`, and leaves no pack behind.
+fn refused(m: &Path, names: &[&str]) {
+    let text = text_file(m);
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("pack");
+    let out = uc(
+        &[
+            "compress",
+            m.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-seqs",
+            "6",
+            "--calib-len",
+            "40",
+            "--group",
+            "32",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for n in names {
+        assert!(err.contains(n), "stderr does not name {n:?}: {err}");
+    }
+    assert!(
+        !pack.join("manifest.json").exists(),
+        "a pack was written: {err}"
+    );
+    // The runtime refuses it too, by the same names.
+    let r = uc(
+        &["run", m.to_str().unwrap(), "-p", "x", "--max-tokens", "2"],
+        &[],
+    );
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    for n in names {
+        assert!(err.contains(n), "run's stderr does not name {n:?}: {err}");
+    }
+}
+
+#[test]
+fn an_unknown_model_type_lists_the_supported_families() {
+    let m = model_with_tokenizer("gemma3");
+    // The multimodal Gemma-3 wrapper, whose text model sits under language_model.
+    set_config(m.path(), "model_type", serde_json::json!("gemma3"));
+    refused(
+        m.path(),
+        &["config.json", "\"gemma3\"", "gemma3_text", "olmo2", "phi3"],
+    );
+}
+
+#[test]
+fn a_missing_config_field_is_named_for_each_family() {
+    for name in FAMILIES {
+        let m = model_with_tokenizer(name);
+        set_config(m.path(), "num_attention_heads", serde_json::Value::Null);
+        refused(m.path(), &["config.json", "num_attention_heads"]);
+    }
+}
+
+#[test]
+fn a_shard_missing_a_tensor_is_named() {
+    for (name, tensor) in [
+        ("olmo2", "model.layers.1.post_feedforward_layernorm.weight"),
+        ("olmo2", "model.layers.0.self_attn.k_norm.weight"),
+        ("phi3", "model.layers.1.self_attn.qkv_proj.weight"),
+        ("phi3", "model.layers.0.mlp.gate_up_proj.weight"),
+        ("gemma2", "model.layers.0.pre_feedforward_layernorm.weight"),
+        ("gemma3", "model.layers.1.self_attn.q_norm.weight"),
+    ] {
+        let m = model_with_tokenizer(name);
+        drop_tensor(m.path(), tensor);
+        refused(m.path(), &[tensor]);
+    }
+}
+
+#[test]
+fn a_tensor_of_the_wrong_shape_is_named_with_its_file() {
+    for (name, key, value, tensor) in [
+        // Phi-3's fused projection no longer holds q + 2 kv rows.
+        (
+            "phi3",
+            "num_key_value_heads",
+            4,
+            "self_attn.qkv_proj.weight",
+        ),
+        ("phi3", "intermediate_size", 40, "mlp.gate_up_proj.weight"),
+        // OLMo-2's whole-projection k norm is (kv_heads * head_dim,).
+        ("olmo2", "num_key_value_heads", 1, "self_attn.k_proj.weight"),
+        ("gemma2", "head_dim", 8, "self_attn.q_proj.weight"),
+        ("gemma3", "intermediate_size", 40, "mlp.gate_proj.weight"),
+    ] {
+        let m = model_with_tokenizer(name);
+        set_config(m.path(), key, serde_json::json!(value));
+        refused(m.path(), &[tensor, "model.safetensors", "shape"]);
+    }
+}
+
+#[test]
+fn phi3_long_context_rope_is_refused_by_name() {
+    let m = model_with_tokenizer("phi3");
+    set_config(
+        m.path(),
+        "rope_scaling",
+        serde_json::json!({"type": "longrope", "short_factor": [1.0, 1.0],
+                           "long_factor": [1.0, 1.0], "original_max_position_embeddings": 64}),
+    );
+    refused(m.path(), &["config.json", "longrope"]);
+}
