@@ -266,6 +266,10 @@ impl ModelConfig {
             reason,
         };
         let raw: Raw = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // Keys whose absence means transformers' class default but whose explicit null
+        // means "off" (Gemma's soft-caps and window): looked up in the JSON itself.
+        let json: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let absent = |key: &str| json.get(key).is_none();
         let model_type = raw
             .model_type
             .clone()
@@ -316,7 +320,12 @@ impl ModelConfig {
                 "head_dim {head_dim} must be even for rotary embeddings"
             )));
         }
-        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        // transformers' class defaults where a config omits the key.
+        let default_eps = match family {
+            Family::Olmo2 | Family::Phi3 => 1e-5,
+            _ => 1e-6,
+        };
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(default_eps);
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
             return Err(bad(format!("rms_norm_eps {rms_norm_eps} must be positive")));
         }
@@ -327,6 +336,7 @@ impl ModelConfig {
             Family::Qwen2 | Family::Qwen3 if raw.use_sliding_window == Some(true) => {
                 raw.sliding_window
             }
+            Family::Gemma2 | Family::Gemma3 if absent("sliding_window") => Some(4096),
             Family::Gemma2 | Family::Gemma3 => raw.sliding_window,
             _ => None,
         };
@@ -369,10 +379,17 @@ impl ModelConfig {
         };
         let (attn_scalar, attn_softcap, final_softcap) = if gemma {
             (
-                positive(raw.query_pre_attn_scalar, "query_pre_attn_scalar")?
-                    .unwrap_or(head_dim as f64),
-                positive(raw.attn_logit_softcapping, "attn_logit_softcapping")?,
-                positive(raw.final_logit_softcapping, "final_logit_softcapping")?,
+                // Gemma2Config / Gemma3TextConfig defaults: scalar 256; Gemma-2 caps
+                // scores at 50 and logits at 30 unless the config says otherwise.
+                positive(raw.query_pre_attn_scalar, "query_pre_attn_scalar")?.unwrap_or(256.0),
+                match family {
+                    Family::Gemma2 if absent("attn_logit_softcapping") => Some(50.0),
+                    _ => positive(raw.attn_logit_softcapping, "attn_logit_softcapping")?,
+                },
+                match family {
+                    Family::Gemma2 if absent("final_logit_softcapping") => Some(30.0),
+                    _ => positive(raw.final_logit_softcapping, "final_logit_softcapping")?,
+                },
             )
         } else {
             (head_dim as f64, None, None)
@@ -758,12 +775,24 @@ mod tests {
         };
         assert_eq!(g("bfloat16").embed_scale, Some(25.25));
         assert_eq!(g("float32").embed_scale, Some(640f64.sqrt() as f32));
-        // Gemma-2 defaults: alternate layers sliding (even ones), gelu-tanh, soft-caps only
-        // when configured.
+        // Gemma-2 defaults (transformers' Gemma2Config): alternate layers sliding (even
+        // ones) with a 4096 window, scores capped at 50 and logits at 30, scalar 256.
         let c = g("float32");
         assert_eq!(c.sliding_layers, [true, false]);
-        assert_eq!(c.sliding_window, None);
-        assert_eq!(c.attn_softcap, None);
+        assert_eq!(c.sliding_window, Some(4096));
+        assert_eq!((c.attn_softcap, c.final_softcap), (Some(50.0), Some(30.0)));
+        assert_eq!(c.attn_scalar, 256.0);
+        // An explicit null turns a cap (or the window) off.
+        let off = parse(
+            r#"{"model_type":"gemma2","hidden_size":64,"intermediate_size":48,
+            "num_hidden_layers":2,"num_attention_heads":4,"head_dim":16,"vocab_size":128,
+            "attn_logit_softcapping":null,"final_logit_softcapping":null,"sliding_window":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (off.attn_softcap, off.final_softcap, off.sliding_window),
+            (None, None, None)
+        );
         assert!(parse(&format!(r#"{{"model_type":"llama",{SMALL}}}"#))
             .unwrap()
             .embed_scale

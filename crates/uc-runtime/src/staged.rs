@@ -32,13 +32,13 @@ use uc_model::config::ModelConfig;
 /// in forward order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tap {
-    /// Normed residual into q, k, v: `(rows, hidden)`.
+    /// Normed residual into q, k, v (the residual itself for OLMo-2): `(rows, hidden)`.
     Attention,
     /// Attention context into o: `(rows, heads * head_dim)`.
     AttentionOutput,
-    /// Normed residual into gate, up: `(rows, hidden)`.
+    /// Normed residual into gate, up (the residual itself for OLMo-2): `(rows, hidden)`.
     Mlp,
-    /// SwiGLU activation into down: `(rows, intermediate)`.
+    /// Gated activation (SwiGLU; GeGLU for Gemma) into down: `(rows, intermediate)`.
     MlpDown,
 }
 
