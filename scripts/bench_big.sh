@@ -21,6 +21,11 @@
 #   calib1b   1B default (calibrated) compress --calib-sotu assets/sotu
 #             --max-memory ${CALIB1B_MAX_MEMORY:-3G} (CALIB1B_ARGS adds arguments, e.g.
 #             "--calib-seqs 8")
+#   gen1b_l2  uc-synth llama-3.2-1b --layers 2: the same blocks, embedding and tokenizer,
+#             2 of 16 blocks (memory is flat in depth: one block's peak in 1/8 the time)
+#   calib1b_l2  calib1b's command on the 2-block model
+#   verify1b  uc verify of the 1B RTN pack (rtn1b); verify1b_base the same with the binary
+#             BASE_UC (e.g. main's) for a before/after of the resident set
 #   plan      the --max-memory estimates alone (refusal messages) for the runs above
 #   report    results/big_7b.json and results/big_1b.json from the stage files
 #   clean     deletes the scratch directory
@@ -39,6 +44,7 @@ OUTDIR=results/big
 mkdir -p "$SCRATCH/bin" "$OUTDIR"
 M7="$SCRATCH/mistral-7b"
 M1="$SCRATCH/llama-3.2-1b"
+M1L2="$SCRATCH/llama-3.2-1b-l2"
 
 binaries() {
     cargo build --release --locked -q -p uc-cli -p uc-synth
@@ -100,6 +106,29 @@ stage_gen() {
     [ -f "$M7/config.json" ] || timed gen_7b "$SYNTH" mistral-7b -o "$M7"
     [ -f "$M1/config.json" ] || timed gen_1b "$SYNTH" llama-3.2-1b -o "$M1" \
         --tokenizer assets/smollm2-135m/tokenizer.json
+}
+
+stage_gen1b_l2() {
+    [ -f "$M1L2/config.json" ] || timed gen_1b_l2 "$SYNTH" llama-3.2-1b --layers 2 -o "$M1L2" \
+        --tokenizer assets/smollm2-135m/tokenizer.json
+}
+
+stage_calib1b_l2() {
+    rm -rf "$SCRATCH/p1b-l2-calib"
+    # shellcheck disable=SC2086
+    timed calib1b_l2 "$UC" compress "$M1L2" -o "$SCRATCH/p1b-l2-calib" --calib-sotu assets/sotu \
+        --max-memory "${CALIB1B_MAX_MEMORY:-3G}" --json ${CALIB1B_ARGS:-}
+}
+
+stage_verify1b() {
+    cat "$SCRATCH"/p1b-rtn/tensors/* >/dev/null # page cache warm, as for a pack just written
+    timed verify1b "$UC" verify "$SCRATCH/p1b-rtn" --json
+}
+
+stage_verify1b_base() {
+    cat "$SCRATCH"/p1b-rtn/tensors/* >/dev/null
+    timed verify1b_base "${BASE_UC:?set BASE_UC to the binary to compare with}" verify \
+        "$SCRATCH/p1b-rtn" --json
 }
 
 stage_resume7b() {

@@ -235,7 +235,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         _ => Some(calibration(&a)?),
     };
     let calibration_seconds = start.elapsed().as_secs_f64();
-    let opts = Options {
+    let mut opts = Options {
         method,
         body,
         budget_bpw,
@@ -258,8 +258,10 @@ pub fn run(a: CompressArgs) -> Result<()> {
         teacher_target: !a.no_teacher_target,
         target_damp: a.target_damp,
         auto_shrink: a.shrink == Shrink::Auto,
+        // Test hook: what a tight --max-memory plan chooses, on a model too small to need it.
+        recompute_mlp_input: std::env::var_os("UC_TEST_RECOMPUTE_MLP_INPUT").is_some(),
     };
-    let memory = memory_plan(&a, &opts)?;
+    let memory = memory_plan(&a, &mut opts)?;
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
     // are written, so tests can exercise resume at an exact point.
     let abort_after: Option<usize> = std::env::var("UC_TEST_ABORT_AFTER_BLOCKS")
@@ -344,15 +346,29 @@ pub fn run(a: CompressArgs) -> Result<()> {
 
 /// The memory plan of this run: the estimate, checked against `--max-memory` (a run
 /// that does not fit is refused here, before the pack directory is created or touched).
-fn memory_plan(a: &CompressArgs, opts: &uc_compress::Options) -> Result<serde_json::Value> {
+/// A calibrated run that does not fit as planned but fits with down_proj's input
+/// recomputed ([`uc_compress::Options::recompute_mlp_input`]: the same pack, a little
+/// more compute) runs that way.
+fn memory_plan(a: &CompressArgs, opts: &mut uc_compress::Options) -> Result<serde_json::Value> {
     let cfg = uc_model::config::ModelConfig::from_file(&a.src.join("config.json"))
         .with_context(|| format!("reading {}", a.src.display()))?;
     let tokens: u64 = opts
         .calibration
         .as_ref()
         .map_or(0, |c| c.sources.iter().map(|s| s.tokens.len() as u64).sum());
-    let est = uc_compress::memory::estimate(&cfg, opts, tokens);
+    let mut est = uc_compress::memory::estimate(&cfg, opts, tokens);
     if let Some(budget) = a.max_memory {
+        if est.check(budget).is_err() && opts.method == uc_compress::Method::Gptq {
+            let lean = uc_compress::Options {
+                recompute_mlp_input: true,
+                ..opts.clone()
+            };
+            let lean_est = uc_compress::memory::estimate(&cfg, &lean, tokens);
+            if lean_est.check(budget).is_ok() {
+                *opts = lean;
+                est = lean_est;
+            }
+        }
         if let Err(msg) = est.check(budget) {
             anyhow::bail!("--max-memory: compressing {} {msg}", a.src.display());
         }
@@ -361,6 +377,7 @@ fn memory_plan(a: &CompressArgs, opts: &uc_compress::Options) -> Result<serde_js
         "max_memory_bytes": a.max_memory,
         "estimate_peak_bytes": est.peak_bytes,
         "estimate_phase": est.peak_phase,
+        "recompute_mlp_input": opts.recompute_mlp_input,
         "estimate": est,
     }))
 }

@@ -142,6 +142,28 @@ fn same_inputs_and_seed_give_identical_bytes_and_seed_matters() {
     assert_ne!(tree(&a), tree(&c));
 }
 
+/// Recomputing down_proj's input from the residual (what a tight `--max-memory` plan
+/// chooses) gives the same pack as holding it; forced by the test hook because the tiny
+/// model's plan never needs it.
+#[test]
+fn recomputing_the_mlp_input_gives_the_same_bytes() {
+    let m = model_with_tokenizer("llama");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let (a, b) = (out.path().join("a"), out.path().join("b"));
+    assert!(compress(m.path(), &a, &text, &[], &[]).status.success());
+    let o = compress(
+        m.path(),
+        &b,
+        &text,
+        &["--json"],
+        &[("UC_TEST_RECOMPUTE_MLP_INPUT", "1")],
+    );
+    assert!(o.status.success());
+    assert_eq!(json_of(&o)["memory"]["recompute_mlp_input"], true);
+    assert_eq!(tree(&a), tree(&b));
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_same_bytes() {
     let m = model_with_tokenizer("llama");

@@ -101,7 +101,11 @@ fn a_budget_that_fits_is_reported_with_the_estimate() {
     assert_eq!(mem["max_memory_bytes"], 1u64 << 30);
     let est = mem["estimate_peak_bytes"].as_u64().unwrap();
     assert!(est > 0 && est < 1 << 30, "{mem}");
-    assert!(["globals", "block"].contains(&mem["estimate_phase"].as_str().unwrap()));
+    assert!(
+        ["globals", "stream start", "block statistics", "block solve"]
+            .contains(&mem["estimate_phase"].as_str().unwrap())
+    );
+    assert_eq!(mem["recompute_mlp_input"], false, "{mem}");
     assert!(uc(&["verify", pack.to_str().unwrap()], &[])
         .status
         .success());

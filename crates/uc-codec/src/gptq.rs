@@ -25,7 +25,7 @@
 //! Deterministic: every row's arithmetic is sequential and the factorisation runs on
 //! one thread, so the codes do not depend on the thread count.
 
-use faer::linalg::solvers::{DenseSolveCore, Solve};
+use faer::linalg::solvers::Solve;
 use faer::{Mat, Side};
 use rayon::prelude::*;
 
@@ -402,14 +402,15 @@ fn inverse_cholesky_upper(h: &[f64], diag: &[f64], order: &[usize], damp: f64) -
     // The mean over the diagonal in its own order (not the visiting order), as before.
     let mean = diag.iter().sum::<f64>() / n as f64;
     let permuted: Vec<f64> = order.iter().map(|&a| diag[a]).collect();
-    let hinv =
-        crate::overlay::damped_llt(&permuted, damp * mean, |i, j| h[order[i] * n + order[j]])?
-            .inverse();
-    let l2 = hinv.llt(Side::Lower).map_err(|e| CodecError::BadGram {
+    // Factor, inverse and factor of the inverse share one matrix's storage (plus the
+    // inverse's scratch): bit-identical to faer's `Llt`, a third of its peak
+    // (crate::chol).
+    let l = crate::chol::damped_llt(&permuted, damp * mean, |i, j| h[order[i] * n + order[j]])?;
+    let mut l = crate::chol::llt_inverse(l);
+    crate::chol::llt_in_place(&mut l).map_err(|e| CodecError::BadGram {
         tensor: String::new(),
         reason: format!("Cholesky of the inverse failed: {e:?}"),
     })?;
-    let l = l2.L();
     // U = L2^T: U[i][j] = L2[j][i].
     let mut u = vec![0f32; n * n];
     for i in 0..n {

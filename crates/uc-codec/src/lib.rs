@@ -19,6 +19,7 @@
 
 #![deny(missing_docs)]
 
+pub mod chol;
 mod encode;
 mod error;
 mod gptq;

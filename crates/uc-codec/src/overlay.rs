@@ -164,37 +164,7 @@ fn cholesky_lower(h: &[f64], n: usize, damp: f64) -> Result<Mat<f64>> {
         })
         .collect();
     let lambda = damp * (diag.iter().sum::<f64>() / n as f64);
-    Ok(damped_llt(&diag, lambda, |i, j| h[i * n + j])?
-        .L()
-        .to_owned())
-}
-
-/// Cholesky factorisation of the symmetric matrix with diagonal `diag + lambda` and
-/// off-diagonal entries `off(i, j)`; if that is not positive definite, `lambda` is
-/// raised tenfold, up to three times. Shared by the
-/// error-feedback encoder and the overlay fit, so both damp a Gram matrix alike.
-pub(crate) fn damped_llt(
-    diag: &[f64],
-    lambda: f64,
-    off: impl Fn(usize, usize) -> f64,
-) -> Result<faer::linalg::solvers::Llt<f64>> {
-    let n = diag.len();
-    let mut lambda = lambda;
-    for _ in 0..4 {
-        let hp = Mat::<f64>::from_fn(
-            n,
-            n,
-            |i, j| if i == j { diag[i] + lambda } else { off(i, j) },
-        );
-        if let Ok(llt) = hp.llt(Side::Lower) {
-            return Ok(llt);
-        }
-        lambda *= 10.0;
-    }
-    Err(CodecError::BadGram {
-        tensor: String::new(),
-        reason: format!("Cholesky failed with damping up to {lambda:e}"),
-    })
+    crate::chol::damped_llt(&diag, lambda, |i, j| h[i * n + j])
 }
 
 #[cfg(test)]

@@ -227,40 +227,40 @@ impl Gram {
     /// Adds `x^T x` for `x` of shape `(rows, cols)` row-major: one chunk of
     /// [`Gram::shrinkage`]. The product is f32 GEMMs over the chunk's rows (a few
     /// thousand), accumulated across chunks in f64. Only the tiles on and below the
-    /// diagonal are computed and mirrored, so `h` is exactly symmetric.
+    /// diagonal are computed and mirrored, so `h` is exactly symmetric. The f32 tiles are
+    /// added as they are produced, a batch at a time ([`product_tiles`]): no `(cols,
+    /// cols)` f32 product is held (256 MiB at width 8192).
     pub fn add(&mut self, x: &[f32]) {
-        let v = product(x, x, self.cols, true);
-        self.accumulate(v, x.len() / self.cols.max(1));
-    }
-
-    /// Adds `a^T b` for `a`, `b` of shape `(rows, cols)` row-major (the cross statistics
-    /// of two inputs seen on the same rows), like [`Gram::add`].
-    pub fn add_cross(&mut self, a: &[f32], b: &[f32]) {
-        assert_eq!(a.len(), b.len(), "add_cross: operands of different shapes");
-        let v = product(a, b, self.cols, false);
-        self.accumulate(v, a.len() / self.cols.max(1));
-    }
-
-    /// Adds one chunk's product `v (cols, cols)` over `rows` rows.
-    fn accumulate(&mut self, v: Vec<f32>, rows: usize) {
-        let m = rows as f64;
-        match self.spread.as_mut() {
-            None => {
-                for (a, b) in self.h.iter_mut().zip(v) {
-                    *a += f64::from(b);
+        let cols = self.cols;
+        let m = (x.len() / cols.max(1)) as f64;
+        let (h, spread) = (&mut self.h, &mut self.spread);
+        // Every entry of `h` gets exactly one term per chunk: the tile's value at or
+        // below the diagonal, mirrored above it.
+        let mut put = |p: usize, b: f32| {
+            let b = f64::from(b);
+            h[p] += b;
+            if let Some(sp) = spread.as_mut() {
+                sp.sq[p] += b * b;
+                sp.weighted[p] += m * b;
+            }
+        };
+        product_tiles(x, x, cols, true, |i, j, tile| {
+            let nj = TILE.min(cols - j);
+            for (r, row) in tile.chunks_exact(nj).enumerate() {
+                let gi = i + r;
+                for (c, &b) in row.iter().enumerate().take((gi + 1).saturating_sub(j)) {
+                    let gj = j + c;
+                    put(gi * cols + gj, b);
+                    if gj < gi {
+                        put(gj * cols + gi, b);
+                    }
                 }
             }
-            Some(sp) => {
-                for (p, b) in v.into_iter().enumerate() {
-                    let b = f64::from(b);
-                    self.h[p] += b;
-                    sp.sq[p] += b * b;
-                    sp.weighted[p] += m * b;
-                }
-                sp.rows += m;
-                sp.rows_sq += m * m;
-                sp.chunks += 1;
-            }
+        });
+        if let Some(sp) = self.spread.as_mut() {
+            sp.rows += m;
+            sp.rows_sq += m * m;
+            sp.chunks += 1;
         }
     }
 
@@ -308,12 +308,24 @@ impl Gram {
 /// Columns per tile of [`product`].
 const TILE: usize = 128;
 
-/// `a^T b (cols, cols)` row-major in f32 for `a`, `b` of shape `(rows, cols)` row-major:
-/// one single-threaded GEMM per (column tile of `a`, column tile of `b`), tiles in
-/// parallel (so the bits do not depend on the thread count). With `sym` (`a == b`),
-/// only the tiles on and below the diagonal are computed and the lower triangle is
-/// mirrored into the upper one.
-fn product(a: &[f32], b: &[f32], cols: usize, sym: bool) -> Vec<f32> {
+/// Tiles of [`product_tiles`] computed before they are handed over: their f32 values
+/// (64 KiB each) are all it holds.
+const BATCH: usize = 256;
+
+/// The tiles of `a^T b (cols, cols)` in f32 for `a`, `b` of shape `(rows, cols)`
+/// row-major, handed to `sink(i, j, tile)` (tile: rows `i..`, columns `j..`, at most
+/// [`TILE`] x [`TILE`], row-major) in a fixed order: one single-threaded GEMM per
+/// (column tile of `a`, column tile of `b`), tiles in parallel within batches of
+/// [`BATCH`] (so the bits do not depend on the thread count or the batching). With
+/// `sym` (`a == b`), only the tiles on and below the diagonal are computed; the caller
+/// mirrors them.
+fn product_tiles(
+    a: &[f32],
+    b: &[f32],
+    cols: usize,
+    sym: bool,
+    mut sink: impl FnMut(usize, usize, &[f32]),
+) {
     assert!(
         cols > 0 && a.len().is_multiple_of(cols),
         "Gram: input is not (rows, {cols})"
@@ -329,47 +341,73 @@ fn product(a: &[f32], b: &[f32], cols: usize, sym: bool) -> Vec<f32> {
                 .map(move |&j| (i, j))
         })
         .collect();
-    let blocks: Vec<Vec<f32>> = pairs
-        .par_iter()
-        .map(|&(i, j)| {
-            let (mi, nj) = (TILE.min(cols - i), TILE.min(cols - j));
-            let mut out = vec![0f32; mi * nj];
-            if rows > 0 {
-                // out (mi, nj) = A[:, i..]^T (mi, rows) . B[:, j..] (rows, nj)
-                let lhs = Mat {
-                    data: &a[i..],
-                    rs: 1,
-                    cs: cols,
-                };
-                gemm(
-                    mi,
-                    nj,
-                    rows,
-                    lhs,
-                    Mat::rows(&b[j..], cols),
-                    &mut out,
-                    nj,
-                    false,
-                );
-            }
-            out
-        })
-        .collect();
-    let mut v = vec![0f32; cols * cols];
-    for (&(i, j), blk) in pairs.iter().zip(&blocks) {
-        let nj = TILE.min(cols - j);
-        for (r, row) in blk.chunks_exact(nj).enumerate() {
-            v[(i + r) * cols + j..(i + r) * cols + j + nj].copy_from_slice(row);
+    for batch in pairs.chunks(BATCH) {
+        let blocks: Vec<Vec<f32>> = batch
+            .par_iter()
+            .map(|&(i, j)| {
+                let (mi, nj) = (TILE.min(cols - i), TILE.min(cols - j));
+                let mut out = vec![0f32; mi * nj];
+                if rows > 0 {
+                    // out (mi, nj) = A[:, i..]^T (mi, rows) . B[:, j..] (rows, nj)
+                    let lhs = Mat {
+                        data: &a[i..],
+                        rs: 1,
+                        cs: cols,
+                    };
+                    gemm(
+                        mi,
+                        nj,
+                        rows,
+                        lhs,
+                        Mat::rows(&b[j..], cols),
+                        &mut out,
+                        nj,
+                        false,
+                    );
+                }
+                out
+            })
+            .collect();
+        for (&(i, j), tile) in batch.iter().zip(&blocks) {
+            sink(i, j, tile);
         }
     }
-    if sym {
-        for r in 0..cols {
-            for c in r + 1..cols {
-                v[r * cols + c] = v[c * cols + r];
-            }
+}
+
+/// The cross statistics `C = A^T B` of two inputs seen on the same rows (the quantized
+/// and the teacher stream's input of one stage), summed over chunks like [`Gram::add`]
+/// (the same f32 tile products, accumulated in f64), held as a faer matrix so that the
+/// teacher-target solve can turn it into `C - H` in its own storage
+/// ([`crate::target::teacher_targets`]).
+pub struct Cross {
+    /// `(cols, cols)`: entry `(i, j)` is the sum over rows of `a[., i] b[., j]`.
+    pub c: faer::Mat<f64>,
+}
+
+impl Cross {
+    /// Zero statistics for inputs of width `cols`.
+    pub fn new(cols: usize) -> Self {
+        Cross {
+            c: faer::Mat::zeros(cols, cols),
         }
     }
-    v
+
+    /// Adds `a^T b` for `a`, `b` of shape `(rows, cols)` row-major.
+    pub fn add(&mut self, a: &[f32], b: &[f32]) {
+        assert_eq!(a.len(), b.len(), "Cross::add: operands of different shapes");
+        let cols = self.c.ncols();
+        let c = &mut self.c;
+        product_tiles(a, b, cols, false, |i, j, tile| {
+            let nj = TILE.min(cols - j);
+            let mi = tile.len() / nj;
+            // Column by column: faer stores columns contiguously.
+            for cc in 0..nj {
+                for r in 0..mi {
+                    c[(i + r, j + cc)] += f64::from(tile[r * nj + cc]);
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -560,16 +598,19 @@ mod tests {
         };
         let mut g = Gram::new(cols);
         g.add(&a);
-        let mut c = Gram::new(cols);
-        c.add_cross(&a, &b);
+        let mut c = Cross::new(cols);
+        c.add(&a, &b);
         for i in 0..cols {
             for j in 0..cols {
                 let p = i * cols + j;
                 assert_eq!(g.h[p], g.h[j * cols + i], "H exactly symmetric");
                 assert!((g.h[p] - reference(&a, &a, i, j)).abs() < 1e-4, "H {i} {j}");
-                assert!((c.h[p] - reference(&a, &b, i, j)).abs() < 1e-4, "C {i} {j}");
+                assert!(
+                    (c.c[(i, j)] - reference(&a, &b, i, j)).abs() < 1e-4,
+                    "C {i} {j}"
+                );
             }
         }
-        assert_ne!(c.h[1], c.h[cols]);
+        assert_ne!(c.c[(0, 1)], c.c[(1, 0)]);
     }
 }

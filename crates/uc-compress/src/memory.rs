@@ -42,13 +42,14 @@ fn stored(spec: &CodecSpec, rows: u64, cols: u64) -> u64 {
 }
 
 /// Resident bytes while one tensor of `n` elements is encoded without calibration and
-/// checked: its f32 weights, the unpacked codes (one byte each), the packed entries
-/// (twice: the encoder's and the container's copy), and the f32 reconstruction the
-/// error is measured on. (On SmolLM2-135M, whose peak is its 49152 x 576 embedding, the
-/// same term without the second copy of the entries came out 10% under the measured
-/// peak RSS.)
+/// checked: its f32 weights, the unpacked codes (one byte each) and the packed entries
+/// (twice: the encoder's and the container's copy). The error is measured on the
+/// reconstruction a few rows at a time (before 2026-12-03 night the whole f32
+/// reconstruction was held: 4 more bytes per element). (On SmolLM2-135M, whose peak is
+/// its 49152 x 576 embedding, the term with the reconstruction and without the second
+/// copy of the entries came out 10% under the measured peak RSS.)
 fn rtn_tensor(n: u64, packed: u64) -> u64 {
-    4 * n + n + 2 * packed + 4 * n
+    4 * n + n + 2 * packed
 }
 
 /// The estimate for compressing a model of config `cfg` with `opts`; `calib_tokens` is
@@ -96,10 +97,13 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
         base.clone(),
         tokens.clone(),
         (
-            format!("encoding the {vocab} x {h} embedding/head (f32 weights + codes + f32 reconstruction)"),
+            format!("encoding the {vocab} x {h} embedding/head (f32 weights + codes)"),
             rtn_tensor(vocab * h, embed_packed) - embed_packed,
         ),
-        ("embedding/head entries in the globals container".into(), heads_packed),
+        (
+            "embedding/head entries in the globals container".into(),
+            heads_packed,
+        ),
     ];
     let mut tokens_m = 0;
     if let (true, Some(cal)) = (calibrated, &opts.calibration) {
@@ -119,7 +123,7 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
                 base,
                 tokens,
                 (
-                    format!("encoding the largest block linear, {widest_name} {wr} x {wc} (f32 weights + codes + f32 reconstruction)"),
+                    format!("encoding the largest block linear, {widest_name} {wr} x {wc} (f32 weights + codes)"),
                     rtn_tensor(widest, stored(&body, wr, wc)) - stored(&body, wr, wc),
                 ),
                 ("one block's packed entries (container)".into(), block_packed),
@@ -146,24 +150,45 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
     let seq = opts.calibration.as_ref().map_or(0, |c| c.seq_len as u64);
     let chunk_windows = chunk_tokens / seq.max(1);
     let cols = h.max(q).max(i);
-    let gram_count = if opts.teacher_target { 2 } else { 1 } * if opts.auto_shrink { 2 } else { 1 };
+    // H (with its two spread arrays under auto shrinkage) and the cross matrix C.
+    let h_arrays = if opts.auto_shrink { 3 } else { 1 };
+    let gram_count = h_arrays + u64::from(opts.teacher_target);
+    // Between stages each chunk's quantized forward is paused holding its residual and
+    // its tap's input; the MLP's inner activations (down_proj's input) are dropped and
+    // recomputed when `recompute_mlp_input` is set.
+    let held = if opts.recompute_mlp_input { 0 } else { i };
+    // Planned at down_proj, the widest stage: the teacher's stream is consumed chunk by
+    // chunk as its block output is produced (about one stream in all), and the quantized
+    // stream's paused forwards hold their residual and, unless recomputed, the MLP's
+    // inner activations.
+    let streams = (
+        format!("calibration activations: the teacher's stream, block input and output ({tokens_m} tokens x {h}, f32)"),
+        4 * tokens_m * h,
+    );
+    let paused = (
+        format!(
+            "calibration activations: the paused quantized forward (residual{}, {tokens_m} tokens, f32)",
+            if opts.recompute_mlp_input { "; MLP input recomputed" } else { " + MLP inner activations" }
+        ),
+        4 * tokens_m * (h + held),
+    );
+    let packed = (
+        "one block's packed entries (container)".to_string(),
+        block_packed,
+    );
+    // While a stage's statistics are summed: both copies of the block, H and C, the
+    // forwards of one chunk (f32 tile products are added as they are made).
     phases.push(Phase::with_margin(
-        "block",
+        "block statistics",
         vec![
-            base,
-            tokens,
+            base.clone(),
+            tokens.clone(),
             (
                 format!("one block's weights, teacher + quantized copy ({block_params} params, f32)"),
                 2 * 4 * block_params,
             ),
-            (
-                format!("calibration activations: teacher, quantized, next and output streams ({tokens_m} tokens x {h}, f32)"),
-                4 * 4 * tokens_m * h,
-            ),
-            (
-                format!("calibration activations: the paused quantized forward (residual + widest input, {tokens_m} tokens, f32)"),
-                4 * tokens_m * (h + cols),
-            ),
+            streams.clone(),
+            paused.clone(),
             (
                 // Teacher and student advance chunk by chunk while the Gram matrices are
                 // summed, so the teacher's linear inputs are never held for all chunks;
@@ -172,14 +197,44 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
                 4 * chunk_tokens * (3 * i + 3 * h + q + 2 * kv) + 4 * chunk_windows * 2 * seq * kv,
             ),
             (
-                format!("Gram matrices of the widest stage input ({cols} x {cols}, f64)"),
+                format!("Gram matrices of the widest stage input ({cols} x {cols}, f64: H{})", if opts.teacher_target { " and C" } else { "" }),
                 gram_count * 8 * cols * cols,
             ),
+            packed.clone(),
+        ],
+    ));
+    // Encoding the widest linear (down_proj): the teacher block is released, C becomes
+    // C - H in place and is freed after the right-hand sides are formed; then error
+    // feedback holds H, the damped factor and its inverse (crate uc_codec::chol).
+    let target = if opts.teacher_target {
+        8 * cols * cols + 2 * 8 * widest
+    } else {
+        0
+    };
+    phases.push(Phase::with_margin(
+        "block solve",
+        vec![
+            base,
+            tokens,
             (
-                format!("solver workspace for {widest_name} (3 Gram-sized f64 factors, f64 copies of the weight, f32 weights/target/reconstruction, codes)"),
-                3 * 8 * cols * cols + 3 * 8 * widest + 3 * 4 * widest + widest,
+                format!("one block's quantized copy ({block_params} params, f32)"),
+                4 * block_params,
             ),
-            ("one block's packed entries (container)".into(), block_packed),
+            streams,
+            paused,
+            (
+                format!("H of the widest stage input ({cols} x {cols}, f64)"),
+                h_arrays * 8 * cols * cols,
+            ),
+            (
+                format!("solver workspace for {widest_name} (the larger of: teacher target's C - H and two f64 copies of the weight; error feedback's Cholesky factor and inverse, 2 x {cols} x {cols} f64)"),
+                target.max(2 * 8 * cols * cols),
+            ),
+            (
+                format!("{widest_name} as f32 weights, target and reconstruction, and its codes"),
+                3 * 4 * widest + widest,
+            ),
+            packed,
         ],
     ));
     MemoryEstimate::from_phases(phases)

@@ -1,7 +1,7 @@
 //! The per-block loop.
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
-use crate::calib::{Calibration, Gram};
+use crate::calib::{Calibration, Cross, Gram};
 use crate::{CompressError, Result};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -60,6 +60,14 @@ pub struct Options {
     /// spread of its Gram matrix between calibration chunks ([`Gram::shrinkage`])
     /// instead of using `gptq.shrink` (which stays the fallback).
     pub auto_shrink: bool,
+    /// Calibrated runs: once down_proj's statistics are summed, drop each chunk's
+    /// quantized-stream input of down_proj (the MLP's inner activations, tokens x
+    /// intermediate f32: 512 MiB at 32 windows on a Llama-3.2-1B shape) and recompute
+    /// it from the residual to finish the block. The same bits (the recompute runs the
+    /// same gate/up weights on the same residual), one more gate/up forward of the
+    /// quantized stream per block. The memory plan sets it when a `--max-memory` budget
+    /// needs it ([`crate::memory`]).
+    pub recompute_mlp_input: bool,
 }
 
 /// Where a bit budget may move bits.
@@ -210,11 +218,20 @@ fn codec_err(tensor: &str) -> impl FnOnce(uc_codec::CodecError) -> CompressError
 
 /// ||a - b|| / ||a|| in f64.
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
+    let mut sums = (0f64, 0f64);
+    err_sums(a, b, &mut sums);
+    err_ratio(sums)
+}
+
+/// Adds `||a - b||^2` and `||a||^2` of these elements, in order, to `sums`.
+fn err_sums(a: &[f32], b: &[f32], sums: &mut (f64, f64)) {
     for (&x, &y) in a.iter().zip(b) {
-        num += f64::from(x - y).powi(2);
-        den += f64::from(x).powi(2);
+        sums.0 += f64::from(x - y).powi(2);
+        sums.1 += f64::from(x).powi(2);
     }
+}
+
+fn err_ratio((num, den): (f64, f64)) -> f64 {
     if den > 0.0 {
         (num / den).sqrt()
     } else {
@@ -222,8 +239,25 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// [`rel_err`] of `w` (rows x `cols`) against the reconstruction of `qt`, reconstructed
+/// ~4 MiB of rows at a time: the same sums in the same order (the same bits), without
+/// the whole f32 reconstruction in memory (1 GiB for Llama-3.2-1B's embedding).
+fn rel_err_streamed(w: &[f32], qt: &QuantTensor, cols: usize) -> uc_codec::Result<f64> {
+    let r = uc_codec::Reconstructor::new(qt, Kernel::select(false))?;
+    let rows = ((1 << 20) / cols.max(1)).max(1);
+    let mut buf = vec![0f32; rows * cols];
+    let mut sums = (0f64, 0f64);
+    for (k, wc) in w.chunks(rows * cols).enumerate() {
+        let out = &mut buf[..wc.len()];
+        r.rows_into(k * rows, out)?;
+        err_sums(wc, out, &mut sums);
+    }
+    Ok(err_ratio(sums))
+}
+
 /// Encodes weight `name` (rows x cols) with `spec` -- by error feedback when a Gram
-/// matrix is given -- adds it to `c`, and returns its reconstruction.
+/// matrix is given -- adds it to `c`, and returns its reconstruction when `keep_recon`
+/// (else the error is measured a few rows at a time).
 fn quantize_into(
     c: &mut ContainerBuilder,
     name: &str,
@@ -232,7 +266,8 @@ fn quantize_into(
     role: Role,
     spec: &CodecSpec,
     gram: Option<(&Gram, GptqOptions)>,
-) -> Result<(TensorSummary, Vec<f32>)> {
+    keep_recon: bool,
+) -> Result<(TensorSummary, Option<Vec<f32>>)> {
     let [rows, cols] = shape[..] else {
         return Err(CompressError::Settings(format!(
             "{name}: expected a 2-D weight, got {shape:?}"
@@ -261,8 +296,15 @@ fn quantize_into(
         qt.spec = *spec;
         qt.overlay = Some(overlay);
     }
-    let recon = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
-    let err = rel_err(w, &recon);
+    let (err, recon) = if keep_recon {
+        let recon = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
+        (rel_err(w, &recon), Some(recon))
+    } else {
+        (
+            rel_err_streamed(w, &qt, cols).map_err(codec_err(name))?,
+            None,
+        )
+    };
     let mut stats = serde_json::Map::new();
     stats.insert("rel_err".into(), err.into());
     let shrink = gram.map(|(_, o)| o.shrink).filter(|&s| s > 0.0);
@@ -290,7 +332,7 @@ fn quantize_from(
     spec: &CodecSpec,
 ) -> Result<TensorSummary> {
     let (w, shape) = ck.tensor_f32(name)?;
-    Ok(quantize_into(c, name, &w, &shape, role, spec, None)?.0)
+    Ok(quantize_into(c, name, &w, &shape, role, spec, None, false)?.0)
 }
 
 /// Stores tensor `name` of `ck` dense in f32.
@@ -722,7 +764,10 @@ impl Stream {
         opts: &Options,
         spec_of: &dyn Fn(&str) -> CodecSpec,
     ) -> Result<(Vec<TensorSummary>, f64)> {
-        let teacher = loader.block(layer)?;
+        // `None` once the last stage has read the teacher's weights.
+        let mut teacher_block = Some(loader.block(layer)?);
+        let released =
+            || CompressError::Settings("teacher block released before its last stage".into());
         // The student: the teacher's norms, its linears swapped for their
         // reconstructions stage by stage.
         let mut student = loader.block(layer)?;
@@ -732,8 +777,9 @@ impl Stream {
         let total = self.student.len();
         // Paused forwards per chunk, at the previous stage's tap (both start at the first).
         let mut teach: Vec<Option<Paused>> = Vec::new();
+        let teacher = teacher_block.as_ref().ok_or_else(released)?;
         for x in chunks_of(std::mem::take(&mut self.teacher), len) {
-            teach.push(Some(st.begin(&teacher, x)?));
+            teach.push(Some(st.begin(teacher, x)?));
         }
         let mut stud: Vec<Option<Paused>> = Vec::new();
         for x in chunks_of(std::mem::take(&mut self.student), len) {
@@ -743,8 +789,9 @@ impl Stream {
         let p = block_prefix(layer);
         let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
         for (stage, tap) in Tap::ALL.into_iter().enumerate() {
+            let teacher = teacher_block.as_ref().ok_or_else(released)?;
             let mut h: Option<Gram> = None;
-            let mut cross: Option<Gram> = None;
+            let mut cross: Option<Cross> = None;
             for (ts, ss) in teach.iter_mut().zip(stud.iter_mut()) {
                 let (Some(t), Some(s)) = (ts.take(), ss.take()) else {
                     return Err(CompressError::Settings("lost a paused forward".into()));
@@ -754,7 +801,7 @@ impl Stream {
                     (t, s)
                 } else {
                     (
-                        paused(st.resume(&teacher, t))?,
+                        paused(st.resume(teacher, t))?,
                         paused(st.resume(&student, s))?,
                     )
                 };
@@ -770,8 +817,8 @@ impl Stream {
                 h.add(s.input());
                 if keep {
                     cross
-                        .get_or_insert_with(|| Gram::new(cols))
-                        .add_cross(s.input(), t.input());
+                        .get_or_insert_with(|| Cross::new(cols))
+                        .add(s.input(), t.input());
                 }
                 let (mut t, mut s) = (t, s);
                 if matches!(tap, Tap::Attention | Tap::Mlp) {
@@ -779,9 +826,14 @@ impl Stream {
                     t.compact();
                     s.compact();
                 }
+                if tap == Tap::MlpDown && opts.recompute_mlp_input {
+                    // gate/up's output, recomputed by `finish` below with the same
+                    // (already quantized) gate/up weights: the same bits.
+                    s.compact();
+                }
                 if tap == Tap::MlpDown {
                     // The teacher's last tap is read: finish its forward now.
-                    next_teacher.extend(st.finish(&teacher, t));
+                    next_teacher.extend(st.finish(teacher, t));
                 } else {
                     *ts = Some(t);
                 }
@@ -794,12 +846,28 @@ impl Stream {
                 shrink: h.shrinkage().unwrap_or(opts.gptq.shrink),
                 ..opts.gptq
             };
-            for &k in tap.linears() {
+            // The teacher's weights of this stage; past the last stage's statistics the
+            // teacher block is not needed any more (its forward is finished), and goes
+            // before the solves allocate.
+            let ws: Vec<(Vec<f32>, usize, usize)> = tap
+                .linears()
+                .iter()
+                .map(|&k| weight_of(teacher, k))
+                .collect();
+            if tap == Tap::MlpDown {
+                teacher_block = None;
+            }
+            // The teacher-target solves consume C before error feedback starts.
+            let targets = match cross.take() {
+                Some(cr) => {
+                    let refs: Vec<(&[f32], usize)> =
+                        ws.iter().map(|(w, rows, _)| (&w[..], *rows)).collect();
+                    crate::target::teacher_targets(&refs, h.cols, &h.h, cr.c, opts.target_damp)
+                }
+                None => vec![None; ws.len()],
+            };
+            for ((&k, (w, rows, cols)), target) in tap.linears().iter().zip(ws).zip(targets) {
                 let name = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
-                let (w, rows, cols) = weight_of(&teacher, k);
-                let target = cross.as_ref().and_then(|cr| {
-                    crate::target::teacher_target(&w, rows, cols, &h.h, &cr.h, opts.target_damp)
-                });
                 let spec = spec_of(&name);
                 let (mut summary, recon) = quantize_into(
                     c,
@@ -809,7 +877,14 @@ impl Stream {
                     Role::Body,
                     &spec,
                     Some((&h, gptq)),
+                    true,
                 )?;
+                drop(target);
+                let Some(recon) = recon else {
+                    return Err(CompressError::Settings(format!(
+                        "{name}: no reconstruction"
+                    )));
+                };
                 summary.rel_err = rel_err(&w, &recon);
                 student.linears[k] = dense(&name, recon, rows, cols)?;
                 summaries.push(summary);

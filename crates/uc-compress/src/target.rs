@@ -13,23 +13,46 @@
 //! Written as `W' = W + W (C^T - H) (H + lambda I)^-1`: the damping then only tempers
 //! the correction, and without drift (`C = H`) `W' = W` exactly.
 
-use faer::linalg::solvers::Solve;
-use faer::{Mat, Side};
+use faer::Mat;
 
-/// `W'` for `w` (rows x cols, row-major), `h` = `X_s^T X_s`, `c` = `X_s^T X_t` (cols x
-/// cols, row-major), damping `damp` x mean diagonal of `h`. `None` when the damped `h`
-/// is not positive definite or the result is not finite (callers keep `w`).
-pub fn teacher_target(
-    w: &[f32],
-    rows: usize,
+/// `W'` for each weight of one stage, `ws[k]` = (`w`: rows x cols, row-major; rows),
+/// all multiplying the same input: `h` = `X_s^T X_s` (cols x cols, row-major), `c` =
+/// `X_s^T X_t` ([`crate::calib::Cross`]), damping `damp` x mean diagonal of `h`. `None`
+/// for a weight whose result is not finite, and for all of them when the damped `h`
+/// is not positive definite (callers keep `w`).
+///
+/// Memory: `c` is consumed. Its storage becomes `D = C - H`, every weight's right-hand
+/// side `D^T W^T`-style product (`(C - H) W^T`, cols x rows) is formed, and `D` is freed
+/// before the damped `H` is built and factored in its own storage
+/// ([`uc_codec::chol`]); so at most two cols x cols f64 matrices besides `h` are ever
+/// alive, against five when each weight made its own `D`, `H + lambda I`, Cholesky
+/// factor and copies. The arithmetic is that of the per-weight form (same products, same
+/// factorisation, same solve); the factor is simply computed once per stage.
+pub fn teacher_targets(
+    ws: &[(&[f32], usize)],
     cols: usize,
     h: &[f64],
-    c: &[f64],
+    c: Mat<f64>,
     damp: f64,
-) -> Option<Vec<f32>> {
+) -> Vec<Option<Vec<f32>>> {
     let mean = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
     let lambda = damp * mean;
-    let hd = Mat::<f64>::from_fn(cols, cols, |i, j| {
+    // D = C^T - H; R^T = D^T W^T = (C - H) W^T (cols x rows).
+    let mut d = c;
+    for j in 0..cols {
+        for i in 0..cols {
+            d[(i, j)] -= h[i * cols + j];
+        }
+    }
+    let mut rts: Vec<Mat<f64>> = ws
+        .iter()
+        .map(|&(w, rows)| {
+            let wt = Mat::<f64>::from_fn(cols, rows, |i, r| f64::from(w[r * cols + i]));
+            &d * &wt
+        })
+        .collect();
+    drop(d);
+    let mut hd = Mat::<f64>::from_fn(cols, cols, |i, j| {
         h[i * cols + j]
             + if i == j {
                 lambda.max(f64::MIN_POSITIVE)
@@ -37,15 +60,20 @@ pub fn teacher_target(
                 0.0
             }
     });
-    // D = C^T - H; R^T = D^T W^T = (C - H) W^T (cols x rows).
-    let d = Mat::<f64>::from_fn(cols, cols, |i, j| c[i * cols + j] - h[i * cols + j]);
-    let wt = Mat::<f64>::from_fn(cols, rows, |i, r| f64::from(w[r * cols + i]));
-    let rt = &d * &wt;
-    let y = hd.llt(Side::Lower).ok()?.solve(&rt); // (H + lambda I)^-1 R^T
-    let out: Vec<f32> = (0..rows * cols)
-        .map(|k| (f64::from(w[k]) + y[(k % cols, k / cols)]) as f32)
-        .collect();
-    out.iter().all(|v| v.is_finite()).then_some(out)
+    if uc_codec::chol::llt_in_place(&mut hd).is_err() {
+        return vec![None; ws.len()];
+    }
+    ws.iter()
+        .zip(rts.iter_mut())
+        .map(|(&(w, rows), rt)| {
+            uc_codec::chol::llt_solve_in_place(&hd, rt.as_mut()); // (H + lambda I)^-1 R^T
+            let y = &*rt;
+            let out: Vec<f32> = (0..rows * cols)
+                .map(|k| (f64::from(w[k]) + y[(k % cols, k / cols)]) as f32)
+                .collect();
+            out.iter().all(|v| v.is_finite()).then_some(out)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -83,7 +111,13 @@ mod tests {
         let xs = noise(n * cols, 1);
         let w: Vec<f32> = noise(rows * cols, 2).iter().map(|&v| v as f32).collect();
         let h = gram(&xs, &xs, n, cols);
-        let same = teacher_target(&w, rows, cols, &h, &h, 0.01).unwrap();
+        let target = |c: &[f64], damp| {
+            let c = Mat::<f64>::from_fn(cols, cols, |i, j| c[i * cols + j]);
+            teacher_targets(&[(&w, rows)], cols, &h, c, damp)
+                .pop()
+                .unwrap()
+        };
+        let same = target(&h, 0.01).unwrap();
         assert_eq!(same, w, "no drift: the target is the weight itself");
 
         // Teacher inputs: a fixed linear map of the student's, X_t = X_s M^T. Then the
@@ -96,7 +130,7 @@ mod tests {
             }
         }
         let c = gram(&xs, &xt, n, cols);
-        let got = teacher_target(&w, rows, cols, &h, &c, 0.0).unwrap();
+        let got = target(&c, 0.0).unwrap();
         for r in 0..rows {
             for k in 0..cols {
                 let want: f64 = (0..cols)

@@ -170,6 +170,36 @@ impl Container {
             entry: name.into(),
         })
     }
+    /// Drops the pages of entry `name` from the resident set (a mapped container; owned
+    /// bytes stay): for a reader that is done with it, e.g. `uc verify` after checking a
+    /// tensor, so walking a pack larger than memory keeps only the entries in use
+    /// resident. A later read maps the same bytes in again. Unknown names are ignored.
+    pub fn release(&self, name: &str) {
+        if let (Backing::Map(map), Some(slot)) = (&self.backing, self.slots.get(name)) {
+            release_pages(map, slot.start..slot.end);
+        }
+    }
+}
+
+/// Drops the mapped pages of `range` of a read-only file map from the resident set once
+/// its bytes have been used: without it every page read stays mapped and counts in RSS
+/// until the map is closed. Advisory; failures are ignored. (Shared by the checkpoint
+/// reader in uc-model and [`Container::release`].)
+pub fn release_pages(map: &memmap2::Mmap, range: std::ops::Range<usize>) {
+    #[cfg(unix)]
+    // SAFETY: the mapping is read-only and file-backed and never written through, so
+    // MADV_DONTNEED only discards clean pages; a later read faults them in again from the
+    // file with the same contents (also for the neighbouring bytes of a page that `range`
+    // only partly covers). memmap2 aligns the range to whole pages.
+    unsafe {
+        let _ = map.unchecked_advise_range(
+            memmap2::UncheckedAdvice::DontNeed,
+            range.start,
+            range.len(),
+        );
+    }
+    #[cfg(not(unix))]
+    let _ = (map, range);
 }
 
 /// Writes `entries` as a safetensors file at `path` (sorted by dtype alignment then

@@ -29,7 +29,7 @@ mod pack;
 pub mod rng;
 mod writer;
 
-pub use container::{Container, Entry, EntryRef};
+pub use container::{release_pages, Container, Entry, EntryRef};
 pub use error::FormatError;
 pub use hash::{sha256_file, sha256_hex, Sha256};
 pub use manifest::{

@@ -160,7 +160,8 @@ impl Checkpoint {
             path: shard.path.clone(),
             dtype: format!("{:?}", info.dtype),
         })?;
-        release_pages(&shard.map, info.range.clone());
+        // Walking a model larger than memory keeps only the tensors in use resident.
+        uc_format::release_pages(&shard.map, info.range.clone());
         if let Some(index) = values.iter().position(|v| !v.is_finite()) {
             return Err(ModelError::NonFinite {
                 name: name.to_string(),
@@ -229,27 +230,6 @@ fn split_fused(
     }
     Ok(())
 }
-
-/// Drops the mapped pages of `range` from the resident set once a tensor has been copied
-/// out, so walking a model larger than memory keeps only the tensors in use resident
-/// (page cache aside): without it every page read stays mapped and counts in RSS until
-/// the checkpoint is closed. Advisory; failures are ignored.
-fn release_pages(map: &Mmap, range: std::ops::Range<usize>) {
-    #[cfg(unix)]
-    // SAFETY: the mapping is read-only and file-backed and never written through, so
-    // MADV_DONTNEED only discards clean pages; a later read faults them in again from the
-    // file with the same contents. memmap2 aligns the range to whole pages.
-    unsafe {
-        let _ = map.unchecked_advise_range(
-            memmap2::UncheckedAdvice::DontNeed,
-            range.start,
-            range.len(),
-        );
-    }
-    #[cfg(not(unix))]
-    let _ = (map, range);
-}
-
 /// Little-endian bytes of a float dtype to f32; `None` for non-float dtypes.
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {

@@ -221,6 +221,20 @@ impl Shape {
         }
     }
 
+    /// The same shape with only its first `layers` blocks (config.json's
+    /// `num_hidden_layers` follows): every block, the embedding and the head keep their
+    /// exact shapes and, for a given seed, their weights, so a short model measures the
+    /// per-block memory of the full one in a fraction of its time. `None` for 0 or
+    /// more blocks than the shape has.
+    pub fn with_layers(mut self, layers: usize) -> Option<Self> {
+        if layers == 0 || layers > self.layers {
+            return None;
+        }
+        self.layers = layers;
+        self.config["num_hidden_layers"] = layers.into();
+        Some(self)
+    }
+
     /// The shape named `name` (`mistral-7b`, `llama-3.2-1b`, `tiny`).
     pub fn by_name(name: &str) -> Option<Self> {
         match name {
@@ -552,5 +566,24 @@ mod tests {
         )
         .unwrap();
         assert!(l.rope.llama3.is_some());
+    }
+
+    #[test]
+    fn fewer_layers_keep_the_block_shapes() {
+        let full = Shape::llama32_1b();
+        let short = full.clone().with_layers(2).unwrap();
+        let cfg = uc_model::config::ModelConfig::from_json_str(
+            &short.config.to_string(),
+            Path::new("config.json"),
+        )
+        .unwrap();
+        assert_eq!(cfg.num_layers, 2);
+        let (a, b) = (full.tensors(), short.tensors());
+        assert_eq!(b.len(), 1 + 2 * 9 + 1);
+        assert!(b
+            .iter()
+            .all(|t| a.iter().any(|u| u.name == t.name && u.shape == t.shape)));
+        assert!(full.clone().with_layers(0).is_none());
+        assert!(full.with_layers(17).is_none());
     }
 }

@@ -25,12 +25,25 @@ struct Args {
     /// A tokenizer.json to copy beside the weights (its ids must be < the vocab size).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Keep only the first N blocks (same shapes and weights per block; a cheaper
+    /// stand-in for measuring one block's memory).
+    #[arg(long)]
+    layers: Option<usize>,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
     let shape = uc_synth::Shape::by_name(&a.shape)
         .with_context(|| format!("unknown shape {} (mistral-7b, llama-3.2-1b, tiny)", a.shape))?;
+    let shape = match a.layers {
+        None => shape,
+        Some(n) => {
+            let full = shape.layers;
+            shape
+                .with_layers(n)
+                .with_context(|| format!("--layers {n}: the shape has 1..={full} blocks"))?
+        }
+    };
     let t = Instant::now();
     let w = uc_synth::write_checkpoint(&a.out, &shape, a.seed, &mut |f| {
         eprintln!("[{:.0}s] wrote {f}", t.elapsed().as_secs_f64())
