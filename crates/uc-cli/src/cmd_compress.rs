@@ -16,6 +16,7 @@ Examples:
   uc compress assets/smollm2-135m -o packs/smollm2-sotu --calib-sotu assets/sotu
   uc compress assets/smollm2-135m -o packs/smollm2-4bpw --calib-sotu assets/sotu --bpw 4.0
   uc compress assets/smollm2-135m -o packs/smollm2-q4 --calib my_text.txt --bits 4 --group 64
+  uc compress assets/smollm2-135m -o packs/smollm2-4bpw-h64 --bpw 4.0 --rotate 64
   uc compress assets/smollm2-135m -o packs/smollm2-rtn5 --method rtn --bits 5 --group 128
   uc compress assets/smollm2-135m -o packs/smollm2-rtn4 --method rtn --bits 4 --group 64 --json
 
@@ -96,6 +97,12 @@ pub struct CompressArgs {
     /// codes leave in the activation metric; its bf16 factors count in the budget.
     #[arg(long, default_value_t = 0)]
     rank: u32,
+    /// Randomized Hadamard rotation of each block linear's inputs (incoherence
+    /// processing): the largest block of 16, 64 or 256 columns up to BLOCK that divides
+    /// the input width (0 = none). The codes then describe W R^T and the runtime rotates
+    /// activations instead (docs/format.md section 3b). Not combinable with --rank.
+    #[arg(long, default_value_t = 0, value_name = "BLOCK")]
+    rotate: u32,
     /// Storage of the group scales: f16, bf16, or e8 (8-bit minifloat relative to the
     /// tensor's codebook, docs/format.md section 2: half the bytes).
     #[arg(long, default_value = "e8", value_parser = ["f16", "bf16", "e8"])]
@@ -204,6 +211,16 @@ pub fn run(a: CompressArgs) -> Result<()> {
                 a.group, a.rank, a.scales
             )
         })?;
+    if a.rotate != 0 && !uc_codec::ROTATIONS.contains(&a.rotate) {
+        anyhow::bail!("--rotate {}: use 0 (none), 16, 64 or 256", a.rotate);
+    }
+    if a.rotate != 0 && a.rank != 0 {
+        anyhow::bail!("--rotate with --rank: a low-rank overlay on rotated codes is not supported");
+    }
+    let body = CodecSpec {
+        rot: a.rotate,
+        ..body
+    };
     // A budget unless --bits fixes the width; round-to-nearest stays calibration-free
     // (uniform --bits, default 5) unless --bpw is asked for explicitly.
     let budget_bpw = match (a.bits, a.bpw, a.method.as_str()) {

@@ -27,7 +27,29 @@ const KMEANS_SAMPLE: usize = 1 << 22;
 /// sum(v q q) per group (kept if not finite and positive); finally scales are rounded to
 /// the stored dtype and codes re-assigned against the stored scale, minimizing
 /// |w - f32(s) * q| exactly as reconstruction computes it.
+///
+/// With a rotated spec (`spec.rot > 0`) `w` is the model's weight: it is rotated first
+/// ([`crate::rotation`]) and the codes describe `W R^T`; `importance` then weights the
+/// rotated columns.
 pub fn encode_rtn(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &CodecSpec,
+    importance: Option<&[f32]>,
+) -> Result<QuantTensor> {
+    spec.layout(rows, cols)?;
+    if spec.rot == 0 || w.len() != rows * cols {
+        return encode_rtn_stored(w, rows, cols, spec, importance);
+    }
+    let mut wr = w.to_vec();
+    let b = spec.rot as usize;
+    crate::rotation::rotate(&mut wr, cols, b, &crate::rotation::signs(cols));
+    encode_rtn_stored(&wr, rows, cols, spec, importance)
+}
+
+/// [`encode_rtn`] of weights already in the stored basis.
+pub(crate) fn encode_rtn_stored(
     w: &[f32],
     rows: usize,
     cols: usize,

@@ -29,6 +29,17 @@ pub enum CodecError {
         /// Group found.
         group: u32,
     },
+    /// A rotation block size that is not one of the supported ones, or does not divide
+    /// the tensor's columns (`cols` 0: checked without a shape).
+    #[error("tensor {tensor:?}: rotation block {rot} is not one of 16, 64, 256 or does not divide {cols} columns")]
+    BadRotation {
+        /// Tensor name.
+        tensor: String,
+        /// Block size found.
+        rot: u32,
+        /// Columns of the tensor (0 when checked without a shape).
+        cols: usize,
+    },
     /// Overlay rank larger than min(rows, cols).
     #[error("tensor {tensor:?}: overlay rank {rank} exceeds min({rows}, {cols})")]
     RankTooLarge {
@@ -188,6 +199,7 @@ impl CodecError {
             BadBits { tensor, .. }
             | BadGroup { tensor, .. }
             | RankTooLarge { tensor, .. }
+            | BadRotation { tensor, .. }
             | BadShape { tensor, .. }
             | LengthMismatch { tensor, .. }
             | OverlayMismatch { tensor, .. }

@@ -4,7 +4,7 @@
 //! activations that multiply it, pick codes column by column and push each column's
 //! rounding error onto the columns not yet quantized, in the proportions that minimise
 //! the output error `|| (W - W_hat) X^T ||^2` (Frantar et al., GPTQ, 2022). The grid is
-//! fixed first: codebook and group scales come from [`encode_rtn`] with the square root
+//! fixed first: codebook and group scales come from [`crate::encode_rtn`] with the square root
 //! of the diagonal of `H` as column importance, so only the code choice uses error
 //! feedback and every group's scale is known before any of its columns is visited,
 //! whatever the column order.
@@ -30,7 +30,7 @@ use faer::{Mat, Side};
 use rayon::prelude::*;
 
 use crate::tensor::{pack_codes, scale_from_f32, scale_to_f32};
-use crate::{encode_rtn, CodecError, CodecSpec, QuantTensor, Result};
+use crate::{CodecError, CodecSpec, QuantTensor, Result};
 use uc_format::ScaleDtype;
 
 /// Settings of the error-feedback encoder.
@@ -66,7 +66,30 @@ impl Default for GptqOptions {
 
 /// Encodes `w` (rows x cols, row-major) under `spec` with error feedback weighted by
 /// `h` (cols x cols, row-major, symmetric positive semi-definite).
+///
+/// With a rotated spec (`spec.rot > 0`) `w` and `h` are the model's: both are rotated
+/// first (`W R^T`, `R H R^T`, [`crate::rotation`]) and the codes describe `W R^T`.
 pub fn encode_gptq(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    spec: &CodecSpec,
+    h: &[f64],
+    opts: GptqOptions,
+) -> Result<QuantTensor> {
+    spec.layout(rows, cols)?;
+    if spec.rot == 0 || w.len() != rows * cols || h.len() != cols * cols {
+        return encode_gptq_stored(w, rows, cols, spec, h, opts);
+    }
+    let b = spec.rot as usize;
+    let mut wr = w.to_vec();
+    crate::rotation::rotate(&mut wr, cols, b, &crate::rotation::signs(cols));
+    let hr = crate::rotation::rotate_gram(h, cols, b);
+    encode_gptq_stored(&wr, rows, cols, spec, &hr, opts)
+}
+
+/// [`encode_gptq`] of a weight and Gram matrix already in the stored basis.
+fn encode_gptq_stored(
     w: &[f32],
     rows: usize,
     cols: usize,
@@ -121,7 +144,7 @@ pub fn encode_gptq(
     // with sqrt, 0.030 with none: docs/research-log.md).
     let dmax = diag.iter().copied().fold(0f64, f64::max);
     let importance: Vec<f32> = diag.iter().map(|&d| (d / dmax).sqrt() as f32).collect();
-    let mut qt = encode_rtn(w, rows, cols, spec, Some(&importance))?;
+    let mut qt = crate::encode::encode_rtn_stored(w, rows, cols, spec, Some(&importance))?;
 
     let order: Vec<usize> = if opts.act_order {
         let mut o: Vec<usize> = (0..cols).collect();
@@ -425,6 +448,7 @@ fn inverse_cholesky_upper(h: &[f64], diag: &[f64], order: &[usize], damp: f64) -
 mod tests {
     use super::*;
 
+    use crate::encode_rtn;
     use crate::testutil::{h_trace, noise};
 
     /// Output error trace((W - W_hat) H (W - W_hat)^T).

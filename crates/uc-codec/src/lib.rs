@@ -9,6 +9,8 @@
 //! - [`encode_gptq`]: the same with error feedback weighted by the inputs' Gram matrix;
 //!   [`fit_overlay`]: the low-rank overlay fitted to what the codes left, in the same
 //!   activation metric.
+//! - [`rotation`]: the optional randomized block-Hadamard rotation of the input
+//!   dimension (a rotated codec stores `W R^T`; the runtime rotates activations).
 //! - [`QuantTensor::validate`]: the only gate untrusted bytes pass before math.
 //! - [`Reconstructor`] / [`reconstruct`] / [`reconstruct_scalar`]: QuantTensor -> f32,
 //!   following the specification in `docs/format.md` with a fixed rounding sequence, so
@@ -26,6 +28,7 @@ mod gptq;
 mod overlay;
 pub mod pack;
 mod recon;
+pub mod rotation;
 mod simd;
 #[cfg(target_arch = "x86_64")]
 pub use simd::unpack_tables;
@@ -39,7 +42,7 @@ pub use error::CodecError;
 pub use gptq::{encode_gptq, GptqOptions};
 pub use overlay::fit_overlay;
 pub use recon::{reconstruct, reconstruct_scalar, Kernel, Reconstructor, FORCE_SCALAR_ENV};
-pub use spec::{CodecSpec, Layout, CODECS, GROUPS};
+pub use spec::{CodecSpec, Layout, CODECS, GROUPS, ROTATIONS};
 pub use tensor::{
     bf16_to_f32, code_at, pack_codes, scale_from_f32, scale_to_f32, scales_from_le, scales_to_le,
     Overlay, QuantTensor, E8_MAX,

@@ -24,7 +24,15 @@ pub struct CodecSpec {
     pub scale_dtype: ScaleDtype,
     /// Rank of the low-rank overlay (0 = none).
     pub rank: u32,
+    /// Block size of the randomized Hadamard rotation of the input dimension, one of
+    /// [`ROTATIONS`], or 0 for none: the stored tensor is `W R^T` and the model's weight
+    /// is its reconstruction times `R` ([`crate::rotation`], docs/format.md section 3b).
+    pub rot: u32,
 }
+
+/// Supported rotation block sizes: powers of 4, so the Hadamard normalisation
+/// `1 / sqrt(block)` is a power of two and rotating is exact up to the additions' order.
+pub const ROTATIONS: [u32; 3] = [16, 64, 256];
 
 const fn table() -> [CodecSpec; TABLE_BITS.len() * GROUPS.len()] {
     let mut out = [CodecSpec {
@@ -32,6 +40,7 @@ const fn table() -> [CodecSpec; TABLE_BITS.len() * GROUPS.len()] {
         group: 0,
         scale_dtype: ScaleDtype::F16,
         rank: 0,
+        rot: 0,
     }; TABLE_BITS.len() * GROUPS.len()];
     let mut i = 0;
     while i < out.len() {
@@ -40,6 +49,7 @@ const fn table() -> [CodecSpec; TABLE_BITS.len() * GROUPS.len()] {
             group: GROUPS[i % GROUPS.len()],
             scale_dtype: ScaleDtype::F16,
             rank: 0,
+            rot: 0,
         };
         i += 1;
     }
@@ -101,15 +111,21 @@ impl CodecSpec {
             group,
             scale_dtype: ScaleDtype::F16,
             rank: 0,
+            rot: 0,
         }
     }
 
-    /// Canonical name: `q<bits>g<group>`, then `r<rank>` if rank > 0, then `-bf16` for
-    /// bf16 scales or `-e8` for 8-bit minifloat scales (`q5g128`, `q4g64r16-bf16`,
-    /// `q5g64-e8`).
+    /// Canonical name: `q<bits>g<group>`, then `r<rank>` if rank > 0, then `h<block>` if
+    /// rotated, then `-bf16` for bf16 scales or `-e8` for 8-bit minifloat scales
+    /// (`q5g128`, `q4g64r16-bf16`, `q5g64-e8`, `q4g64h64-e8`).
     pub fn name(&self) -> String {
         let rank = if self.rank > 0 {
             format!("r{}", self.rank)
+        } else {
+            String::new()
+        };
+        let rot = if self.rot > 0 {
+            format!("h{}", self.rot)
         } else {
             String::new()
         };
@@ -118,7 +134,7 @@ impl CodecSpec {
             ScaleDtype::Bf16 => "-bf16",
             ScaleDtype::E8 => "-e8",
         };
-        format!("q{}g{}{rank}{dt}", self.bits, self.group)
+        format!("q{}g{}{rank}{rot}{dt}", self.bits, self.group)
     }
 
     /// Parses a canonical name (see [`CodecSpec::name`]) and validates it.
@@ -131,6 +147,7 @@ impl CodecSpec {
         };
         let rest = body.strip_prefix('q').ok_or_else(unknown)?;
         let (bits, rest) = rest.split_once('g').ok_or_else(unknown)?;
+        let (rest, rot) = rest.split_once('h').unwrap_or((rest, "0"));
         let (group, rank) = rest.split_once('r').unwrap_or((rest, "0"));
         let num = |s: &str| s.parse::<u32>().map_err(|_| unknown());
         let bits = u8::try_from(num(bits)?).map_err(|_| unknown())?;
@@ -139,6 +156,7 @@ impl CodecSpec {
             group: num(group)?,
             scale_dtype,
             rank: num(rank)?,
+            rot: num(rot)?,
         };
         // Round-trip check rejects non-canonical spellings (`q05g128`, `q5g128r0`).
         if spec.name() != name {
@@ -148,8 +166,16 @@ impl CodecSpec {
         Ok(spec)
     }
 
-    /// Checks bits (2..=8) and group (one of [`GROUPS`]).
+    /// Checks bits (2..=8), group (one of [`GROUPS`]) and rotation (0 or one of
+    /// [`ROTATIONS`]).
     pub fn validate(&self) -> Result<()> {
+        if self.rot != 0 && !ROTATIONS.contains(&self.rot) {
+            return Err(CodecError::BadRotation {
+                tensor: String::new(),
+                rot: self.rot,
+                cols: 0,
+            });
+        }
         if !(2..=8).contains(&self.bits) {
             return Err(CodecError::BadBits {
                 tensor: String::new(),
@@ -188,6 +214,13 @@ impl CodecSpec {
                 tensor: String::new(),
                 rank: self.rank,
                 rows,
+                cols,
+            });
+        }
+        if self.rot != 0 && cols % self.rot as usize != 0 {
+            return Err(CodecError::BadRotation {
+                tensor: String::new(),
+                rot: self.rot,
                 cols,
             });
         }
@@ -232,6 +265,7 @@ impl CodecSpec {
             group: self.group,
             scale_dtype: self.scale_dtype,
             rank: self.rank,
+            rot: self.rot,
         }
     }
 
@@ -243,6 +277,7 @@ impl CodecSpec {
             group: r.group,
             scale_dtype: r.scale_dtype,
             rank: r.rank,
+            rot: r.rot,
         };
         spec.validate()?;
         if spec.name() != r.name {

@@ -211,6 +211,13 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
     } else {
         0
     };
+    // A rotation encodes against R H R^T, a second H held through error feedback (and
+    // built through one transposed copy, fewer than the Cholesky's two).
+    let rotated = if opts.body.rot > 0 {
+        8 * cols * cols
+    } else {
+        0
+    };
     phases.push(Phase::with_margin(
         "block solve",
         vec![
@@ -227,8 +234,8 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
                 h_arrays * 8 * cols * cols,
             ),
             (
-                format!("solver workspace for {widest_name} (the larger of: teacher target's C - H and two f64 copies of the weight; error feedback's Cholesky factor and inverse, 2 x {cols} x {cols} f64)"),
-                target.max(2 * 8 * cols * cols),
+                format!("solver workspace for {widest_name} (the larger of: teacher target's C - H and two f64 copies of the weight; error feedback's Cholesky factor and inverse, 2 x {cols} x {cols} f64{})", if rotated > 0 { "; plus the rotated H" } else { "" }),
+                target.max(2 * 8 * cols * cols) + rotated,
             ),
             (
                 format!("{widest_name} as f32 weights, target and reconstruction, and its codes"),

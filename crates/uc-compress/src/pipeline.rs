@@ -239,17 +239,22 @@ fn err_ratio((num, den): (f64, f64)) -> f64 {
     }
 }
 
-/// [`rel_err`] of `w` (rows x `cols`) against the reconstruction of `qt`, reconstructed
+/// [`rel_err`] of `w` (rows x `cols`) against the (model-basis) reconstruction of `qt`, reconstructed
 /// ~4 MiB of rows at a time: the same sums in the same order (the same bits), without
 /// the whole f32 reconstruction in memory (1 GiB for Llama-3.2-1B's embedding).
 fn rel_err_streamed(w: &[f32], qt: &QuantTensor, cols: usize) -> uc_codec::Result<f64> {
     let r = uc_codec::Reconstructor::new(qt, Kernel::select(false))?;
+    // Rotated codecs are compared in the model's basis, as `model_recon` does.
+    let signs = (qt.spec.rot > 0).then(|| uc_codec::rotation::signs(cols));
     let rows = ((1 << 20) / cols.max(1)).max(1);
     let mut buf = vec![0f32; rows * cols];
     let mut sums = (0f64, 0f64);
     for (k, wc) in w.chunks(rows * cols).enumerate() {
         let out = &mut buf[..wc.len()];
         r.rows_into(k * rows, out)?;
+        if let Some(s) = &signs {
+            uc_codec::rotation::unrotate(out, cols, qt.spec.rot as usize, s);
+        }
         err_sums(wc, out, &mut sums);
     }
     Ok(err_ratio(sums))
@@ -273,6 +278,17 @@ fn quantize_into(
             "{name}: expected a 2-D weight, got {shape:?}"
         )));
     };
+    // A rotation request is a largest block: each tensor gets the largest supported
+    // block dividing its width (none if there is none).
+    let spec = &CodecSpec {
+        rot: uc_codec::rotation::block_for(cols, spec.rot),
+        ..*spec
+    };
+    if spec.rot > 0 && spec.rank > 0 {
+        return Err(CompressError::Settings(format!(
+            "{name}: a low-rank overlay together with a rotation is not supported"
+        )));
+    }
     // Codes first (without overlay), then the overlay fitted to what they left, in the
     // same activation metric.
     let base_spec = CodecSpec { rank: 0, ..*spec };
@@ -297,7 +313,7 @@ fn quantize_into(
         qt.overlay = Some(overlay);
     }
     let (err, recon) = if keep_recon {
-        let recon = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
+        let recon = model_recon(name, &qt)?;
         (rel_err(w, &recon), Some(recon))
     } else {
         (
@@ -321,6 +337,17 @@ fn quantize_into(
         shrink,
     };
     Ok((summary, recon))
+}
+
+/// The model-basis weight a quantized tensor stands for: its exact reconstruction,
+/// un-rotated when the codec is rotated ([`uc_codec::rotation`]).
+fn model_recon(name: &str, qt: &QuantTensor) -> Result<Vec<f32>> {
+    let mut recon = uc_codec::reconstruct(qt, Kernel::select(false)).map_err(codec_err(name))?;
+    if qt.spec.rot > 0 {
+        let b = qt.spec.rot as usize;
+        uc_codec::rotation::unrotate(&mut recon, qt.cols, b, &uc_codec::rotation::signs(qt.cols));
+    }
+    Ok(recon)
 }
 
 /// Reads weight `name` and encodes it (no calibration).
@@ -644,9 +671,12 @@ fn probe(
         for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
             let (w, rows, cols) = weight_of(&block, k);
+            let spec = CodecSpec {
+                rot: uc_codec::rotation::block_for(cols, spec.rot),
+                ..spec
+            };
             let qt = uc_codec::encode_rtn(&w, rows, cols, &spec, None).map_err(codec_err(&name))?;
-            let recon =
-                uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(&name))?;
+            let recon = model_recon(&name, &qt)?;
             let teacher =
                 std::mem::replace(&mut block.linears[k], dense(&name, recon, rows, cols)?);
             let tap = Tap::ALL

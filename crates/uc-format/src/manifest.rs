@@ -183,6 +183,14 @@ pub struct CodecRecord {
     pub scale_dtype: ScaleDtype,
     /// Rank of the low-rank overlay (0 = none).
     pub rank: u32,
+    /// Block size of the randomized Hadamard rotation of the input dimension (0 = none;
+    /// docs/format.md section 3b). Absent in packs written before rotations existed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rot: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// How a tensor is stored: dense (a JSON string) or quantized (a JSON object).

@@ -52,8 +52,15 @@ impl WeightSource for PackSource {
             .tensor(name)
             .map_err(|e| ModelError::Source(e.to_string()))?;
         let shape: Vec<usize> = rec.shape.iter().map(|&d| d as usize).collect();
-        let values = uc_codec::pack::reconstruct_tensor(&self.pack, name, self.kernel)
+        let mut values = uc_codec::pack::reconstruct_tensor(&self.pack, name, self.kernel)
             .map_err(|e| ModelError::Source(e.to_string()))?;
+        // A rotated codec stores `W R^T`: the model's weight is its reconstruction times R.
+        if let uc_format::Encoding::Codec(c) = &rec.encoding {
+            if let (true, &[_, cols]) = (c.rot > 0, shape.as_slice()) {
+                let s = uc_codec::rotation::signs(cols);
+                uc_codec::rotation::unrotate(&mut values, cols, c.rot as usize, &s);
+            }
+        }
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
     }
 

@@ -46,6 +46,13 @@ pub trait Linear: Send + Sync {
     /// Row `i` of the weight as the format defines it (exact reconstruction, overlay
     /// included), into `out` (`cols` long). Used for embedding lookups.
     fn row_into(&self, isa: Isa, i: usize, out: &mut [f32]);
+    /// The rotation of the input this weight is stored for: `(block, signs)` when the
+    /// stored matrix is `W R^T` ([`uc_codec::rotation`]), so callers must hand it `R x`.
+    /// Everything else here (`block`, `weight_f32`, `row_into`, the overlay) is in that
+    /// stored basis.
+    fn rotation(&self) -> Option<(usize, &[f32])> {
+        None
+    }
     /// Whether [`Self::prologue`] computes anything.
     fn has_prologue(&self) -> bool {
         false
@@ -168,6 +175,8 @@ pub struct PackedLinear {
     /// `(rows, row_bytes)` + `CODE_PAD`.
     codes: Codes,
     overlay: Option<Overlay>,
+    /// `(block, signs)` of a rotated codec (its input is `R x`).
+    rot: Option<(usize, Vec<f32>)>,
     /// Where `codes` goes back to when this weight is dropped (streamed weights).
     recycler: Option<Arc<Recycler>>,
 }
@@ -394,6 +403,8 @@ impl PackedLinear {
             scales,
             codes,
             overlay,
+            rot: (qt.spec.rot > 0)
+                .then(|| (qt.spec.rot as usize, uc_codec::rotation::signs(qt.cols))),
             recycler,
         };
         if QuantRows::new(
@@ -452,6 +463,9 @@ impl Linear for PackedLinear {
     }
     fn kind(&self) -> String {
         self.name.clone()
+    }
+    fn rotation(&self) -> Option<(usize, &[f32])> {
+        self.rot.as_ref().map(|(b, s)| (*b, s.as_slice()))
     }
     fn row_into(&self, isa: Isa, i: usize, out: &mut [f32]) {
         quant::dequant_row(isa, &self.view(), i, out);
@@ -646,8 +660,31 @@ pub(crate) fn forward_into_opts(
     outs: &mut [&mut [f32]],
 ) {
     assert_eq!(ops.len(), outs.len(), "forward_into: one output per op");
+    // Rotated weights read `R x`: one rotated copy per block size (ops sharing an input
+    // have the same width, hence the same signs).
+    let mut rotated: Vec<(usize, Vec<f32>)> = Vec::new();
+    for op in ops {
+        if let Some((b, signs)) = op.w.rotation() {
+            if !rotated.iter().any(|(k, _)| *k == b) {
+                rotated.push((b, rotate_input(x, n, op.w.cols(), b, signs)));
+            }
+        }
+    }
+    let xs: Vec<&[f32]> = ops
+        .iter()
+        .map(|op| match op.w.rotation() {
+            Some((b, _)) => rotated
+                .iter()
+                .find(|(k, _)| *k == b)
+                .map_or(x, |(_, v)| v.as_slice()),
+            None => x,
+        })
+        .collect();
     let aux: Vec<Vec<f32>> = if ops.iter().any(|op| op.w.has_prologue()) {
-        ops.par_iter().map(|op| op.w.prologue(isa, x, n)).collect()
+        ops.par_iter()
+            .zip(&xs)
+            .map(|(op, x)| op.w.prologue(isa, x, n))
+            .collect()
     } else {
         vec![Vec::new(); ops.len()]
     };
@@ -662,7 +699,7 @@ pub(crate) fn forward_into_opts(
                     n,
                     rows,
                     cols,
-                    Mat::rows(x, cols),
+                    Mat::rows(xs[i], cols),
                     Mat::rows_t(w, cols),
                     y,
                     rows,
@@ -693,19 +730,24 @@ pub(crate) fn forward_into_opts(
     }
     // Decode with the integer kernel: each token's activations rounded once per layout
     // (ops sharing an input mostly share one), not once per row block.
-    let mut layouts: Vec<((usize, usize), Vec<PreparedX>)> = Vec::new();
+    let mut layouts: Vec<((usize, usize, usize), Vec<PreparedX>)> = Vec::new();
     let mut which: Vec<Option<usize>> = vec![None; ops.len()];
     if n <= FUSED_MAX_TOKENS {
         for (i, op) in ops.iter().enumerate() {
             let Some((group, bits)) = op.w.int_layout(isa) else {
                 continue;
             };
-            // The lane order depends only on whether the width is 4 (see `prepare_x`).
-            let key = (group, usize::from(bits == 4));
+            // The lane order depends only on whether the width is 4 (see `prepare_x`);
+            // rotated inputs are other activations.
+            let key = (
+                group,
+                usize::from(bits == 4),
+                op.w.rotation().map_or(0, |r| r.0),
+            );
             let k = match layouts.iter().position(|(k, _)| *k == key) {
                 Some(k) => k,
                 None => {
-                    let c = op.w.cols();
+                    let (c, x) = (op.w.cols(), xs[i]);
                     let px = (0..n)
                         .map(|t| qint::prepare_x(&x[t * c..(t + 1) * c], group, bits))
                         .collect();
@@ -720,7 +762,7 @@ pub(crate) fn forward_into_opts(
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let px = which[i].map(|k| layouts[k].1.as_slice());
-            ops[i].w.block(isa, x, &aux[i], px, &mut block, &mut s);
+            ops[i].w.block(isa, xs[i], &aux[i], px, &mut block, &mut s);
         })
     };
     if n <= FUSED_MAX_TOKENS {
@@ -739,6 +781,18 @@ pub(crate) fn forward_into_opts(
         tasks.into_par_iter().for_each(run);
     }
     add_bias(ops, outs);
+}
+
+/// `R x` for `x (n, cols)` ([`uc_codec::rotation::rotate`], rows in parallel in prefill).
+fn rotate_input(x: &[f32], n: usize, cols: usize, b: usize, signs: &[f32]) -> Vec<f32> {
+    let mut v = x[..n * cols].to_vec();
+    if n > FUSED_MAX_TOKENS {
+        v.par_chunks_mut(cols * 16)
+            .for_each(|c| uc_codec::rotation::rotate(c, cols, b, signs));
+    } else {
+        uc_codec::rotation::rotate(&mut v, cols, b, signs);
+    }
+    v
 }
 
 fn add_bias(ops: &[Op], outs: &mut [&mut [f32]]) {

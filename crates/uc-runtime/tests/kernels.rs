@@ -64,12 +64,14 @@ fn specs() -> Vec<CodecSpec> {
         group: 64,
         scale_dtype: ScaleDtype::F16,
         rank: 4,
+        rot: 0,
     });
     v.push(CodecSpec {
         bits: 4,
         group: 32,
         scale_dtype: ScaleDtype::Bf16,
         rank: 3,
+        rot: 0,
     });
     v
 }
@@ -254,6 +256,7 @@ fn packed_linear_matches_dense_reconstruction_for_decode_and_prefill_batches() {
             group: 64,
             scale_dtype: ScaleDtype::F16,
             rank: 4,
+            rot: 0,
         },
     ] {
         let (rows, cols) = (300, 200);
