@@ -6,28 +6,11 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use uc_runtime::{weights, Decoder, DecoderOptions, Logits, Verify};
 
 /// A pack of fixture `name` (rtn) in `dir`/pack.
 fn pack_of(name: &str, dir: &Path) -> PathBuf {
     let m = model_with_tokenizer(name);
     rtn_pack(m.path(), dir)
-}
-
-/// Every position's logits of a fixed 24-token input.
-fn logits(model: &Path) -> Vec<f32> {
-    let loader = weights::open(model, Verify::Full).unwrap();
-    let vocab = loader.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % vocab).collect();
-    let mut dec = Decoder::new(
-        loader,
-        DecoderOptions {
-            capacity: 32,
-            stream_layers: false,
-        },
-    )
-    .unwrap();
-    dec.forward(&ids, Logits::All).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {

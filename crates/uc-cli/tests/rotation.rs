@@ -5,22 +5,19 @@
 mod common;
 use common::*;
 use std::path::Path;
-use uc_runtime::{weights, Decoder, DecoderOptions, Logits, Verify};
 
-/// Every position's logits of a fixed 24-token input.
-fn logits(model: &Path) -> Vec<f32> {
-    let loader = weights::open(model, Verify::Full).unwrap();
-    let vocab = loader.config().vocab_size as u32;
-    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % vocab).collect();
-    let mut dec = Decoder::new(
-        loader,
-        DecoderOptions {
-            capacity: 32,
-            stream_layers: false,
-        },
-    )
-    .unwrap();
-    dec.forward(&ids, Logits::All).unwrap()
+/// The distinct codec names of a pack's body tensors, sorted.
+fn body_codecs(pack: &Path) -> Vec<String> {
+    let man: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pack.join("manifest.json")).unwrap()).unwrap();
+    let set: std::collections::BTreeSet<String> = man["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "body")
+        .map(|t| t["encoding"]["name"].as_str().unwrap().to_string())
+        .collect();
+    set.into_iter().collect()
 }
 
 fn compress(
@@ -74,16 +71,8 @@ fn rotated_packs_verify_match_their_export_and_are_thread_independent() {
     assert_eq!(manifest(&a), manifest(&b), "1 vs 2 threads");
 
     // Hidden 64 gets 64-blocks, the MLP's 96-wide input the largest power of 4 dividing it.
-    let man: serde_json::Value = serde_json::from_slice(&manifest(&a)).unwrap();
-    let codecs: std::collections::BTreeSet<String> = man["tensors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|t| t["role"] == "body")
-        .map(|t| t["encoding"]["name"].as_str().unwrap().to_string())
-        .collect();
     assert_eq!(
-        codecs.into_iter().collect::<Vec<_>>(),
+        body_codecs(&a),
         ["q4g32h16-e8", "q4g32h64-e8"],
         "rotation blocks per input width"
     );
@@ -116,8 +105,76 @@ fn rotated_packs_verify_match_their_export_and_are_thread_independent() {
 
     // The rotation is not the identity: an unrotated pack of the same settings differs.
     let plain = d.path().join("plain");
-    json_of(&compress(m.path(), &text, &plain, &["--json"], "2"));
+    json_of(&compress(
+        m.path(),
+        &text,
+        &plain,
+        &["--rotate", "0", "--json"],
+        "2",
+    ));
     assert_ne!(logits(&plain), got);
+}
+
+/// The default (no --rotate) rotates in blocks of 64; a bit budget resolves a larger
+/// request per tensor too (256 on widths 64 and 96 gives 64 and 16); --rank alone turns
+/// the default rotation off instead of failing.
+#[test]
+fn default_rotation_budgets_and_rank() {
+    let m = model_with_tokenizer("llama");
+    let text = text_file(m.path());
+    let d = tempfile::tempdir().unwrap();
+    let base = [
+        "--calib-seqs",
+        "6",
+        "--calib-len",
+        "40",
+        "--group",
+        "32",
+        "--json",
+    ];
+    let run = |out: &Path, extra: &[&str]| {
+        let (src, t, o) = (
+            m.path().to_str().unwrap(),
+            text.to_str().unwrap(),
+            out.to_str().unwrap(),
+        );
+        let mut args = vec!["compress", src, "-o", o, "--calib", t];
+        args.extend(base);
+        args.extend(extra);
+        json_of(&uc(&args, &[]));
+        let v = uc(&["verify", o], &[]);
+        assert!(
+            v.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&v.stdout)
+        );
+    };
+
+    let def = d.path().join("default");
+    run(&def, &["--bits", "4"]);
+    assert_eq!(
+        body_codecs(&def),
+        ["q4g32h16-e8", "q4g32h64-e8"],
+        "default rotation"
+    );
+
+    let budget = d.path().join("budget");
+    run(&budget, &["--bpw", "4.5", "--rotate", "256"]);
+    assert!(
+        body_codecs(&budget)
+            .iter()
+            .all(|c| c.contains("h64") || c.contains("h16")),
+        "{:?}",
+        body_codecs(&budget)
+    );
+
+    let ranked = d.path().join("ranked");
+    run(&ranked, &["--bits", "4", "--rank", "2"]);
+    assert!(
+        body_codecs(&ranked).iter().all(|c| !c.contains('h')),
+        "{:?}",
+        body_codecs(&ranked)
+    );
 }
 
 #[test]

@@ -56,12 +56,17 @@ pub fn allocate(
 ) -> Result<Vec<CodecSpec>> {
     let cost = |k: usize, c: usize| -> Result<u64> {
         let s = &sens[k];
-        candidates[c]
-            .stored_bytes(s.rows, s.cols)
+        // A rotation request is resolved per tensor (the largest block dividing its
+        // width), as the encoder does; it does not change the stored bytes.
+        let spec = CodecSpec {
+            rot: uc_codec::rotation::block_for(s.cols, candidates[c].rot),
+            ..candidates[c]
+        };
+        spec.stored_bytes(s.rows, s.cols)
             .map(|b| b * 8)
-            .map_err(|source| CompressError::Codec {
+            .map_err(|error| CompressError::Codec {
                 tensor: s.name.clone(),
-                source,
+                error,
             })
     };
     let elements: u64 = sens.iter().map(|s| (s.rows * s.cols) as u64).sum();

@@ -35,12 +35,13 @@ pub enum CompressError {
     #[error(transparent)]
     Runtime(#[from] uc_runtime::RuntimeError),
     /// Encoding a tensor failed (non-finite weights, bad settings).
-    #[error("tensor {tensor}: {source}")]
+    #[error("tensor {tensor}: {error}")]
     Codec {
         /// The tensor.
         tensor: String,
-        /// The codec's error.
-        source: uc_codec::CodecError,
+        /// The codec's error (in the message, not a `source`, so error chains do not
+        /// print it twice).
+        error: uc_codec::CodecError,
     },
     /// Writing the pack failed.
     #[error(transparent)]

@@ -210,9 +210,9 @@ fn source_info(ck: &Checkpoint) -> Result<SourceInfo> {
 }
 
 fn codec_err(tensor: &str) -> impl FnOnce(uc_codec::CodecError) -> CompressError + '_ {
-    move |source| CompressError::Codec {
+    move |error| CompressError::Codec {
         tensor: tensor.to_string(),
-        source,
+        error,
     }
 }
 

@@ -79,3 +79,19 @@ pub fn rtn_pack(model: &Path, dir: &Path) -> PathBuf {
     );
     pack
 }
+
+/// Every position's logits of a fixed 24-token input.
+pub fn logits(model: &Path) -> Vec<f32> {
+    let loader = uc_runtime::weights::open(model, uc_runtime::Verify::Full).unwrap();
+    let vocab = loader.config().vocab_size as u32;
+    let ids: Vec<u32> = (0..24u32).map(|i| (i * 37 + 5) % vocab).collect();
+    let mut dec = uc_runtime::Decoder::new(
+        loader,
+        uc_runtime::DecoderOptions {
+            capacity: 32,
+            stream_layers: false,
+        },
+    )
+    .unwrap();
+    dec.forward(&ids, uc_runtime::Logits::All).unwrap()
+}
