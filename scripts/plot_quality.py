@@ -79,10 +79,15 @@ def main():
                                              ("perplexity ratio - 1", 1))):
             y = (lambda v: v - 1) if idx == 1 else (lambda v: v)
             ax = axes[row][col]
-            for method, style, label in (("gptq", "o-", "uc (calibrated)"),
-                                         ("rtn", "s--", "uc round-to-nearest")):
-                pts = uc_points(acc, key, variant, method)
-                if key == "devil" and method == "gptq" and not pts:
+            # Rows named "default" were measured before the rotation became the
+            # default; the rotated rows are the variant "h64" of scripts/bench_compress.sh.
+            for var, method, style, label in (
+                (variant, "gptq", "o-", "uc (calibrated, unrotated)"),
+                ("h64", "gptq", "D-", "uc (calibrated, rotated: default)"),
+                (variant, "rtn", "s--", "uc round-to-nearest"),
+            ):
+                pts = uc_points(acc, key, var, method)
+                if key == "devil" and var == variant and method == "gptq" and not pts:
                     pts = screen_devil_points()
                 if pts:
                     ax.plot([p[0] for p in pts], [y(p[idx]) for p in pts], style, label=label)
