@@ -8,6 +8,7 @@
 #              GEMMA_DIR/hf, i.e. the Q4_K_M GGUF dequantized to f32 by `uc import gguf`)
 #   PACKS      where the packs go (default packs/gemma3-270m)
 #   UC         the uc binary (default target/release/uc)
+#   TEXTS      which evaluations to run (default "sotu devil"); rows without one say null
 #
 # The teacher is itself Q4_K_M (llama.cpp's quantization of google/gemma-3-270m): every
 # ratio / KLD here is measured against that 4-bit teacher, not against the bf16 original.
@@ -43,7 +44,7 @@ for b in "${BPWS[@]}"; do
     "$UC" verify "$P" --json > "$P.verify.json.tmp"
     mv "$P.verify.json.tmp" "$P.verify.json"
   fi
-  for t in sotu devil; do
+  for t in ${TEXTS:-sotu devil}; do
     if [ ! -s "$P.eval-$t.json" ]; then
       echo "eval $b $t" >&2
       if [ $t = sotu ]; then args=(--sotu assets/sotu); else args=(--text "$DEVIL"); fi
@@ -74,6 +75,9 @@ for b in bpws:
         "command": f"uc compress GEMMA_DIR/hf -o PACK --calib-sotu assets/sotu --bpw {b}",
     }
     for t in ("sotu", "devil"):
+        if not os.path.exists(f"{P}.eval-{t}.json"):
+            row[t] = None  # not run (yet): the table says so rather than guessing
+            continue
         e = load(f"{P}.eval-{t}.json")
         a = e["against"]
         row[t] = {"ppl": e["ppl"], "ref_ppl": a["ref_ppl"], "ppl_ratio": a["ppl_ratio"],
@@ -98,8 +102,9 @@ with open(out, "w") as f:
     json.dump(report, f, indent=2)
     f.write("\n")
 print(f"{'row':16s} {'bpw':>6s} {'sotu ratio':>10s} {'KLD':>8s} {'top-1':>7s} {'devil ratio':>11s} {'KLD':>8s} {'top-1':>7s}")
+def cols(e):
+    return "         -        -       -" if e is None else f"{e['ppl_ratio']:10.4f} {e['kld']:8.5f} {e['top1']:7.4f}"
 for r in rows:
-    s, d = r["sotu"], r["devil"]
-    print(f"{r['row']:16s} {r['bpw_body']:6.3f} {s['ppl_ratio']:10.4f} {s['kld']:8.5f} {s['top1']:7.4f} {d['ppl_ratio']:11.4f} {d['kld']:8.5f} {d['top1']:7.4f}")
+    print(f"{r['row']:16s} {r['bpw_body']:6.3f} {cols(r['sotu'])} {cols(r['devil'])}")
 PY
 echo "wrote $OUT" >&2
