@@ -10,6 +10,11 @@
 #   UC_EVAL_TEXT=assets/devil/devil.txt (the second-genre text of scripts/fetch_assets.sh).
 #   The quantized GGUFs and the imatrix (SOTU calibration split) are the same either way.
 #   UC_REUSE_EVAL=1 keeps a row's earlier uc eval receipt instead of rerunning the eval
+#   Another model: UC_ROWS_NAME=NAME UC_ROWS_TEACHER_GGUF=FILE UC_ROWS_REF=DIR (all three;
+#   REF is FILE imported by uc import gguf) puts the work in $UC_SCRATCH/rows-<version>-NAME
+#   and writes results/llamacpp_rows_NAME[_<stem>].json, e.g. Gemma 3 270M:
+#     UC_ROWS_NAME=gemma3-270m UC_ROWS_TEACHER_GGUF=assets/gemma3-270m/gemma-3-270m-q4_k_m.gguf \
+#     UC_ROWS_REF=assets/gemma3-270m/hf scripts/llamacpp_rows.sh Q4_K_M+imatrix Q3_K_M+imatrix
 #   (each eval is ~2 x 32k tokens through the model; the receipt records uc's version and
 #   both fingerprints, so a reused one still says what it measured).
 #
@@ -46,10 +51,15 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SCRATCH=${UC_SCRATCH:-/work/scratch/llamacpp}
 LCP_VERSION=0.3.36
 UC=${UC:-$ROOT/target/release/uc}
-TEACHER_GGUF=$ROOT/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-REF=$ROOT/assets/smollm2-135m
+NAME=${UC_ROWS_NAME:-}
+TEACHER_GGUF=${UC_ROWS_TEACHER_GGUF:-$ROOT/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+REF=${UC_ROWS_REF:-$ROOT/assets/smollm2-135m}
+if [ -n "$NAME" ] && { [ -z "${UC_ROWS_TEACHER_GGUF:-}" ] || [ -z "${UC_ROWS_REF:-}" ]; }; then
+  echo "error: UC_ROWS_NAME needs UC_ROWS_TEACHER_GGUF and UC_ROWS_REF" >&2; exit 1
+fi
+MODEL_LABEL=${NAME:-SmolLM2-135M-Instruct}
 SOTU=$ROOT/assets/sotu
-OUT=$ROOT/results/llamacpp_rows.json
+OUT=$ROOT/results/llamacpp_rows${NAME:+_$NAME}.json
 EVAL_TEXT=${UC_EVAL_TEXT:-}
 EVAL_ARGS=(--sotu "$SOTU" --split eval)
 EVAL_CMD="--sotu assets/sotu --split eval"
@@ -60,9 +70,9 @@ if [ -n "$EVAL_TEXT" ]; then
   EVAL_ARGS=(--text "$EVAL_TEXT")
   EVAL_CMD="--text $EVAL_TEXT"
   EVAL_JSON=eval-$stem.json
-  OUT=$ROOT/results/llamacpp_rows_$stem.json
+  OUT=$ROOT/results/llamacpp_rows${NAME:+_$NAME}_$stem.json
 fi
-WORK=$SCRATCH/rows-$LCP_VERSION
+WORK=$SCRATCH/rows-$LCP_VERSION${NAME:+-$NAME}
 QTHREADS=2
 if [ $# -gt 0 ]; then ROWS=("$@"); else ROWS=(Q6_K Q5_K_M Q4_K_M+imatrix Q3_K_M+imatrix); fi
 
@@ -99,8 +109,8 @@ GGUF_PY=$LLAMA_SRC/gguf-py   # llama.cpp's own GGUF reader, for the bpw accounti
 now_s() { date +%s.%N; }
 
 # --- the F32 teacher and the calibration text -----------------------------------------
-F32=$WORK/smollm2-135m-F32.gguf
-F32_CMD="llama-quantize --allow-requantize SmolLM2-135M-Instruct.Q4_1.gguf F32.gguf F32 $QTHREADS"
+F32=$WORK/${NAME:-smollm2-135m}-F32.gguf
+F32_CMD="llama-quantize --allow-requantize $(basename "$TEACHER_GGUF") F32.gguf F32 $QTHREADS"
 if [ ! -f "$F32" ]; then
   "$BIN/llama-quantize" --allow-requantize "$TEACHER_GGUF" "$F32.tmp" F32 "$QTHREADS" >&2
   mv "$F32.tmp" "$F32"
@@ -135,12 +145,15 @@ print(f"calib.txt: {len(keyed)} speeches, {len(text.decode())} chars", file=sys.
 PY
 
 IMATRIX=$WORK/imatrix.gguf
-IMATRIX_CMD="llama-imatrix -m F32.gguf -f calib.txt -c 512 --chunks 100 -t $QTHREADS -o imatrix.gguf"
+IMATRIX_CMD="llama-imatrix -m F32.gguf -f calib.txt -c 512 --chunks 100 -t $QTHREADS -nr -o imatrix.gguf"
 need_imatrix=0
 for row in "${ROWS[@]}"; do [[ $row == *+imatrix ]] && need_imatrix=1; done
 if [ $need_imatrix = 1 ] && [ ! -f "$WORK/imatrix.seconds" ]; then
   t0=$(now_s)
-  "$BIN/llama-imatrix" -m "$F32" -f "$CALIB" -c 512 --chunks 100 -t "$QTHREADS" \
+  # -nr (no weight repacking): the AMX repacked matmul of this build segfaults on a
+  # machine with AMX (seen on the 2026-12-03 AVX-512/AMX machine); results unchanged
+  # in kind, the imatrix is the same statistic.
+  "$BIN/llama-imatrix" -m "$F32" -f "$CALIB" -c 512 --chunks 100 -t "$QTHREADS" -nr \
     -o "$IMATRIX" > "$WORK/imatrix.log" 2>&1 || { tail -20 "$WORK/imatrix.log" >&2; exit 1; }
   t1=$(now_s)
   python3 -c "print(f'{$t1 - $t0:.2f}')" > "$WORK/imatrix.seconds"
@@ -191,11 +204,11 @@ done
 
 # --- results/llamacpp_rows.json -------------------------------------------------------
 PYTHONPATH=$GGUF_PY "$VENV/bin/python" - "$WORK" "$OUT" "$LCP_VERSION" "$F32_CMD" "$IMATRIX_CMD" \
-  "$EVAL_JSON" "$EVAL_CMD" \
+  "$EVAL_JSON" "$EVAL_CMD" "$MODEL_LABEL" "${REF#$ROOT/}" "${NAME:+UC_ROWS_NAME=$NAME }" \
   "$(cd "$ROOT" && git rev-parse HEAD 2>/dev/null || echo unknown)" "${ROWS[@]}" <<'PY'
 import json, os, re, sys, collections, hashlib
 import gguf
-work, out, version, f32_cmd, imatrix_cmd, eval_json, eval_cmd, commit, *rows = sys.argv[1:]
+work, out, version, f32_cmd, imatrix_cmd, eval_json, eval_cmd, label, ref, env, commit, *rows = sys.argv[1:]
 BODY = re.compile(r"blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
 def sha256(path):
@@ -214,7 +227,7 @@ for row in rows:
     R = os.path.join(work, row)
     reader = gguf.GGUFReader(os.path.join(R, "out.gguf"))
     body = [t for t in reader.tensors if BODY.match(t.name)]
-    assert len(body) == 210, (row, len(body))
+    assert len(body) > 0 and len(body) % 7 == 0, (row, len(body))
     bits = 8 * sum(int(t.n_bytes) for t in body)
     elems = sum(int(t.n_elements) for t in body)
     body_types = collections.Counter(t.tensor_type.name for t in body)
@@ -254,12 +267,12 @@ for row in rows:
         "commands": {
             "quantize": read(os.path.join(R, "command")),
             "import": f"uc import gguf {row}.gguf -o DIR --json",
-            "eval": f"uc eval DIR --against assets/smollm2-135m {eval_cmd} --windows 32 --seq-len 1024 --json",
+            "eval": f"uc eval DIR --against {ref} {eval_cmd} --windows 32 --seq-len 1024 --json",
         },
     })
 report = {
-    "what": f"llama.cpp quantizer rows on SmolLM2-135M-Instruct, dequantized by uc import gguf and scored by uc eval ({eval_cmd}, 32 x 1024) against the teacher",
-    "command": ("UC_EVAL_TEXT=" + eval_cmd.split()[-1] + " " if eval_cmd.startswith("--text") else "") + "scripts/llamacpp_rows.sh " + " ".join(rows),
+    "what": f"llama.cpp quantizer rows on {label}, dequantized by uc import gguf and scored by uc eval ({eval_cmd}, 32 x 1024) against the teacher",
+    "command": env + ("UC_EVAL_TEXT=" + eval_cmd.split()[-1] + " " if eval_cmd.startswith("--text") else "") + "scripts/llamacpp_rows.sh " + " ".join(rows),
     "uc_commit": commit,
     "llama_cpp": {"source": f"PyPI llama-cpp-python=={version} sdist, vendor/llama.cpp, CPU build (GGML_NATIVE=ON)",
                   "llama_cpp_python_version": version},
@@ -268,7 +281,7 @@ report = {
                 "calib": "SOTU speeches with year < 2000, ordered by (year, N, name), joined by \"\\n\\n\"",
                 "calib_sha256": sha256(os.path.join(work, "calib.txt")),
                 "seconds": json.loads(read(imatrix_s)) if os.path.exists(imatrix_s) else None},
-    "bpw_body": "stored bits of the 210 block linear tensors (scales included) / their element count, from the row's GGUF",
+    "bpw_body": "stored bits of the block linear tensors (7 per block, scales included) / their element count, from the row's GGUF",
     "rows": objs,
 }
 with open(out, "w") as f:

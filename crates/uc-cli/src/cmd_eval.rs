@@ -38,6 +38,11 @@ pub struct EvalArgs {
     /// Number of windows (the first N of the text).
     #[arg(long, default_value_t = 32)]
     windows: usize,
+    /// Score only the predictions made at window positions >= N (each window still
+    /// runs from position 0). llama-perplexity scores the second half of each chunk:
+    /// --score-from 512 with --seq-len 1024 compares like for like with it.
+    #[arg(long, default_value_t = 0)]
+    score_from: usize,
     /// Print the receipt as JSON.
     #[arg(long)]
     json: bool,
@@ -73,6 +78,8 @@ struct Receipt {
     tokens_sha256: String,
     seq_len: usize,
     windows: usize,
+    /// Predictions at window positions below this are not scored (0: all are).
+    score_from: usize,
     threads: usize,
     seconds: f64,
     /// Tokens through a forward pass per second (both models counted).
@@ -144,6 +151,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let tokenizer = Tokenizer::from_dir(&a.model)?;
     let tokens = tokenizer.encode(&text.text)?;
     let windows = uc_eval::windows(&tokens, a.seq_len, a.windows)?;
+    if a.score_from + 1 >= a.seq_len {
+        anyhow::bail!(
+            "--score-from {} leaves no prediction in windows of {} tokens",
+            a.score_from,
+            a.seq_len
+        );
+    }
 
     let src = open_source(&a.model)?;
     let mut model = engine(&a.model, a.seq_len)?;
@@ -156,10 +170,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     let pb = output::progress(windows.len() as u64, "eval");
     let start = Instant::now();
-    let report = uc_eval::evaluate(
+    let report = uc_eval::evaluate_from(
         &mut model,
         reference.as_mut().map(|r| r as &mut dyn uc_eval::Scorer),
         &windows,
+        a.score_from,
         |i| pb.set_position(i as u64),
     )?;
     let seconds = start.elapsed().as_secs_f64();
@@ -182,6 +197,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         tokens_sha256: uc_eval::tokens_sha256(&windows),
         seq_len: a.seq_len,
         windows: windows.len(),
+        score_from: a.score_from,
         threads: output::threads(),
         seconds,
         tokens_per_s: (models * windows.len() * a.seq_len) as f64 / seconds,

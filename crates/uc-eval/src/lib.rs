@@ -117,7 +117,7 @@ pub fn tokens_sha256(windows: &[&[u32]]) -> String {
 /// Metric totals of one evaluation.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct EvalReport {
-    /// Predicted positions: windows x (seq_len - 1).
+    /// Predicted positions: windows x (seq_len - 1), or x (seq_len - 1 - score_from).
     pub n_pos: usize,
     /// Mean negative log-likelihood of the model (nats).
     pub nll: f64,
@@ -153,8 +153,22 @@ pub struct Comparison {
 /// called after each window with the number done.
 pub fn evaluate(
     model: &mut dyn Scorer,
+    reference: Option<&mut dyn Scorer>,
+    windows: &[&[u32]],
+    progress: impl FnMut(usize),
+) -> Result<EvalReport, EvalError> {
+    evaluate_from(model, reference, windows, 0, progress)
+}
+
+/// [`evaluate`], scoring only the predictions made at window positions `>= score_from`
+/// (every window still runs from position 0, so they see the same context).
+/// llama.cpp's `llama-perplexity` scores the second half of each chunk, i.e.
+/// `score_from = seq_len / 2`: with it the two tools' numbers are like for like.
+pub fn evaluate_from(
+    model: &mut dyn Scorer,
     mut reference: Option<&mut dyn Scorer>,
     windows: &[&[u32]],
+    score_from: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport, EvalError> {
     let vocab = model.vocab();
@@ -174,7 +188,7 @@ pub fn evaluate(
             None => None,
         };
         let per = metrics::window_metrics(&logits, ref_logits.as_deref(), w, vocab);
-        totals.add(&per);
+        totals.add(&per[score_from.min(per.len())..]);
         progress(i + 1);
     }
     Ok(totals.report(reference.is_some()))
@@ -200,5 +214,38 @@ mod tests {
             tokens_sha256(&[]),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+
+    /// Logits that put all mass on token `pos % vocab` at position `pos`: each window
+    /// position's NLL differs, so a wrong slice shows.
+    struct ByPosition(usize);
+    impl Scorer for ByPosition {
+        fn vocab(&self) -> usize {
+            self.0
+        }
+        fn window_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>, EvalError> {
+            let v = self.0;
+            Ok((0..ids.len() * v)
+                .map(|k| if k % v == (k / v) % v { 3.0 } else { 0.0 })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn score_from_scores_only_the_later_positions() {
+        let ids: Vec<u32> = (0..8).map(|i| (i * 3 % 5) as u32).collect();
+        let windows: Vec<&[u32]> = ids.chunks(4).collect();
+        let all = evaluate(&mut ByPosition(5), None, &windows, |_| {}).unwrap();
+        let late = evaluate_from(&mut ByPosition(5), None, &windows, 2, |_| {}).unwrap();
+        assert_eq!(all.n_pos, 6);
+        assert_eq!(late.n_pos, 2);
+        // Position 2 of each window predicts its token 3: the mean over those alone.
+        let nll = |pos: usize, target: u32| {
+            let lse = (3f64.exp() + 4.0).ln();
+            lse - if pos % 5 == target as usize { 3.0 } else { 0.0 }
+        };
+        let want = (nll(2, ids[3]) + nll(2, ids[7])) / 2.0;
+        assert!((late.nll - want).abs() < 1e-6, "{} vs {want}", late.nll);
+        assert_ne!(all.nll, late.nll);
     }
 }

@@ -606,7 +606,7 @@ fn rejects_shape_mismatch_naming_the_tensor() {
 #[test]
 fn rejects_unknown_tokenizer_model_and_pre() {
     for (key, value) in [
-        ("tokenizer.ggml.model", "llama"),
+        ("tokenizer.ggml.model", "bert"),
         ("tokenizer.ggml.pre", "klingon"),
     ] {
         let mut b = Built::tiny("llama");

@@ -181,6 +181,28 @@ pub struct HParams {
     pub rope_scaling: Option<Json>,
     /// Token ids of bos/eos/unk/pad, each `< vocab_size` when present.
     pub special: SpecialIds,
+    /// Gemma-3's settings (`Some` exactly when `arch` is Gemma3).
+    pub gemma3: Option<Gemma3Params>,
+}
+
+/// What a Gemma-3 config needs beyond the common fields. llama.cpp stores only some of
+/// it; the rest is what llama.cpp's `llama_model_gemma3` assumes when a key is absent,
+/// so the imported model computes what llama.cpp computes on the same file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Params {
+    /// `attention.sliding_window`; `None` (absent or 0) means no layer slides.
+    pub sliding_window: Option<usize>,
+    /// Per layer: does it attend within the window? From
+    /// `attention.sliding_window_pattern` (an array of bools, or a period `p` making
+    /// every `p`-th layer global), default period 6 as in llama.cpp.
+    pub sliding: Vec<bool>,
+    /// Rotary base of the sliding layers (`rope.freq_base_swa`, default 10000).
+    pub local_theta: f64,
+    /// Scores are `q.k / sqrt(query_pre_attn_scalar)`: llama.cpp uses `head_dim`,
+    /// except for the 62-layer (27B) model, `hidden / heads`.
+    pub query_pre_attn_scalar: usize,
+    /// `final_logit_softcapping`, when the file states one.
+    pub final_softcap: Option<f64>,
 }
 
 /// The special token ids the tokenizer metadata names.
@@ -275,9 +297,25 @@ impl HParams {
             pad: id("padding")?,
         };
         let rms_key = key("attention.layer_norm_rms_epsilon");
+        let n_layer = dim("block_count")?;
+        let gemma3 = match arch {
+            Arch::Gemma3 => Some(gemma3_params(meta, n_layer, hidden, n_head, head_dim)?),
+            _ => None,
+        };
+        let rope_scaling = rope_scaling(meta, arch)?;
+        if arch == Arch::Gemma3 {
+            if let Some(kind) = rope_scaling.as_ref().and_then(|r| r.get("rope_type")) {
+                if kind != "linear" {
+                    return Err(Meta::bad(
+                        &key("rope.scaling.type"),
+                        format!("{kind} scaling on gemma3 (supported: none, linear)"),
+                    ));
+                }
+            }
+        }
         Ok(HParams {
             arch,
-            n_layer: dim("block_count")?,
+            n_layer,
             hidden,
             ffn: dim("feed_forward_length")?,
             n_head,
@@ -287,16 +325,20 @@ impl HParams {
             context_length: meta.dim(&key("context_length"))?,
             rms_eps: Meta::need(&rms_key, meta.positive(&rms_key)?)?,
             rope_theta: meta.positive(&key("rope.freq_base"))?,
-            rope_scaling: rope_scaling(meta, arch)?,
+            rope_scaling,
             special,
+            gemma3,
         })
     }
 
     /// The Hugging Face `config.json`, keys as transformers writes them.
     pub fn config_json(&self, tied_embeddings: bool) -> Json {
+        if let Some(g) = &self.gemma3 {
+            return self.gemma3_config_json(g, tied_embeddings);
+        }
         let mut c = json!({
             "architectures": [self.arch.hf_class()],
-            "model_type": self.arch.name(),
+            "model_type": self.arch.model_type(),
             "hidden_size": self.hidden,
             "intermediate_size": self.ffn,
             "num_hidden_layers": self.n_layer,
@@ -330,13 +372,129 @@ impl HParams {
                 put("mlp_bias", Some(false.into()));
             }
             Arch::Qwen3 => put("attention_bias", Some(false.into())),
-            Arch::Qwen2 => {}
+            Arch::Qwen2 | Arch::Gemma3 => {}
         }
         if matches!(self.arch, Arch::Qwen2 | Arch::Qwen3) {
             put("use_sliding_window", Some(false.into()));
         }
         c
     }
+}
+
+impl HParams {
+    /// Gemma-3's `config.json`, in transformers 5's spelling (`rope_parameters` per
+    /// layer type, `layer_types`), so that nothing is left to a class default.
+    fn gemma3_config_json(&self, g: &Gemma3Params, tied_embeddings: bool) -> Json {
+        let layer_types: Vec<&str> = g
+            .sliding
+            .iter()
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
+            .collect();
+        let mut global = json!({"rope_type": "default"});
+        if let (Some(obj), Some(theta)) = (global.as_object_mut(), self.rope_theta) {
+            obj.insert("rope_theta".into(), theta.into());
+        }
+        if let (Some(obj), Some(Json::Object(scaling))) =
+            (global.as_object_mut(), self.rope_scaling.as_ref())
+        {
+            obj.extend(scaling.clone());
+        }
+        json!({
+            "architectures": [self.arch.hf_class()],
+            "model_type": self.arch.model_type(),
+            "hidden_size": self.hidden,
+            "intermediate_size": self.ffn,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_head_kv,
+            "head_dim": self.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": self.rms_eps,
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": tied_embeddings,
+            // f32, not the original bf16: the embedding scale sqrt(hidden) is then the
+            // f32 value, which is what llama.cpp multiplies by (transformers would
+            // round it to bf16 for a bf16 checkpoint: 25.25 instead of 25.298 at 640).
+            "torch_dtype": "float32",
+            "max_position_embeddings": self.context_length,
+            "sliding_window": g.sliding_window,
+            "layer_types": layer_types,
+            "rope_parameters": {
+                "full_attention": global,
+                "sliding_attention": {"rope_type": "default", "rope_theta": g.local_theta},
+            },
+            "query_pre_attn_scalar": g.query_pre_attn_scalar,
+            "attn_logit_softcapping": null,
+            "final_logit_softcapping": g.final_softcap,
+            "attention_bias": false,
+            "use_bidirectional_attention": false,
+            "bos_token_id": self.special.bos,
+            "eos_token_id": self.special.eos,
+            "pad_token_id": self.special.pad,
+        })
+    }
+}
+
+/// Reads Gemma-3's window, pattern, local rotary base, score scale and soft-cap, with
+/// llama.cpp's defaults (`src/models/gemma3.cpp`) for the keys it treats as optional.
+fn gemma3_params(
+    meta: &Meta,
+    n_layer: usize,
+    hidden: usize,
+    n_head: usize,
+    head_dim: usize,
+) -> Result<Gemma3Params, GgufError> {
+    let window_key = "gemma3.attention.sliding_window";
+    let sliding_window = meta.opt_uint(window_key, MAX_DIM)?.filter(|&w| w > 0);
+    let pattern_key = "gemma3.attention.sliding_window_pattern";
+    let sliding = match (sliding_window, meta.0.get(pattern_key)) {
+        (None, _) => vec![false; n_layer],
+        (Some(_), Some(Value::Array(a))) => {
+            if a.len() != n_layer {
+                return Err(Meta::bad(
+                    pattern_key,
+                    format!("{} entries for {n_layer} layers", a.len()),
+                ));
+            }
+            a.iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::Bool(b) => Ok(*b),
+                    v => Err(Meta::bad(
+                        pattern_key,
+                        format!("entry {i}: expected a bool, found {:?}", v.value_type()),
+                    )),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        (Some(_), _) => {
+            // llama_hparams::set_swa_pattern: layer i slides unless i % p == p - 1;
+            // p = 0 means every layer slides.
+            let p = meta.opt_uint(pattern_key, MAX_DIM)?.unwrap_or(6);
+            (0..n_layer).map(|i| p == 0 || i % p < p - 1).collect()
+        }
+    };
+    let local_theta = meta
+        .positive("gemma3.rope.freq_base_swa")?
+        .unwrap_or(10_000.0);
+    let query_pre_attn_scalar = if n_layer == 62 {
+        hidden / n_head
+    } else {
+        head_dim
+    };
+    Ok(Gemma3Params {
+        sliding_window,
+        sliding,
+        local_theta,
+        query_pre_attn_scalar,
+        final_softcap: meta.positive("gemma3.final_logit_softcapping")?,
+    })
 }
 
 /// `{arch}.rope.scaling.*` (or the older `rope.scale_linear`) as HF `rope_scaling`.

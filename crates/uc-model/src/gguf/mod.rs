@@ -66,7 +66,7 @@ pub enum GgufError {
         reason: String,
     },
     /// `general.architecture` names a model family we do not convert.
-    #[error("unsupported architecture {architecture:?} (supported: llama, qwen2, qwen3)")]
+    #[error("unsupported architecture {architecture:?} (supported: llama, qwen2, qwen3, gemma3)")]
     UnsupportedArchitecture {
         /// The value found.
         architecture: String,
@@ -325,10 +325,13 @@ impl Source<'_> {
         if let Some(heads) = p.target.unpermute_heads {
             w = unpermute_qk_rows(&w, heads).map_err(bad)?;
         }
-        let v = w
+        let mut v = w
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(bad)?;
+        if p.target.unit_offset {
+            v.iter_mut().for_each(|x| *x -= 1.0);
+        }
         // Free the tensor before the byte copy: peak is two copies of the largest
         // tensor (the embedding), not three.
         drop((q, w));

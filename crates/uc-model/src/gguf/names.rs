@@ -17,18 +17,32 @@ pub enum Arch {
     Qwen2,
     /// `qwen3`: RMSNorm on each q/k head, no permutation.
     Qwen3,
+    /// `gemma3` (text part): sandwich norms and q/k norms, each stored by llama.cpp's
+    /// converter as `1 + w`; no permutation (the converter's Gemma-3 class does not
+    /// permute Q/K: its rotary is applied in the NeoX / rotate-half layout).
+    Gemma3,
 }
 
 impl Arch {
     /// Every supported architecture, in the order error messages list them.
-    pub const ALL: [Arch; 3] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3];
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Gemma3];
 
-    /// The `general.architecture` value, which is also the HF `model_type`.
+    /// The `general.architecture` value.
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+
+    /// The HF `model_type`: the architecture's name, except Gemma-3, whose text-only
+    /// model is `gemma3_text` (`gemma3` is the multimodal wrapper in transformers).
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Gemma3 => "gemma3_text",
+            a => a.name(),
         }
     }
 
@@ -38,6 +52,7 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -50,7 +65,7 @@ impl Arch {
     fn has(self, k: Kind) -> bool {
         match k {
             Kind::QBias | Kind::KvBias => self == Arch::Qwen2,
-            Kind::HeadNorm => self == Arch::Qwen3,
+            Kind::HeadNorm => matches!(self, Arch::Qwen3 | Arch::Gemma3),
             _ => true,
         }
     }
@@ -93,13 +108,8 @@ impl Kind {
 }
 
 /// Per-block tensors: GGUF suffix after `blk.N.`, HF suffix after `model.layers.N.`.
+/// The norms differ by family ([`NORMS_PRE`], [`NORMS_SANDWICH`]); these are shared.
 const BLOCK: &[(&str, &str, Kind)] = &[
-    ("attn_norm.weight", "input_layernorm.weight", Kind::Norm),
-    (
-        "ffn_norm.weight",
-        "post_attention_layernorm.weight",
-        Kind::Norm,
-    ),
     ("attn_q.weight", "self_attn.q_proj.weight", Kind::Q),
     ("attn_k.weight", "self_attn.k_proj.weight", Kind::K),
     ("attn_v.weight", "self_attn.v_proj.weight", Kind::V),
@@ -121,6 +131,51 @@ const BLOCK: &[(&str, &str, Kind)] = &[
     ("ffn_up.weight", "mlp.up_proj.weight", Kind::GateUp),
     ("ffn_down.weight", "mlp.down_proj.weight", Kind::Down),
 ];
+
+/// Block norms of the Llama family: `ffn_norm` is the norm before the MLP, which
+/// transformers calls `post_attention_layernorm`.
+const NORMS_PRE: &[(&str, &str, Kind)] = &[
+    ("attn_norm.weight", "input_layernorm.weight", Kind::Norm),
+    (
+        "ffn_norm.weight",
+        "post_attention_layernorm.weight",
+        Kind::Norm,
+    ),
+];
+
+/// Block norms of Gemma-3 (llama.cpp's `LLM_TENSOR_*` names for its four norms):
+/// here `ffn_norm` is `pre_feedforward_layernorm`, and `post_attention_layernorm`
+/// really is after attention.
+const NORMS_SANDWICH: &[(&str, &str, Kind)] = &[
+    ("attn_norm.weight", "input_layernorm.weight", Kind::Norm),
+    (
+        "post_attention_norm.weight",
+        "post_attention_layernorm.weight",
+        Kind::Norm,
+    ),
+    (
+        "ffn_norm.weight",
+        "pre_feedforward_layernorm.weight",
+        Kind::Norm,
+    ),
+    (
+        "post_ffw_norm.weight",
+        "post_feedforward_layernorm.weight",
+        Kind::Norm,
+    ),
+];
+
+/// Every per-block tensor `arch` may have: its norms, then the shared table filtered
+/// by [`Arch::has`].
+fn block_table(arch: Arch) -> impl Iterator<Item = &'static (&'static str, &'static str, Kind)> {
+    let norms = match arch {
+        Arch::Gemma3 => NORMS_SANDWICH,
+        Arch::Llama | Arch::Qwen2 | Arch::Qwen3 => NORMS_PRE,
+    };
+    norms
+        .iter()
+        .chain(BLOCK.iter().filter(move |(_, _, k)| arch.has(*k)))
+}
 
 /// Tensors outside the blocks. `output.weight` is optional (absent = tied head).
 const GLOBAL: &[(&str, &str, Kind)] = &[
@@ -145,6 +200,10 @@ pub struct Target {
     pub shape: Vec<usize>,
     /// `Some(n_heads)` when the rows must be un-permuted (llama Q and K).
     pub unpermute_heads: Option<usize>,
+    /// Subtract 1 from every value: a Gemma norm weight, which Hugging Face stores as
+    /// `w` (applied as `x * (1 + w)`) and llama.cpp's converter wrote as `1 + w` (in
+    /// f32, from the checkpoint's bf16 `w`, so the subtraction recovers `w` exactly).
+    pub unit_offset: bool,
 }
 
 fn target(hf_name: String, kind: Kind, hp: &HParams) -> Target {
@@ -157,6 +216,7 @@ fn target(hf_name: String, kind: Kind, hp: &HParams) -> Target {
         hf_name,
         shape: kind.shape(hp),
         unpermute_heads,
+        unit_offset: hp.arch == Arch::Gemma3 && matches!(kind, Kind::Norm | Kind::HeadNorm),
     }
 }
 
@@ -174,9 +234,7 @@ pub fn map_name(name: &str, hp: &HParams) -> Option<Target> {
     if n >= hp.n_layer {
         return None;
     }
-    let &(_, hf, kind) = BLOCK
-        .iter()
-        .find(|(g, _, k)| *g == suffix && hp.arch.has(*k))?;
+    let &(_, hf, kind) = block_table(hp.arch).find(|(g, _, _)| *g == suffix)?;
     Some(target(format!("model.layers.{n}.{hf}"), kind, hp))
 }
 
@@ -206,9 +264,7 @@ pub fn gguf_name(hf_name: &str, arch: Arch) -> Option<(String, Option<QkRows>)> 
         .parse()
         .ok()
         .filter(|n: &usize| n.to_string() == layer)?;
-    let &(g, _, kind) = BLOCK
-        .iter()
-        .find(|(_, h, k)| *h == suffix && arch.has(*k))?;
+    let &(g, _, kind) = block_table(arch).find(|(_, h, _)| *h == suffix)?;
     Some((format!("blk.{n}.{g}"), permute(kind)))
 }
 
@@ -218,12 +274,8 @@ pub fn required_names(hp: &HParams) -> Vec<String> {
         .iter()
         .filter(|(g, _, _)| *g != OUTPUT_HEAD)
         .map(|(g, _, _)| g.to_string());
-    let blocks = (0..hp.n_layer).flat_map(|n| {
-        BLOCK
-            .iter()
-            .filter(|(_, _, k)| hp.arch.has(*k))
-            .map(move |(g, _, _)| format!("blk.{n}.{g}"))
-    });
+    let blocks = (0..hp.n_layer)
+        .flat_map(|n| block_table(hp.arch).map(move |(g, _, _)| format!("blk.{n}.{g}")));
     global.chain(blocks).collect()
 }
 
@@ -286,6 +338,7 @@ mod tests {
                 rope_theta: None,
                 rope_scaling: None,
                 special: Default::default(),
+                gemma3: None,
             };
             for g in required_names(&hp)
                 .into_iter()
