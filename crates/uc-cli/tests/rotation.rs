@@ -40,8 +40,6 @@ fn compress(
         "40",
         "--group",
         "32",
-        "--bits",
-        "4",
     ];
     args.extend(extra);
     uc(&args, &[("RAYON_NUM_THREADS", threads)])
@@ -57,14 +55,14 @@ fn rotated_packs_verify_match_their_export_and_are_thread_independent() {
         m.path(),
         &text,
         &a,
-        &["--rotate", "64", "--json"],
+        &["--bits", "4", "--rotate", "64", "--json"],
         "1",
     ));
     json_of(&compress(
         m.path(),
         &text,
         &b,
-        &["--rotate", "64", "--json"],
+        &["--bits", "4", "--rotate", "64", "--json"],
         "2",
     ));
     let manifest = |p: &Path| std::fs::read(p.join("manifest.json")).unwrap();
@@ -109,7 +107,7 @@ fn rotated_packs_verify_match_their_export_and_are_thread_independent() {
         m.path(),
         &text,
         &plain,
-        &["--rotate", "0", "--json"],
+        &["--bits", "4", "--rotate", "0", "--json"],
         "2",
     ));
     assert_ne!(logits(&plain), got);
@@ -123,26 +121,15 @@ fn default_rotation_budgets_and_rank() {
     let m = model_with_tokenizer("llama");
     let text = text_file(m.path());
     let d = tempfile::tempdir().unwrap();
-    let base = [
-        "--calib-seqs",
-        "6",
-        "--calib-len",
-        "40",
-        "--group",
-        "32",
-        "--json",
-    ];
     let run = |out: &Path, extra: &[&str]| {
-        let (src, t, o) = (
-            m.path().to_str().unwrap(),
-            text.to_str().unwrap(),
-            out.to_str().unwrap(),
-        );
-        let mut args = vec!["compress", src, "-o", o, "--calib", t];
-        args.extend(base);
-        args.extend(extra);
-        json_of(&uc(&args, &[]));
-        let v = uc(&["verify", o], &[]);
+        json_of(&compress(
+            m.path(),
+            &text,
+            out,
+            &[extra, &["--json"]].concat(),
+            "2",
+        ));
+        let v = uc(&["verify", out.to_str().unwrap()], &[]);
         assert!(
             v.status.success(),
             "{extra:?}: {}",
