@@ -16,15 +16,15 @@ Examples:
   uc compress assets/smollm2-135m -o packs/smollm2-sotu --calib-sotu assets/sotu
   uc compress assets/smollm2-135m -o packs/smollm2-4bpw --calib-sotu assets/sotu --bpw 4.0
   uc compress assets/smollm2-135m -o packs/smollm2-q4 --calib my_text.txt --bits 4 --group 64
-  uc compress assets/smollm2-135m -o packs/smollm2-4bpw-plain --bpw 4.0 --rotate 0
+  uc compress assets/smollm2-135m -o packs/smollm2-4bpw-plain --bpw 4.0 --rotate 0 --codes scalar
   uc compress assets/smollm2-135m -o packs/smollm2-rtn5 --method rtn --bits 5 --group 128
   uc compress assets/smollm2-135m -o packs/smollm2-rtn4 --method rtn --bits 4 --group 64 --json
 
 By default the block linears get 5.0 stored bits per weight (codes, scales and codebooks
 counted), spread over tensors by measured sensitivity, in groups of 64 columns with 8-bit
 (e8) scales, after a randomized Hadamard rotation of each linear's inputs in blocks of
-64 (--rotate; not for --method rtn, where it hurts); --bits fixes one width for all (--method rtn defaults to --bits 5,
-calibration-free). Each block is encoded in four stages (q/k/v, o, gate/up, down) on the
+64 (--rotate; not for --method rtn, where it hurts), with trellis-coded codes (--codes);
+--bits fixes one width for all (--method rtn defaults to --bits 5, calibration-free). Each block is encoded in four stages (q/k/v, o, gate/up, down) on the
 quantized model's own activations, towards the original model's outputs.
 Without --calib-dir/--calib/--calib-sotu, the SOTU calibration split in assets/sotu is used
 if present. scripts/fetch_assets.sh also lays out a mixed set, assets/calib-mix (speeches,
@@ -105,6 +105,13 @@ pub struct CompressArgs {
     /// without --rank, else 0 (an overlay on rotated codes is not supported).
     #[arg(long, value_name = "BLOCK")]
     rotate: Option<u32>,
+    /// How codes are chosen and stored: `trellis` (each code picks one of four subsets of
+    /// a codebook twice as long, the subset set by the two rows above it through a
+    /// 4-state trellis searched by Viterbi; same stored bits, less error: docs/format.md
+    /// section 3c) or `scalar` (one level of a 2^bits codebook per code). Default
+    /// trellis for --method gptq without --rank (8-bit tensors stay scalar), else scalar.
+    #[arg(long, value_parser = ["scalar", "trellis"])]
+    codes: Option<String>,
     /// Storage of the group scales: f16, bf16, or e8 (8-bit minifloat relative to the
     /// tensor's codebook, docs/format.md section 2: half the bytes).
     #[arg(long, default_value = "e8", value_parser = ["f16", "bf16", "e8"])]
@@ -230,8 +237,16 @@ pub fn run(a: CompressArgs) -> Result<()> {
     if rotate != 0 && a.rank != 0 {
         anyhow::bail!("--rotate with --rank: a low-rank overlay on rotated codes is not supported");
     }
+    let trellis = match a.codes.as_deref() {
+        Some(c) => c == "trellis",
+        None => a.rank == 0 && a.method == "gptq" && bits <= 7,
+    };
+    if trellis && bits > 7 {
+        anyhow::bail!("--codes trellis with --bits {bits}: trellis codes have 2 to 7 bits");
+    }
     let body = CodecSpec {
         rot: rotate,
+        trellis,
         ..body
     };
     // A budget unless --bits fixes the width; round-to-nearest stays calibration-free
@@ -255,6 +270,12 @@ pub fn run(a: CompressArgs) -> Result<()> {
     );
     let embed = CodecSpec::parse(&a.embed_codec)
         .with_context(|| format!("--embed-codec {}", a.embed_codec))?;
+    anyhow::ensure!(
+        !embed.trellis,
+        "--embed-codec {}: trellis codecs are for block linears (the embedding is read a \
+         token's row at a time, and a trellis row needs the rows above it)",
+        a.embed_codec
+    );
     let method = if a.method == "rtn" {
         Method::Rtn
     } else {

@@ -110,7 +110,7 @@ fn calibrated_pack_verifies_and_evaluates() {
     assert!(kld > 0.0 && kld < 0.5, "kld {kld}");
     let i = json_of(&uc(&["inspect", pack.to_str().unwrap(), "--json"], &[]));
     assert_eq!(
-        i["kinds"]["self_attn.q_proj.weight"]["encodings"]["q4g32h64-e8"],
+        i["kinds"]["self_attn.q_proj.weight"]["encodings"]["t4g32h64-e8"],
         2
     );
 }

@@ -71,7 +71,7 @@ fn rotated_packs_verify_match_their_export_and_are_thread_independent() {
     // Hidden 64 gets 64-blocks, the MLP's 96-wide input the largest power of 4 dividing it.
     assert_eq!(
         body_codecs(&a),
-        ["q4g32h16-e8", "q4g32h64-e8"],
+        ["t4g32h16-e8", "t4g32h64-e8"],
         "rotation blocks per input width"
     );
 
@@ -141,7 +141,7 @@ fn default_rotation_budgets_and_rank() {
     run(&def, &["--bits", "4"]);
     assert_eq!(
         body_codecs(&def),
-        ["q4g32h16-e8", "q4g32h64-e8"],
+        ["t4g32h16-e8", "t4g32h64-e8"],
         "default rotation"
     );
 

@@ -56,6 +56,35 @@ pub(crate) fn encode_rtn_stored(
     spec: &CodecSpec,
     importance: Option<&[f32]>,
 ) -> Result<QuantTensor> {
+    if spec.trellis {
+        // The expanded codec's grid, then a Viterbi search down each column's runs of rows
+        // (no error feedback: each column is a plain squared-error problem).
+        let mut qt = encode_rtn_stored(
+            w,
+            rows,
+            cols,
+            &crate::trellis::expanded_spec(spec),
+            importance,
+        )?;
+        let l = qt.spec.layout(rows, cols)?;
+        let scales: Vec<f32> = qt
+            .scales
+            .iter()
+            .map(|&b| scale_to_f32(b, spec.scale_dtype))
+            .collect();
+        let union = crate::trellis::encode_columns(
+            w,
+            rows,
+            cols,
+            spec.group as usize,
+            l.n_groups,
+            &scales,
+            &qt.codebook,
+        );
+        qt.codes = crate::trellis::store(&union, rows, cols, spec.bits)?;
+        qt.spec = *spec;
+        return Ok(qt);
+    }
     let l = spec.layout(rows, cols)?;
     if spec.rank != 0 {
         return Err(CodecError::OverlayMismatch {

@@ -30,6 +30,7 @@ use faer::{Mat, Side};
 use rayon::prelude::*;
 
 use crate::tensor::{pack_codes, scale_from_f32, scale_to_f32};
+use crate::trellis::TRELLIS_ROWS;
 use crate::{CodecError, CodecSpec, QuantTensor, Result};
 use uc_format::ScaleDtype;
 
@@ -144,7 +145,10 @@ fn encode_gptq_stored(
     // with sqrt, 0.030 with none: docs/research-log.md).
     let dmax = diag.iter().copied().fold(0f64, f64::max);
     let importance: Vec<f32> = diag.iter().map(|&d| (d / dmax).sqrt() as f32).collect();
-    let mut qt = crate::encode::encode_rtn_stored(w, rows, cols, spec, Some(&importance))?;
+    // A trellis codec's grid is its expanded codec's: a codebook of 2^(bits+1) levels.
+    let grid_spec = crate::trellis::expanded_spec(spec);
+    let grid_spec = if spec.trellis { &grid_spec } else { spec };
+    let mut qt = crate::encode::encode_rtn_stored(w, rows, cols, grid_spec, Some(&importance))?;
 
     let order: Vec<usize> = if opts.act_order {
         let mut o: Vec<usize> = (0..cols).collect();
@@ -161,7 +165,8 @@ fn encode_gptq_stored(
         .iter()
         .map(|&b| scale_to_f32(b, spec.scale_dtype))
         .collect();
-    let mut codes = feedback_codes(w, cols, g, &order, &u, &scales, &qt.codebook);
+    let tr = spec.trellis;
+    let mut codes = feedback_codes(w, cols, g, &order, &u, &scales, &qt.codebook, tr);
     if opts.refit_rounds > 0 {
         let mean = diag.iter().sum::<f64>() / cols as f64;
         let hd = Mat::<f64>::from_fn(cols, cols, |i, j| {
@@ -181,7 +186,7 @@ fn encode_gptq_stored(
             refit_scales_h(w, cols, g, &hd, &codes, &qt.codebook, dt, &mut refit);
             let stored = store_scales(&refit, dt);
             let refit: Vec<f32> = stored.iter().map(|&b| scale_to_f32(b, dt)).collect();
-            let recoded = feedback_codes(w, cols, g, &order, &u, &refit, &qt.codebook);
+            let recoded = feedback_codes(w, cols, g, &order, &u, &refit, &qt.codebook, tr);
             let mut improved = false;
             for cand in [None, Some(recoded)] {
                 let c = cand.as_ref().unwrap_or(&codes);
@@ -201,13 +206,20 @@ fn encode_gptq_stored(
             }
         }
     }
-    qt.codes = pack_codes(&codes, rows, cols, spec.bits.into());
+    qt.codes = if tr {
+        crate::trellis::store(&codes, rows, cols, spec.bits)?
+    } else {
+        pack_codes(&codes, rows, cols, spec.bits.into())
+    };
+    qt.spec = *spec;
     Ok(qt)
 }
 
 /// Codes of `w` (rows x cols) with error feedback: columns visited in `order`, each
 /// column's rounding error pushed onto the unvisited ones through `u` (see the module
-/// notes). Returns (rows, cols) code indices in natural column order.
+/// notes). Returns (rows, cols) code indices in natural column order (union indices of
+/// the expanded codec when `trellis`).
+#[allow(clippy::too_many_arguments)]
 fn feedback_codes(
     w: &[f32],
     cols: usize,
@@ -216,7 +228,11 @@ fn feedback_codes(
     u: &[f32],
     scales: &[f32],
     cb: &[f32],
+    trellis: bool,
 ) -> Vec<u8> {
+    if trellis {
+        return feedback_codes_trellis(w, cols, g, order, u, scales, cb);
+    }
     let ng = cols.div_ceil(g);
     let mut codes = vec![0u8; w.len()];
     codes
@@ -235,6 +251,55 @@ fn feedback_codes(
                 let err = (x[i] - s * cb[code]) / urow[i];
                 for (xj, &uij) in x[i + 1..].iter_mut().zip(&urow[i + 1..]) {
                     *xj -= err * uij;
+                }
+            }
+        });
+    codes
+}
+
+/// [`feedback_codes`] for a trellis codec: the rows advance together column by column;
+/// each column's values (with the feedback received so far) are coded by a Viterbi
+/// search over each run of [`TRELLIS_ROWS`] rows ([`crate::trellis::quantize_run`]),
+/// then every row pushes its error onward as in the plain case. Returns union indices
+/// (codes of the expanded codec). Work items are runs of rows, so the result does not
+/// depend on the thread count.
+fn feedback_codes_trellis(
+    w: &[f32],
+    cols: usize,
+    g: usize,
+    order: &[usize],
+    u: &[f32],
+    scales: &[f32],
+    cb: &[f32],
+) -> Vec<u8> {
+    let ng = cols.div_ceil(g);
+    let mut codes = vec![0u8; w.len()];
+    codes
+        .par_chunks_mut(TRELLIS_ROWS * cols)
+        .zip(w.par_chunks(TRELLIS_ROWS * cols))
+        .zip(scales.par_chunks(TRELLIS_ROWS * ng))
+        .for_each(|((cblk, wblk), sblk)| {
+            let m = wblk.len() / cols;
+            // (m, cols): the rows in visiting order; they absorb the error feedback.
+            let mut x: Vec<f32> = (0..m)
+                .flat_map(|r| order.iter().map(move |&c| wblk[r * cols + c]))
+                .collect();
+            let (mut xs, mut ss, mut ks) = (vec![0f32; m], vec![0f32; m], vec![0u8; m]);
+            for i in 0..cols {
+                let c = order[i];
+                for r in 0..m {
+                    xs[r] = x[r * cols + i];
+                    ss[r] = sblk[r * ng + c / g];
+                }
+                crate::trellis::quantize_run(&xs, &ss, cb, &mut ks);
+                let urow = &u[i * cols..(i + 1) * cols];
+                for r in 0..m {
+                    cblk[r * cols + c] = ks[r];
+                    let xr = &mut x[r * cols..(r + 1) * cols];
+                    let err = (xs[r] - ss[r] * cb[usize::from(ks[r])]) / urow[i];
+                    for (xj, &uij) in xr[i + 1..].iter_mut().zip(&urow[i + 1..]) {
+                        *xj -= err * uij;
+                    }
                 }
             }
         });

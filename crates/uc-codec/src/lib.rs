@@ -11,6 +11,9 @@
 //!   activation metric.
 //! - [`rotation`]: the optional randomized block-Hadamard rotation of the input
 //!   dimension (a rotated codec stores `W R^T`; the runtime rotates activations).
+//! - [`trellis`]: trellis-coded codes (`t<bits>...` codecs): a Viterbi search down each
+//!   column's rows picks codes whose subsets follow a 4-state trellis; reconstruction
+//!   expands them to the plain codec with one bit more per code.
 //! - [`QuantTensor::validate`]: the only gate untrusted bytes pass before math.
 //! - [`Reconstructor`] / [`reconstruct`] / [`reconstruct_scalar`]: QuantTensor -> f32,
 //!   following the specification in `docs/format.md` with a fixed rounding sequence, so
@@ -36,6 +39,7 @@ mod spec;
 mod tensor;
 #[cfg(test)]
 mod testutil;
+pub mod trellis;
 
 pub use encode::encode_rtn;
 pub use error::CodecError;

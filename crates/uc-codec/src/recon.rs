@@ -67,7 +67,9 @@ impl Kernel {
 /// A validated tensor with its small per-tensor tables expanded to f32, ready to
 /// reconstruct any rows. Kernels index these buffers freely: `new` checked every length.
 pub(crate) struct Prepared<'a> {
-    pub qt: &'a QuantTensor,
+    /// The tensor as the kernels read it: a trellis tensor expanded to its plain codec
+    /// ([`crate::trellis::expand`]), any other borrowed.
+    pub qt: std::borrow::Cow<'a, QuantTensor>,
     pub cols: usize,
     pub group: usize,
     pub bits: usize,
@@ -113,6 +115,12 @@ impl<'a> Reconstructor<'a> {
     /// Validates `qt` and prepares its tables. An unavailable `kernel` falls back to the
     /// scalar reference (identical bits, only slower).
     pub fn new(qt: &'a QuantTensor, kernel: Kernel) -> Result<Self> {
+        qt.validate()?;
+        let qt = if qt.spec.trellis {
+            std::borrow::Cow::Owned(crate::trellis::expand(qt)?)
+        } else {
+            std::borrow::Cow::Borrowed(qt)
+        };
         let l = qt.validate()?;
         let mut codebook = [0f32; 256];
         codebook
@@ -127,16 +135,22 @@ impl<'a> Reconstructor<'a> {
             ),
             None => (Vec::new(), Vec::new()),
         };
+        let (bits, rank, group) = (
+            qt.spec.bits.into(),
+            qt.spec.rank as usize,
+            qt.spec.group as usize,
+        );
+        let scales = qt.scales.iter().map(|&s| scale_to_f32(s, dt)).collect();
         let p = Prepared {
             qt,
             cols: l.cols,
-            group: qt.spec.group as usize,
-            bits: qt.spec.bits.into(),
+            group,
+            bits,
             row_bytes: l.row_bytes,
             n_groups: l.n_groups,
-            rank: qt.spec.rank as usize,
+            rank,
             codebook,
-            scales: qt.scales.iter().map(|&s| scale_to_f32(s, dt)).collect(),
+            scales,
             a,
             b,
         };

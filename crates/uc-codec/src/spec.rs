@@ -28,6 +28,11 @@ pub struct CodecSpec {
     /// [`ROTATIONS`], or 0 for none: the stored tensor is `W R^T` and the model's weight
     /// is its reconstruction times `R` ([`crate::rotation`], docs/format.md section 3b).
     pub rot: u32,
+    /// Trellis-coded quantization ([`crate::trellis`], docs/format.md section 3c): each
+    /// `bits`-bit code is a branch bit and an index into one of four subsets of a
+    /// codebook of 2^(bits+1) entries, the subset set by the codes of the two rows above.
+    /// Bits 2..=7.
+    pub trellis: bool,
 }
 
 /// Supported rotation block sizes: powers of 4, so the Hadamard normalisation
@@ -41,6 +46,7 @@ const fn table() -> [CodecSpec; TABLE_BITS.len() * GROUPS.len()] {
         scale_dtype: ScaleDtype::F16,
         rank: 0,
         rot: 0,
+        trellis: false,
     }; TABLE_BITS.len() * GROUPS.len()];
     let mut i = 0;
     while i < out.len() {
@@ -50,6 +56,7 @@ const fn table() -> [CodecSpec; TABLE_BITS.len() * GROUPS.len()] {
             scale_dtype: ScaleDtype::F16,
             rank: 0,
             rot: 0,
+            trellis: false,
         };
         i += 1;
     }
@@ -74,7 +81,7 @@ pub struct Layout {
     pub n_groups: usize,
     /// Bytes per code row: ceil(cols * bits / 8).
     pub row_bytes: usize,
-    /// Codebook entries (f32): 2^bits.
+    /// Codebook entries (f32): 2^bits, or 2^(bits+1) for a trellis codec.
     pub codebook: usize,
     /// Scales: rows * n_groups.
     pub scales: usize,
@@ -112,10 +119,11 @@ impl CodecSpec {
             scale_dtype: ScaleDtype::F16,
             rank: 0,
             rot: 0,
+            trellis: false,
         }
     }
 
-    /// Canonical name: `q<bits>g<group>`, then `r<rank>` if rank > 0, then `h<block>` if
+    /// Canonical name: `q<bits>g<group>` (`t<bits>g<group>` for a trellis codec), then `r<rank>` if rank > 0, then `h<block>` if
     /// rotated, then `-bf16` for bf16 scales or `-e8` for 8-bit minifloat scales
     /// (`q5g128`, `q4g64r16-bf16`, `q5g64-e8`, `q4g64h64-e8`).
     pub fn name(&self) -> String {
@@ -134,7 +142,8 @@ impl CodecSpec {
             ScaleDtype::Bf16 => "-bf16",
             ScaleDtype::E8 => "-e8",
         };
-        format!("q{}g{}{rank}{rot}{dt}", self.bits, self.group)
+        let kind = if self.trellis { 't' } else { 'q' };
+        format!("{kind}{}g{}{rank}{rot}{dt}", self.bits, self.group)
     }
 
     /// Parses a canonical name (see [`CodecSpec::name`]) and validates it.
@@ -145,7 +154,11 @@ impl CodecSpec {
             (None, Some(b)) => (b, ScaleDtype::E8),
             (None, None) => (name, ScaleDtype::F16),
         };
-        let rest = body.strip_prefix('q').ok_or_else(unknown)?;
+        let (rest, trellis) = match (body.strip_prefix('q'), body.strip_prefix('t')) {
+            (Some(r), _) => (r, false),
+            (None, Some(r)) => (r, true),
+            (None, None) => return Err(unknown()),
+        };
         let (bits, rest) = rest.split_once('g').ok_or_else(unknown)?;
         let (rest, rot) = rest.split_once('h').unwrap_or((rest, "0"));
         let (group, rank) = rest.split_once('r').unwrap_or((rest, "0"));
@@ -157,6 +170,7 @@ impl CodecSpec {
             scale_dtype,
             rank: num(rank)?,
             rot: num(rot)?,
+            trellis,
         };
         // Round-trip check rejects non-canonical spellings (`q05g128`, `q5g128r0`).
         if spec.name() != name {
@@ -166,8 +180,8 @@ impl CodecSpec {
         Ok(spec)
     }
 
-    /// Checks bits (2..=8), group (one of [`GROUPS`]) and rotation (0 or one of
-    /// [`ROTATIONS`]).
+    /// Checks bits (2..=8; 2..=7 for a trellis codec, whose codebook has 2^(bits+1)
+    /// entries), group (one of [`GROUPS`]) and rotation (0 or one of [`ROTATIONS`]).
     pub fn validate(&self) -> Result<()> {
         if self.rot != 0 && !ROTATIONS.contains(&self.rot) {
             return Err(CodecError::BadRotation {
@@ -176,7 +190,8 @@ impl CodecSpec {
                 cols: 0,
             });
         }
-        if !(2..=8).contains(&self.bits) {
+        let max_bits = if self.trellis { 7 } else { 8 };
+        if !(2..=max_bits).contains(&self.bits) {
             return Err(CodecError::BadBits {
                 tensor: String::new(),
                 bits: self.bits.into(),
@@ -191,9 +206,9 @@ impl CodecSpec {
         Ok(())
     }
 
-    /// Entries in the codebook: 2^bits.
+    /// Entries in the codebook: 2^bits, or 2^(bits+1) for a trellis codec.
     pub fn codebook_len(&self) -> usize {
-        1usize << self.bits.min(8)
+        1usize << (self.bits + u8::from(self.trellis)).min(8)
     }
 
     /// Buffer sizes for a rows x cols tensor; validates the spec, the shape (non-zero,
@@ -266,6 +281,7 @@ impl CodecSpec {
             scale_dtype: self.scale_dtype,
             rank: self.rank,
             rot: self.rot,
+            trellis: self.trellis,
         }
     }
 
@@ -278,6 +294,7 @@ impl CodecSpec {
             scale_dtype: r.scale_dtype,
             rank: r.rank,
             rot: r.rot,
+            trellis: r.trellis,
         };
         spec.validate()?;
         if spec.name() != r.name {

@@ -225,6 +225,7 @@ fn simd_kernels_match_scalar_on_random_inputs() {
                         scale_dtype: dt,
                         rank: rank.min(cols as u32),
                         rot: 0,
+                        trellis: false,
                     };
                     let qt = plain_qt(&mut rng, 5, cols, spec);
                     assert_kernels_match(&qt, &format!("{} cols {cols}", spec.name()));
@@ -286,6 +287,7 @@ fn simd_kernels_match_scalar_on_adversarial_inputs() {
                         scale_dtype: ScaleDtype::F16,
                         rank: rank.min(cols as u32),
                         rot: 0,
+                        trellis: false,
                     };
                     let qt = random_qt(
                         &mut rng,
@@ -460,7 +462,7 @@ proptest! {
     #[test]
     fn kernels_match_scalar_for_any_shape(seed in any::<u64>(), bits in 2u8..=8, rows in 1usize..6, cols in 1usize..300, gi in 0usize..4, rank in 0u32..4) {
         let mut rng = Prng(seed);
-        let spec = CodecSpec { bits, group: GROUPS[gi], scale_dtype: ScaleDtype::F16, rank: rank.min(rows.min(cols) as u32), rot: 0 };
+        let spec = CodecSpec { bits, group: GROUPS[gi], scale_dtype: ScaleDtype::F16, rank: rank.min(rows.min(cols) as u32), rot: 0, trellis: false };
         let qt = plain_qt(&mut rng, rows, cols, spec);
         let want = bits_of(&reconstruct_scalar(&qt).unwrap());
         for k in Kernel::available() {

@@ -18,12 +18,17 @@ fn body_name(spec: &CodecSpec) -> String {
     format!("model.layers.0.{}.weight", spec.name())
 }
 
-/// Every codec of the table, plus an overlay, a bf16-scale and an e8-scale codec.
+/// Every codec of the table, plus an overlay, a bf16-scale and an e8-scale codec, and
+/// trellis codecs (one with a rotation, one with an overlay).
 fn all_specs() -> Vec<CodecSpec> {
     let mut v = CODECS.to_vec();
     v.push(CodecSpec::parse("q4g64r3").unwrap());
     v.push(CodecSpec::parse("q5g128r2-bf16").unwrap());
     v.push(CodecSpec::parse("q5g64-e8").unwrap());
+    v.push(CodecSpec::parse("t5g64-e8").unwrap());
+    v.push(CodecSpec::parse("t2g32").unwrap());
+    v.push(CodecSpec::parse("t7g32-e8").unwrap());
+    v.push(CodecSpec::parse("t3g64r2").unwrap());
     v
 }
 

@@ -420,7 +420,12 @@ pub fn compress(
         probe_seconds = t.elapsed().as_secs_f64();
         let candidates: Vec<CodecSpec> = BUDGET_BITS
             .iter()
-            .map(|&bits| CodecSpec { bits, ..opts.body })
+            // Trellis codes stop at 7 bits: the 8-bit candidate stays scalar.
+            .map(|&bits| CodecSpec {
+                bits,
+                trellis: opts.body.trellis && bits <= 7,
+                ..opts.body
+            })
             .collect();
         let chosen = match opts.budget_scope {
             BudgetScope::Model => allocate(&sensitivity, &candidates, budget)?,
@@ -647,9 +652,12 @@ fn probe(
     // x: (n * seq_len, hidden)
     let mut x = embed(ck, &ids[..n * seq_len])?;
     // The probe measures the codes' error alone: no overlay.
+    // Scalar codes: the probe ranks tensors by sensitivity; the trellis gain is about the
+    // same factor for every tensor.
     let spec = CodecSpec {
         bits: PROBE_BITS,
         rank: 0,
+        trellis: false,
         ..*body
     };
     let mut out = Vec::new();

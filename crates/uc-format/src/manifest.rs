@@ -187,6 +187,15 @@ pub struct CodecRecord {
     /// docs/format.md section 3b). Absent in packs written before rotations existed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub rot: u32,
+    /// Trellis-coded codes (docs/format.md section 3c): each code is a branch bit and an
+    /// index into one of four subsets of a codebook twice as long. Absent (false) in packs
+    /// written before trellis codes existed.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub trellis: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_zero(v: &u32) -> bool {

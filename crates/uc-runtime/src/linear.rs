@@ -365,10 +365,18 @@ impl PackedLinear {
 
     /// [`Self::from_quant`] with the codes placed in `home`.
     pub fn from_quant_in(name: &str, qt: uc_codec::QuantTensor, home: CodeHome) -> Result<Self> {
-        qt.validate().map_err(|e| RuntimeError::Codec {
+        let codec = |e| RuntimeError::Codec {
             tensor: name.into(),
             source: e,
-        })?;
+        };
+        qt.validate().map_err(codec)?;
+        // Trellis codes are held as their plain expansion (one bit more per code), so
+        // every kernel below applies unchanged (docs/format.md section 3c).
+        let qt = if qt.spec.trellis {
+            uc_codec::trellis::expand(&qt).map_err(codec)?
+        } else {
+            qt
+        };
         let codebook = quant::periodic_codebook(&qt.codebook);
         let scales = qt
             .scales

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use uc_codec::pack::{dense_to_f32, f32_digest, le_u16};
+use uc_codec::trellis::TRELLIS_ROWS;
 use uc_codec::{CodecSpec, Kernel, Overlay, QuantTensor, Reconstructor};
 use uc_format::{Container, DenseDtype, Encoding, Pack};
 use uc_model::checkpoint::Checkpoint;
@@ -442,7 +443,8 @@ impl PackLoader {
             s => return Err(RuntimeError::bad(name, format!("shape {s:?} is not 2-D"))),
         };
         let isa = crate::kernels::Isa::detect();
-        let chunk = (CHECK_CHUNK_BYTES / cols.max(1)).max(1);
+        // Whole trellis runs (docs/format.md section 3c), whatever the codec.
+        let chunk = (CHECK_CHUNK_BYTES / cols.max(1)).next_multiple_of(TRELLIS_ROWS);
         let mut h = sha2::Sha256::new();
         let mut row = vec![0f32; cols];
         for r0 in (0..rows).step_by(chunk) {
@@ -907,6 +909,22 @@ impl WeightLoader for PackLoader {
         Ok(())
     }
     fn select_rows(&self, name: &str, rows: &[usize]) -> Result<Option<Box<dyn Linear>>> {
+        // A trellis code depends on the two rows above it within its run of
+        // TRELLIS_ROWS rows: only contiguous selections starting at a run can be decoded.
+        let trellis = self
+            .pack
+            .tensor(name)
+            .is_ok_and(|rec| matches!(&rec.encoding, Encoding::Codec(cr) if cr.trellis));
+        let contiguous = rows.windows(2).all(|w| w[1] == w[0] + 1);
+        if trellis && !(contiguous && rows.first().is_none_or(|r| r % TRELLIS_ROWS == 0)) {
+            return Err(RuntimeError::bad(
+                name,
+                format!(
+                    "trellis-coded rows can only be read in runs starting at a multiple of \
+                     {TRELLIS_ROWS}"
+                ),
+            ));
+        }
         #[cfg(unix)]
         if rows.windows(2).any(|w| w[1] != w[0] + 1) {
             return self.pread_rows(name, rows).map(Some);

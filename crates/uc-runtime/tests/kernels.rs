@@ -28,7 +28,7 @@ fn random_qt(rng: &mut Prng, rows: usize, cols: usize, spec: CodecSpec) -> Quant
         })
         .collect();
     let idx: Vec<u8> = (0..rows * cols)
-        .map(|_| (rng.next_u64() % l.codebook as u64) as u8)
+        .map(|_| (rng.next_u64() % (1u64 << spec.bits)) as u8)
         .collect();
     let codes = pack_codes(&idx, rows, cols, spec.bits.into());
     let r = spec.rank as usize;
@@ -65,6 +65,7 @@ fn specs() -> Vec<CodecSpec> {
         scale_dtype: ScaleDtype::F16,
         rank: 4,
         rot: 0,
+        trellis: false,
     });
     v.push(CodecSpec {
         bits: 4,
@@ -72,6 +73,7 @@ fn specs() -> Vec<CodecSpec> {
         scale_dtype: ScaleDtype::Bf16,
         rank: 3,
         rot: 0,
+        trellis: false,
     });
     v
 }
@@ -251,12 +253,15 @@ fn packed_linear_matches_dense_reconstruction_for_decode_and_prefill_batches() {
     for spec in [
         CodecSpec::new(5, 128),
         CodecSpec::new(3, 64),
+        // Trellis codes, expanded at load: 300 rows span five runs.
+        CodecSpec::parse("t4g64").unwrap(),
         CodecSpec {
             bits: 5,
             group: 64,
             scale_dtype: ScaleDtype::F16,
             rank: 4,
             rot: 0,
+            trellis: false,
         },
     ] {
         let (rows, cols) = (300, 200);
