@@ -1,5 +1,6 @@
-//! `config.json` of a Hugging Face dense decoder checkpoint, parsed and checked: the
-//! Llama family (llama, mistral, qwen2, qwen3) and OLMo-2, Phi-3, Gemma-2, Gemma-3 (text).
+//! `config.json` of a Hugging Face decoder checkpoint, parsed and checked: the Llama
+//! family (llama, mistral, qwen2, qwen3), OLMo-2, Phi-3, Gemma-2, Gemma-3 (text), and the
+//! mixture-of-experts families Mixtral and Qwen3-MoE ([`Moe`]).
 //!
 //! Every family difference the engine needs is turned into data here (norm layout, q/k
 //! norm width, activation, embedding scale, attention scale and soft-caps, per-layer
@@ -37,9 +38,17 @@ pub enum Family {
     Gemma2,
     /// Gemma-3 (text): Gemma-2's block plus per-head q/k norms and local/global rotary.
     Gemma3,
+    /// Mixtral: Mistral's attention, a sparse mixture-of-experts MLP in every block
+    /// (softmax router, top-k, renormalized weights).
+    Mixtral,
+    /// Qwen3-MoE: Qwen3's attention (per-head q/k norms), mixture-of-experts MLPs on the
+    /// layers `decoder_sparse_step` / `mlp_only_layers` select, dense MLPs elsewhere.
+    #[serde(rename = "qwen3_moe")]
+    Qwen3Moe,
 }
 
-const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text";
+const SUPPORTED: &str =
+    "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text, mixtral, qwen3_moe";
 
 /// Where a block's RMSNorms sit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -100,6 +109,8 @@ impl Family {
             "phi3" => Some(Family::Phi3),
             "gemma2" => Some(Family::Gemma2),
             "gemma3_text" => Some(Family::Gemma3),
+            "mixtral" => Some(Family::Mixtral),
+            "qwen3_moe" => Some(Family::Qwen3Moe),
             _ => None,
         }
     }
@@ -128,6 +139,30 @@ pub struct Llama3Scaling {
     /// Context length the model was trained at.
     pub original_max_position_embeddings: f64,
 }
+
+/// A sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): per token, a router
+/// `(experts, hidden)` gives logits, softmax in f32, the `top_k` largest probabilities
+/// pick the experts (renormalized to sum 1 when `norm_topk_prob`), and the MLP output is
+/// the weighted sum of those experts' SwiGLU MLPs of width `expert_intermediate`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Moe {
+    /// Experts per MoE layer (`num_local_experts`; Qwen's hub configs: `num_experts`).
+    pub num_experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Inner width of one expert (Mixtral: `intermediate_size`; Qwen3-MoE:
+    /// `moe_intermediate_size`, while its dense layers use `intermediate_size`).
+    pub expert_intermediate: usize,
+    /// Renormalize the top-k probabilities to sum 1 (Mixtral always; Qwen3-MoE:
+    /// `norm_topk_prob`, default false).
+    pub norm_topk_prob: bool,
+    /// Per layer: a MoE MLP (`true`) or a dense one.
+    pub layers: Vec<bool>,
+}
+
+/// Most experts a config may declare (the largest hub models have 512): a bigger number
+/// is a corrupt header, not a model.
+pub const MAX_EXPERTS: usize = 4096;
 
 /// The checked model configuration.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -187,6 +222,8 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f64>,
     /// Logits soft-capped likewise (gemma2).
     pub final_softcap: Option<f64>,
+    /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE); `None` for dense models.
+    pub moe: Option<Moe>,
 }
 
 impl ModelConfig {
@@ -211,6 +248,34 @@ impl ModelConfig {
     /// them (see `checkpoint`).
     pub fn fused_projections(&self) -> bool {
         self.family == Family::Phi3
+    }
+
+    /// Experts of block `layer`'s MLP: 0 for a dense MLP.
+    pub fn experts_of(&self, layer: usize) -> usize {
+        match &self.moe {
+            Some(m) if m.layers.get(layer) == Some(&true) => m.num_experts,
+            _ => 0,
+        }
+    }
+
+    /// The widest MLP inner width of any block: the dense MLP's or one expert's.
+    pub fn max_intermediate(&self) -> usize {
+        let e = self.moe.as_ref().map_or(0, |m| m.expert_intermediate);
+        self.intermediate_size.max(e)
+    }
+
+    /// Weights of the largest block's MLP (all experts of a MoE block, plus its router),
+    /// for memory plans.
+    pub fn max_mlp_params(&self) -> usize {
+        let h = self.hidden_size;
+        let dense = 3 * h * self.intermediate_size;
+        match &self.moe {
+            Some(m) if m.layers.iter().any(|&l| l) => dense.max(
+                m.num_experts
+                    .saturating_mul(3 * h * m.expert_intermediate + h),
+            ),
+            _ => dense,
+        }
     }
 }
 
@@ -246,6 +311,13 @@ struct Raw {
     use_bidirectional_attention: Option<bool>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
 }
 
 /// Upper bound on any one dimension: a header that asks for more is corrupt, and
@@ -332,8 +404,10 @@ impl ModelConfig {
         let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
         let (rope, local_rope) = parse_ropes(&raw, family).map_err(&bad)?;
         let sliding_window = match family {
-            Family::Mistral | Family::Phi3 => raw.sliding_window,
-            Family::Qwen2 | Family::Qwen3 if raw.use_sliding_window == Some(true) => {
+            Family::Mistral | Family::Mixtral | Family::Phi3 => raw.sliding_window,
+            Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe
+                if raw.use_sliding_window == Some(true) =>
+            {
                 raw.sliding_window
             }
             Family::Gemma2 | Family::Gemma3 if absent("sliding_window") => Some(4096),
@@ -348,10 +422,10 @@ impl ModelConfig {
         let sliding_layers = sliding_layers(&raw, family, num_layers).map_err(&bad)?;
         let rotary_dim = rotary_dim(&raw, head_dim).map_err(&bad)?;
         let (norm_layout, qk_norm) = match family {
-            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 => {
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Mixtral => {
                 (NormLayout::Pre, QkNorm::None)
             }
-            Family::Qwen3 => (NormLayout::Pre, QkNorm::PerHead),
+            Family::Qwen3 | Family::Qwen3Moe => (NormLayout::Pre, QkNorm::PerHead),
             Family::Olmo2 => (NormLayout::Post, QkNorm::Whole),
             Family::Gemma2 => (NormLayout::Sandwich, QkNorm::None),
             Family::Gemma3 => (NormLayout::Sandwich, QkNorm::PerHead),
@@ -394,6 +468,7 @@ impl ModelConfig {
         } else {
             (head_dim as f64, None, None)
         };
+        let moe = parse_moe(&raw, family, num_layers, intermediate_size).map_err(&bad)?;
         let embed_scale = gemma.then(|| {
             embed_scale(
                 hidden_size,
@@ -427,8 +502,97 @@ impl ModelConfig {
             attn_scalar,
             attn_softcap,
             final_softcap,
+            moe,
         })
     }
+}
+
+/// The mixture-of-experts settings of Mixtral and Qwen3-MoE (`None` for the dense
+/// families, and for a Qwen3-MoE config whose every layer is dense). transformers'
+/// class defaults fill absent keys; every out-of-range value is an error naming its key.
+fn parse_moe(
+    raw: &Raw,
+    family: Family,
+    layers: usize,
+    intermediate: usize,
+) -> std::result::Result<Option<Moe>, String> {
+    if !matches!(family, Family::Mixtral | Family::Qwen3Moe) {
+        return Ok(None);
+    }
+    let mixtral = family == Family::Mixtral;
+    // Mixtral's key is num_local_experts; Qwen's hub configs write num_experts and
+    // transformers 5 saves it as num_local_experts. Either, never two different values.
+    let num_experts = match (raw.num_local_experts, raw.num_experts) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "num_local_experts = {a} and num_experts = {b} disagree"
+            ))
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) if mixtral => 8,
+        (None, None) => 128,
+    };
+    let key = if raw.num_local_experts.is_some() || mixtral {
+        "num_local_experts"
+    } else {
+        "num_experts"
+    };
+    if num_experts > MAX_EXPERTS {
+        return Err(format!(
+            "{key} = {num_experts} is out of range 0..={MAX_EXPERTS}"
+        ));
+    }
+    if num_experts == 0 {
+        if mixtral {
+            return Err(format!("{key} = 0: Mixtral needs at least one expert"));
+        }
+        // transformers' Qwen3-MoE builds dense MLPs everywhere then.
+        return Ok(None);
+    }
+    let top_k = raw.num_experts_per_tok.unwrap_or(if mixtral { 2 } else { 8 });
+    if top_k == 0 || top_k > num_experts {
+        return Err(format!(
+            "num_experts_per_tok = {top_k} must be in 1..={num_experts} ({key})"
+        ));
+    }
+    let expert_intermediate = if mixtral {
+        intermediate
+    } else {
+        raw.moe_intermediate_size.unwrap_or(768)
+    };
+    if expert_intermediate == 0 || expert_intermediate > MAX_DIM {
+        return Err(format!(
+            "moe_intermediate_size = {expert_intermediate} is out of range 1..={MAX_DIM}"
+        ));
+    }
+    let layers = if mixtral {
+        vec![true; layers]
+    } else {
+        let step = raw.decoder_sparse_step.unwrap_or(1);
+        if step == 0 {
+            return Err("decoder_sparse_step = 0 must be at least 1".into());
+        }
+        let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+        if let Some(bad) = dense.iter().find(|&&l| l >= layers) {
+            return Err(format!(
+                "mlp_only_layers lists layer {bad} of num_hidden_layers {layers}"
+            ));
+        }
+        (0..layers)
+            .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+            .collect()
+    };
+    if !layers.iter().any(|&l| l) {
+        return Ok(None);
+    }
+    Ok(Some(Moe {
+        num_experts,
+        top_k,
+        expert_intermediate,
+        // Mixtral's router always renormalizes.
+        norm_topk_prob: mixtral || raw.norm_topk_prob.unwrap_or(false),
+        layers,
+    }))
 }
 
 /// `sqrt(hidden)` as transformers' Gemma computes it: an f32 scalar cast to the
