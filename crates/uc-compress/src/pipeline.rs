@@ -1,4 +1,16 @@
 //! The per-block loop.
+//!
+//! Mixture-of-experts blocks (Mixtral, Qwen3-MoE): every expert's gate/up/down is an
+//! ordinary body tensor (probed, given bits by the budget, encoded by error feedback).
+//! Its Gram matrices are taken on the calibration tokens the (quantized-so-far) student
+//! routes to it -- gate/up on those tokens' MLP input, down on their activation in that
+//! expert -- so each expert is fitted to the inputs it actually sees. An expert that
+//! received fewer tokens than [`expert_min_tokens`] is encoded with the layer's pooled
+//! Gram matrices instead (every token entering the MoE MLP for gate/up; every (token,
+//! expert) activation of the layer for down), and says so (`fallback` in
+//! [`ExpertSummary`]): its own matrix would be singular. The router stays dense f32. The
+//! teacher target ([`Options::teacher_target`]) is not applied to experts: the teacher
+//! may route a token elsewhere, so there is no paired teacher input per expert.
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Cross, Gram};
@@ -13,7 +25,8 @@ use uc_format::{
     SourceInfo, GLOBALS_CONTAINER,
 };
 use uc_model::checkpoint::Checkpoint;
-use uc_model::names::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
+use uc_model::config::ModelConfig;
+use uc_model::names::{block_linears, block_prefix, moe_router, EMBED, FINAL_NORM, LM_HEAD};
 use uc_model::source::WeightSource;
 use uc_runtime::linear::{DenseLinear, Linear};
 use uc_runtime::staged::{Paused, Stager, Step, Tap};
@@ -110,6 +123,8 @@ pub enum Event {
         index: usize,
         /// Seconds it took.
         seconds: f64,
+        /// Calibrated runs on a MoE block: calibration tokens routed to each expert.
+        expert_tokens: Vec<usize>,
         /// Calibrated methods: relative MSE of the block's output on the quantized
         /// stream against the teacher's on the teacher stream.
         out_rel_mse: Option<f64>,
@@ -147,6 +162,29 @@ pub struct BlockSummary {
     pub bpw: f64,
     /// Seconds.
     pub seconds: f64,
+    /// A MoE block's experts, in order (absent for dense blocks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ExpertSummary>,
+}
+
+/// What one expert of a MoE block was calibrated on.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertSummary {
+    /// Expert index.
+    pub expert: usize,
+    /// Calibration tokens the quantized-so-far model routed to it (of all windows).
+    pub tokens: usize,
+    /// Fewer than [`expert_min_tokens`]: encoded with the layer's pooled Gram matrices.
+    pub fallback: bool,
+}
+
+/// Fewest routed calibration tokens an expert needs for Gram matrices of its own: the
+/// widest input of its linears (`max(hidden, expert_intermediate)`). Fewer rows than
+/// columns make `X^T X` singular (rank <= rows), and error feedback would then spend the
+/// codes on directions the data never measured.
+pub fn expert_min_tokens(cfg: &ModelConfig) -> usize {
+    let mi = cfg.moe.as_ref().map_or(0, |m| m.expert_intermediate);
+    cfg.hidden_size.max(mi)
 }
 
 /// What a compression produced.
@@ -426,8 +464,12 @@ pub fn compress(
             BudgetScope::Model => allocate(&sensitivity, &candidates, budget)?,
             BudgetScope::Block => {
                 let mut all = Vec::with_capacity(sensitivity.len());
-                for block in sensitivity.chunks(BLOCK_LINEARS.len()) {
+                let mut rest = &sensitivity[..];
+                for layer in 0..cfg.num_layers {
+                    let n = block_linears(&cfg, layer).len().min(rest.len());
+                    let (block, tail) = rest.split_at(n);
                     all.extend(allocate(block, &candidates, budget)?);
+                    rest = tail;
                 }
                 all
             }
@@ -486,9 +528,10 @@ pub fn compress(
         let mut c = ContainerBuilder::new(&file)?;
         let p = block_prefix(layer);
         let mut out_rel_mse = None;
+        let mut expert_tokens = Vec::new();
         match stream.as_mut() {
             None => {
-                for lin in BLOCK_LINEARS {
+                for lin in block_linears(&cfg, layer) {
                     let name = format!("{p}.{lin}.weight");
                     let spec = spec_of(&name);
                     tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &spec)?);
@@ -497,7 +540,8 @@ pub fn compress(
             Some(st) => {
                 // A resumed block is recomputed (deterministically: the same codes) so
                 // the quantized stream can be carried forward; its file is kept.
-                let (ts, mse) = st.block(&loader, layer, &mut c, opts, &spec_of)?;
+                let (ts, mse, experts) = st.block(&loader, layer, &mut c, opts, &spec_of)?;
+                expert_tokens = experts.iter().map(|e| e.tokens).collect();
                 let bits: f64 = ts.iter().map(|t| t.bpw * t.elements as f64).sum();
                 let elements: u64 = ts.iter().map(|t| t.elements).sum();
                 if !complete {
@@ -508,6 +552,7 @@ pub fn compress(
                     out_rel_mse: mse,
                     bpw: bits / elements.max(1) as f64,
                     seconds: start.elapsed().as_secs_f64(),
+                    experts,
                 });
                 out_rel_mse = Some(mse);
             }
@@ -515,10 +560,15 @@ pub fn compress(
         if complete {
             continue;
         }
-        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
-            if k < 3 && cfg.attention_bias {
+        if cfg.attention_bias {
+            for lin in &uc_model::names::BLOCK_LINEARS[..3] {
                 dense_into(&ck, &mut c, &format!("{p}.{lin}.bias"), Role::Other)?;
             }
+        }
+        if cfg.experts_of(layer) > 0 {
+            // The router picks experts: kept exact (f32), never quantized.
+            let router = format!("{p}.{}.weight", moe_router(cfg.family));
+            dense_into(&ck, &mut c, &router, Role::Other)?;
         }
         // The family's norms (required: a missing one is an error naming it, not a pack
         // that cannot run), in the order Llama-family packs have always been written.
@@ -543,6 +593,7 @@ pub fn compress(
             index: layer,
             seconds: start.elapsed().as_secs_f64(),
             out_rel_mse,
+            expert_tokens,
         });
     }
 
@@ -668,7 +719,8 @@ fn probe(
             }
         };
         let p = block_prefix(layer);
-        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
+        let experts = block.experts();
+        for (k, lin) in block_linears(cfg, layer).iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
             let (w, rows, cols) = weight_of(&block, k);
             let spec = CodecSpec {
@@ -679,10 +731,7 @@ fn probe(
             let recon = model_recon(&name, &qt)?;
             let teacher =
                 std::mem::replace(&mut block.linears[k], dense(&name, recon, rows, cols)?);
-            let tap = Tap::ALL
-                .into_iter()
-                .find(|t| t.linears().contains(&k))
-                .unwrap_or(Tap::Attention);
+            let tap = Tap::of_linear(k, experts);
             let probed = stager.finish(&block, stages[tap.index()].clone());
             block.linears[k] = teacher;
             out.push(Sensitivity {
@@ -793,7 +842,7 @@ impl Stream {
         c: &mut ContainerBuilder,
         opts: &Options,
         spec_of: &dyn Fn(&str) -> CodecSpec,
-    ) -> Result<(Vec<TensorSummary>, f64)> {
+    ) -> Result<(Vec<TensorSummary>, f64, Vec<ExpertSummary>)> {
         // `None` once the last stage has read the teacher's weights.
         let mut teacher_block = Some(loader.block(layer)?);
         let released =
@@ -817,10 +866,26 @@ impl Stream {
         }
         let mut next_teacher = Vec::with_capacity(total);
         let p = block_prefix(layer);
-        let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
+        let names = block_linears(loader.config(), layer);
+        let mut summaries = Vec::with_capacity(names.len());
+        let experts = student.experts();
+        let min_tokens = expert_min_tokens(loader.config());
+        // MoE: calibration tokens routed to each expert (counted at the gate/up tap).
+        let mut routed = vec![0usize; experts];
+        let new_gram = |cols: usize| {
+            if opts.auto_shrink {
+                Gram::with_spread(cols)
+            } else {
+                Gram::new(cols)
+            }
+        };
         for (stage, tap) in Tap::ALL.into_iter().enumerate() {
             let teacher = teacher_block.as_ref().ok_or_else(released)?;
+            let moe_stage = experts > 0 && matches!(tap, Tap::Mlp | Tap::MlpDown);
+            // Dense stage: the one Gram matrix of the tap. MoE stage: the pooled one
+            // (every row of the tap: the fallback), and one per expert.
             let mut h: Option<Gram> = None;
+            let mut per_expert: Vec<Gram> = Vec::new();
             let mut cross: Option<Cross> = None;
             for (ts, ss) in teach.iter_mut().zip(stud.iter_mut()) {
                 let (Some(t), Some(s)) = (ts.take(), ss.take()) else {
@@ -837,15 +902,38 @@ impl Stream {
                 };
                 // H = X_s^T X_s and C = X_s^T X_t of this stage's input.
                 let cols = s.cols();
-                let h = h.get_or_insert_with(|| {
-                    if opts.auto_shrink {
-                        Gram::with_spread(cols)
-                    } else {
-                        Gram::new(cols)
-                    }
-                });
+                let h = h.get_or_insert_with(|| new_gram(cols));
                 h.add(s.input());
-                if keep {
+                if moe_stage {
+                    let r = s.routes().ok_or_else(|| {
+                        CompressError::Settings(format!("block {layer}: MoE tap without routes"))
+                    })?;
+                    if per_expert.is_empty() {
+                        per_expert = (0..experts).map(|_| new_gram(cols)).collect();
+                    }
+                    let mut rows = Vec::new();
+                    for (e, g) in per_expert.iter_mut().enumerate() {
+                        if r.count(e) == 0 {
+                            continue;
+                        }
+                        let x = s.input();
+                        let own: &[f32] = if tap == Tap::Mlp {
+                            // Expert e's rows of the (tokens, hidden) MLP input.
+                            routed[e] += r.count(e);
+                            rows.clear();
+                            for &t in r.tokens(e) {
+                                let t = t as usize;
+                                rows.extend_from_slice(&x[t * cols..(t + 1) * cols]);
+                            }
+                            &rows
+                        } else {
+                            // Its own rows of the (assignments, inter) activations.
+                            let rg = r.range(e);
+                            &x[rg.start * cols..rg.end * cols]
+                        };
+                        g.add(own);
+                    }
+                } else if keep {
                     cross
                         .get_or_insert_with(|| Cross::new(cols))
                         .add(s.input(), t.input());
@@ -879,11 +967,9 @@ impl Stream {
             // The teacher's weights of this stage; past the last stage's statistics the
             // teacher block is not needed any more (its forward is finished), and goes
             // before the solves allocate.
-            let ws: Vec<(Vec<f32>, usize, usize)> = tap
-                .linears()
-                .iter()
-                .map(|&k| weight_of(teacher, k))
-                .collect();
+            let linears = tap.linears_of(experts);
+            let ws: Vec<(Vec<f32>, usize, usize)> =
+                linears.iter().map(|&k| weight_of(teacher, k)).collect();
             if tap == Tap::MlpDown {
                 teacher_block = None;
             }
@@ -896,9 +982,27 @@ impl Stream {
                 }
                 None => vec![None; ws.len()],
             };
-            for ((&k, (w, rows, cols)), target) in tap.linears().iter().zip(ws).zip(targets) {
-                let name = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
+            for ((&k, (w, rows, cols)), target) in linears.iter().zip(ws).zip(targets) {
+                let name = format!("{p}.{}.weight", names[k]);
                 let spec = spec_of(&name);
+                // An expert's own Gram matrix, unless it saw too few tokens.
+                let own = match moe_stage {
+                    true => {
+                        let e = (k - 4) / 3;
+                        per_expert.get(e).filter(|_| routed[e] >= min_tokens)
+                    }
+                    false => None,
+                };
+                let (gram, gptq) = match own {
+                    Some(g) => (
+                        g,
+                        GptqOptions {
+                            shrink: g.shrinkage().unwrap_or(opts.gptq.shrink),
+                            ..opts.gptq
+                        },
+                    ),
+                    None => (&h, gptq),
+                };
                 let (mut summary, recon) = quantize_into(
                     c,
                     &name,
@@ -906,7 +1010,7 @@ impl Stream {
                     &[rows, cols],
                     Role::Body,
                     &spec,
-                    Some((&h, gptq)),
+                    Some((gram, gptq)),
                     true,
                 )?;
                 drop(target);
@@ -930,6 +1034,15 @@ impl Stream {
         let mse = rel_mse(&next_student, &next_teacher);
         self.teacher = next_teacher;
         self.student = next_student;
-        Ok((summaries, mse))
+        let experts = routed
+            .into_iter()
+            .enumerate()
+            .map(|(expert, tokens)| ExpertSummary {
+                expert,
+                tokens,
+                fallback: tokens < min_tokens,
+            })
+            .collect();
+        Ok((summaries, mse, experts))
     }
 }

@@ -367,12 +367,10 @@ fn gguf_arch(cfg: &ModelConfig) -> Result<Arch, ExportError> {
         | Family::Gemma2
         | Family::Gemma3
         | Family::Mixtral
-        | Family::Qwen3Moe => {
-            Err(ExportError::Unsupported(format!(
-                "GGUF export of {:?} (only the Llama family: llama, mistral, qwen2, qwen3)",
-                cfg.family
-            )))
-        }
+        | Family::Qwen3Moe => Err(ExportError::Unsupported(format!(
+            "GGUF export of {:?} (only the Llama family: llama, mistral, qwen2, qwen3)",
+            cfg.family
+        ))),
     }
 }
 

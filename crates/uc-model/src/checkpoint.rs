@@ -285,7 +285,12 @@ fn split_fused_experts(
             let at = gu.range.start + 2 * i * e * gu_row;
             let parts = [
                 (g, gu.clone(), vec![i, h], at..at + i * gu_row),
-                (u, gu.clone(), vec![i, h], at + i * gu_row..at + 2 * i * gu_row),
+                (
+                    u,
+                    gu.clone(),
+                    vec![i, h],
+                    at + i * gu_row..at + 2 * i * gu_row,
+                ),
                 (
                     d,
                     dn.clone(),

@@ -549,7 +549,9 @@ fn parse_moe(
         // transformers' Qwen3-MoE builds dense MLPs everywhere then.
         return Ok(None);
     }
-    let top_k = raw.num_experts_per_tok.unwrap_or(if mixtral { 2 } else { 8 });
+    let top_k = raw
+        .num_experts_per_tok
+        .unwrap_or(if mixtral { 2 } else { 8 });
     if top_k == 0 || top_k > num_experts {
         return Err(format!(
             "num_experts_per_tok = {top_k} must be in 1..={num_experts} ({key})"

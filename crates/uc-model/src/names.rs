@@ -112,7 +112,11 @@ pub fn moe_router(family: Family) -> &'static str {
 /// fused experts, relative to `model.layers.N.`: the router, `gate_up_proj`
 /// `(experts, 2 * inter, hidden)` (gate rows first) and `down_proj`
 /// `(experts, hidden, inter)`. Mixtral's live under `mlp.` there too.
-pub const FUSED_EXPERTS: [&str; 3] = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"];
+pub const FUSED_EXPERTS: [&str; 3] = [
+    "mlp.gate.weight",
+    "mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj",
+];
 
 /// Whether `family` is stored with [`FUSED_EXPERTS`] names when a checkpoint has them.
 pub fn fused_experts(family: Family) -> bool {

@@ -132,7 +132,10 @@ impl Routes {
 
     /// The most tokens any one expert received.
     pub fn max_count(&self) -> usize {
-        (0..self.experts()).map(|e| self.count(e)).max().unwrap_or(0)
+        (0..self.experts())
+            .map(|e| self.count(e))
+            .max()
+            .unwrap_or(0)
     }
 }
 

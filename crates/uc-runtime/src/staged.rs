@@ -35,8 +35,8 @@ use crate::kernels::Isa;
 use crate::linear::Par;
 use crate::moe::Routes;
 use crate::weights::BlockWeights;
-use std::sync::Arc;
 use crate::{Result, RuntimeError};
+use std::sync::Arc;
 use uc_model::config::ModelConfig;
 
 /// The four distinct inputs of a block's linears (q/k/v share one, gate/up share one),

@@ -252,7 +252,11 @@ fn fused_expert_tensors_load_like_per_expert_ones() {
                 st.tensor(&router).unwrap().data().to_vec(),
             ));
             taken.insert(router);
-            out.push((format!("{p}.mlp.experts.gate_up_proj"), vec![n, 2 * mi, h], gu));
+            out.push((
+                format!("{p}.mlp.experts.gate_up_proj"),
+                vec![n, 2 * mi, h],
+                gu,
+            ));
             out.push((format!("{p}.mlp.experts.down_proj"), vec![n, h, mi], dn));
         }
         for (name, view) in st.tensors() {
@@ -270,8 +274,7 @@ fn fused_expert_tensors_load_like_per_expert_ones() {
                 )
             })
             .collect();
-        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors"))
-            .unwrap();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
         let run = |d: &Path| {
             let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(d).unwrap());
             let mut dec = Decoder::new(

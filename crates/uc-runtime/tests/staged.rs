@@ -49,7 +49,15 @@ fn all_blocks(l: &dyn WeightLoader, st: &Stager, mut x: Vec<f32>) -> Vec<f32> {
 
 #[test]
 fn one_window_gives_the_decoders_logits_bit_for_bit() {
-    for name in ["llama", "qwen2", "qwen3", "mistral", "llama3", "mixtral", "qwen3_moe"] {
+    for name in [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "llama3",
+        "mixtral",
+        "qwen3_moe",
+    ] {
         let l = loader(name);
         let n = 150; // several key tiles and query blocks
         let ids = ids(n, 3);
@@ -128,7 +136,11 @@ fn paused_then_changed(name: &str) {
         if experts > 0 && matches!(tap, Tap::Mlp | Tap::MlpDown) {
             let r = p.routes().expect("a MoE pause carries its routes");
             assert_eq!(r.assignments(), seqs * n * 2, "{name}: top-2");
-            let want_rows = if tap == Tap::Mlp { seqs * n } else { r.assignments() };
+            let want_rows = if tap == Tap::Mlp {
+                seqs * n
+            } else {
+                r.assignments()
+            };
             assert_eq!(p.input().len(), want_rows * p.cols());
         }
         // Compacted (input dropped, recomputed on resume by the weights that made it).
@@ -136,10 +148,18 @@ fn paused_then_changed(name: &str) {
         c.compact();
         assert!(c.input().is_empty());
         let got = st.finish(&changed, p);
-        assert_eq!(got, st.forward(&changed, x.clone()).unwrap(), "{name} {tap:?}");
+        assert_eq!(
+            got,
+            st.forward(&changed, x.clone()).unwrap(),
+            "{name} {tap:?}"
+        );
         // `changed` keeps the linears before `tap`, which recompute the input.
         assert_eq!(got, st.finish(&changed, c), "{name} {tap:?} compacted");
-        assert_ne!(got, st.forward(&block, x.clone()).unwrap(), "{name} {tap:?}");
+        assert_ne!(
+            got,
+            st.forward(&block, x.clone()).unwrap(),
+            "{name} {tap:?}"
+        );
     }
 }
 
