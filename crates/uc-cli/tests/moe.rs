@@ -121,7 +121,9 @@ fn end_to_end(name: &str, layers: usize, moe: &[usize], experts: usize, min_toke
                 assert!(moe.contains(&i), "{name}: block {i} is dense");
                 assert_eq!(ex.len(), experts, "{name} block {i}");
                 // Every one of the 6 x 40 calibration tokens goes to two experts.
-                let tokens: u64 = ex.iter().map(|e| e["tokens"].as_u64().unwrap()).sum();
+                let per: Vec<u64> = ex.iter().map(|e| e["tokens"].as_u64().unwrap()).collect();
+                eprintln!("{name} block {i}: tokens per expert {per:?}");
+                let tokens: u64 = per.iter().sum();
                 assert_eq!(tokens, 6 * 40 * 2, "{name} block {i}");
                 for e in ex {
                     let t = e["tokens"].as_u64().unwrap();

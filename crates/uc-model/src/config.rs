@@ -1052,4 +1052,98 @@ mod tests {
         let e = parse(r#"{"model_type":"phi3","hidden_size":64}"#).unwrap_err();
         assert!(e.to_string().contains("intermediate_size"), "{e}");
     }
+
+    const MOE: &str = r#""hidden_size":32,"intermediate_size":48,"num_hidden_layers":4,
+        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"vocab_size":128"#;
+
+    #[test]
+    fn mixtral_is_moe_in_every_layer_with_renormalized_top_k() {
+        let c = parse(&format!(
+            r#"{{"model_type":"mixtral",{MOE},"num_local_experts":4,"num_experts_per_tok":2}}"#
+        ))
+        .unwrap();
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate), (4, 2, 48));
+        assert!(m.norm_topk_prob);
+        assert_eq!(m.layers, [true; 4]);
+        assert_eq!((c.experts_of(3), c.qk_norm), (4, QkNorm::None));
+        // transformers' defaults: 8 experts, top-2.
+        let d = parse(&format!(r#"{{"model_type":"mixtral",{MOE}}}"#)).unwrap();
+        assert_eq!(d.moe.map(|m| (m.num_experts, m.top_k)), Some((8, 2)));
+    }
+
+    #[test]
+    fn qwen3_moe_layers_follow_sparse_step_and_mlp_only_layers() {
+        let c = parse(&format!(
+            r#"{{"model_type":"qwen3_moe",{MOE},"num_experts":8,"num_experts_per_tok":2,
+            "moe_intermediate_size":24,"decoder_sparse_step":2,"mlp_only_layers":[3]}}"#
+        ))
+        .unwrap();
+        let m = c.moe.as_ref().unwrap();
+        // (l + 1) % 2 == 0 -> layers 1 and 3; 3 is dense.
+        assert_eq!(m.layers, [false, true, false, false]);
+        assert_eq!((m.expert_intermediate, m.norm_topk_prob), (24, false));
+        assert_eq!((c.experts_of(0), c.experts_of(1)), (0, 8));
+        assert_eq!(c.max_intermediate(), 48);
+        assert_eq!(c.qk_norm, QkNorm::PerHead);
+        // transformers 5 saves Qwen's num_experts as num_local_experts.
+        let v5 = parse(&format!(
+            r#"{{"model_type":"qwen3_moe",{MOE},"num_local_experts":8,"num_experts_per_tok":2,
+            "moe_intermediate_size":24,"decoder_sparse_step":2,"mlp_only_layers":[3]}}"#
+        ))
+        .unwrap();
+        assert_eq!(v5.moe, c.moe);
+        // No MoE layer left: a dense model.
+        let dense = parse(&format!(
+            r#"{{"model_type":"qwen3_moe",{MOE},"num_experts":0}}"#
+        ))
+        .unwrap();
+        assert!(dense.moe.is_none());
+    }
+
+    #[test]
+    fn invalid_moe_fields_are_named() {
+        for (ty, extra, field) in [
+            (
+                "mixtral",
+                r#""num_experts_per_tok":5,"num_local_experts":4"#,
+                "num_experts_per_tok",
+            ),
+            ("mixtral", r#""num_local_experts":0"#, "num_local_experts"),
+            (
+                "mixtral",
+                r#""num_local_experts":99999"#,
+                "num_local_experts",
+            ),
+            (
+                "qwen3_moe",
+                r#""num_experts":4,"num_local_experts":8"#,
+                "num_experts",
+            ),
+            (
+                "qwen3_moe",
+                r#""num_experts_per_tok":0"#,
+                "num_experts_per_tok",
+            ),
+            (
+                "qwen3_moe",
+                r#""decoder_sparse_step":0"#,
+                "decoder_sparse_step",
+            ),
+            ("qwen3_moe", r#""mlp_only_layers":[4]"#, "mlp_only_layers"),
+            (
+                "qwen3_moe",
+                r#""moe_intermediate_size":0"#,
+                "moe_intermediate_size",
+            ),
+        ] {
+            let e = parse(&format!(r#"{{"model_type":"{ty}",{MOE},{extra}}}"#)).unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains(field) && m.contains("config.json"),
+                "{extra}: {m}"
+            );
+            assert!(matches!(e, ModelError::BadConfig { .. }));
+        }
+    }
 }
