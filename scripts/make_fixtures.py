@@ -43,6 +43,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OlmoeConfig,
     Olmo2Config,
     Phi3Config,
     Qwen2Config,
@@ -195,6 +196,17 @@ def fixture_specs():
                        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
                        tie_word_embeddings=False),
         1012, "rope_parameters", torch.float32, None,
+    ))
+    specs.append((
+        "olmoe",
+        # 4 experts of width 32 (intermediate_size) in both layers, top-2, unnormalized
+        # top-k weights, q/k RMSNorm over the whole projection (q_norm is hidden wide, so
+        # head_dim = hidden / heads = 8), pre-norms.
+        OlmoeConfig(**{**SMALL, "intermediate_size": 32}, rms_norm_eps=1e-5,
+                    max_position_embeddings=256, rope_theta=10000.0, num_experts=4,
+                    num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=None,
+                    tie_word_embeddings=False),
+        1013, "legacy", torch.float32, None,
     ))
     return specs
 
@@ -371,11 +383,12 @@ def make_one(out_dir, name, config, seed, style, save_dtype, shard):
         assert any(n.endswith("gate_up_proj.weight") for n in sd_names)
     if name == "qwen3":
         assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
-    if config.model_type in ("mixtral", "qwen3_moe"):
+    if config.model_type in ("mixtral", "qwen3_moe", "olmoe"):
         # save_pretrained reverts transformers 5's fused 3-D experts to the hub's
         # per-expert tensors: that layout is what is committed (and what users have).
         expert0 = {"mixtral": "model.layers.0.block_sparse_moe.experts.0.w1.weight",
-                   "qwen3_moe": "model.layers.0.mlp.experts.0.gate_proj.weight"}[config.model_type]
+                   "qwen3_moe": "model.layers.0.mlp.experts.0.gate_proj.weight",
+                   "olmoe": "model.layers.0.mlp.experts.0.gate_proj.weight"}[config.model_type]
         assert expert0 in sd, sorted(sd)[:20]
         assert not any(n.endswith("gate_up_proj") for n in sd)
         # Routing must bite: tokens per expert of every MoE layer on these inputs.

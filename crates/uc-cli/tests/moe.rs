@@ -1,4 +1,4 @@
-//! The mixture-of-experts families (Mixtral, Qwen3-MoE) end to end on their tiny golden
+//! The mixture-of-experts families (Mixtral, Qwen3-MoE, OLMoE) end to end on their tiny golden
 //! fixtures: calibrated `uc compress` under a bit budget (tokens per expert reported,
 //! the pooled-Gram fallback for starved experts), `uc verify`, `uc eval` of the pack
 //! against its checkpoint, `uc run` resident and with `--stream-layers`; eval digits and
@@ -174,6 +174,11 @@ fn qwen3_moe_compresses_verifies_evaluates_and_runs() {
 }
 
 #[test]
+fn olmoe_compresses_verifies_evaluates_and_runs() {
+    end_to_end("olmoe", 2, &[0, 1], 4, 32);
+}
+
+#[test]
 fn starved_experts_fall_back_to_the_layers_pooled_gram() {
     // 2 x 16 tokens over 8 experts, top-2: every expert gets fewer than max(hidden 32,
     // width 24) = 32 tokens.
@@ -316,6 +321,8 @@ fn invalid_moe_config_fields_are_named() {
         ("qwen3_moe", "mlp_only_layers", serde_json::json!([7])),
         ("qwen3_moe", "decoder_sparse_step", serde_json::json!(0)),
         ("qwen3_moe", "num_local_experts", serde_json::json!(100000)),
+        ("olmoe", "clip_qkv", serde_json::json!(8.0)),
+        ("olmoe", "num_experts_per_tok", serde_json::json!(9)),
     ] {
         let m = model_with_tokenizer(name);
         set_config(m.path(), key, value);
@@ -333,6 +340,7 @@ fn a_missing_expert_or_router_tensor_is_named() {
         ("mixtral", "model.layers.0.block_sparse_moe.gate.weight"),
         ("qwen3_moe", "model.layers.2.mlp.experts.7.up_proj.weight"),
         ("qwen3_moe", "model.layers.0.mlp.gate.weight"),
+        ("olmoe", "model.layers.1.mlp.experts.0.down_proj.weight"),
     ] {
         let m = model_with_tokenizer(name);
         drop_tensor(m.path(), tensor);

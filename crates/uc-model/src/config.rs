@@ -1,6 +1,6 @@
 //! `config.json` of a Hugging Face decoder checkpoint, parsed and checked: the Llama
 //! family (llama, mistral, qwen2, qwen3), OLMo-2, Phi-3, Gemma-2, Gemma-3 (text), and the
-//! mixture-of-experts families Mixtral and Qwen3-MoE ([`Moe`]).
+//! mixture-of-experts families Mixtral, Qwen3-MoE and OLMoE ([`Moe`]).
 //!
 //! Every family difference the engine needs is turned into data here (norm layout, q/k
 //! norm width, activation, embedding scale, attention scale and soft-caps, per-layer
@@ -45,10 +45,13 @@ pub enum Family {
     /// layers `decoder_sparse_step` / `mlp_only_layers` select, dense MLPs elsewhere.
     #[serde(rename = "qwen3_moe")]
     Qwen3Moe,
+    /// OLMoE: Llama's pre-norms, q/k RMSNorm over the whole projection (as OLMo-2), a
+    /// mixture-of-experts MLP in every block.
+    Olmoe,
 }
 
 const SUPPORTED: &str =
-    "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text, mixtral, qwen3_moe";
+    "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text, mixtral, qwen3_moe, olmoe";
 
 /// Where a block's RMSNorms sit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -111,6 +114,7 @@ impl Family {
             "gemma3_text" => Some(Family::Gemma3),
             "mixtral" => Some(Family::Mixtral),
             "qwen3_moe" => Some(Family::Qwen3Moe),
+            "olmoe" => Some(Family::Olmoe),
             _ => None,
         }
     }
@@ -318,6 +322,7 @@ struct Raw {
     norm_topk_prob: Option<bool>,
     decoder_sparse_step: Option<usize>,
     mlp_only_layers: Option<Vec<usize>>,
+    clip_qkv: Option<f64>,
 }
 
 /// Upper bound on any one dimension: a header that asks for more is corrupt, and
@@ -394,7 +399,7 @@ impl ModelConfig {
         }
         // transformers' class defaults where a config omits the key.
         let default_eps = match family {
-            Family::Olmo2 | Family::Phi3 => 1e-5,
+            Family::Olmo2 | Family::Phi3 | Family::Olmoe => 1e-5,
             _ => 1e-6,
         };
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(default_eps);
@@ -427,16 +432,23 @@ impl ModelConfig {
             }
             Family::Qwen3 | Family::Qwen3Moe => (NormLayout::Pre, QkNorm::PerHead),
             Family::Olmo2 => (NormLayout::Post, QkNorm::Whole),
+            Family::Olmoe => (NormLayout::Pre, QkNorm::Whole),
             Family::Gemma2 => (NormLayout::Sandwich, QkNorm::None),
             Family::Gemma3 => (NormLayout::Sandwich, QkNorm::PerHead),
         };
         let activation = activation(&raw, family).map_err(&bad)?;
         let attention_bias = raw.attention_bias.unwrap_or(family == Family::Qwen2);
-        if attention_bias && (gemma || matches!(family, Family::Olmo2 | Family::Phi3)) {
+        if attention_bias
+            && (gemma || matches!(family, Family::Olmo2 | Family::Phi3 | Family::Olmoe))
+        {
             // These families put the bias on o_proj too, which the engine does not carry.
             return Err(bad(format!(
                 "attention_bias = true is not supported for model_type {model_type:?} (o_proj bias)"
             )));
+        }
+        if let (Family::Olmoe, Some(c)) = (family, raw.clip_qkv) {
+            // transformers clamps q, k and v to +-clip_qkv; the engine does not.
+            return Err(bad(format!("clip_qkv = {c} is not supported (only null)")));
         }
         if gemma && raw.use_bidirectional_attention == Some(true) {
             return Err(bad(
@@ -516,10 +528,13 @@ fn parse_moe(
     layers: usize,
     intermediate: usize,
 ) -> std::result::Result<Option<Moe>, String> {
-    if !matches!(family, Family::Mixtral | Family::Qwen3Moe) {
+    if !matches!(family, Family::Mixtral | Family::Qwen3Moe | Family::Olmoe) {
         return Ok(None);
     }
     let mixtral = family == Family::Mixtral;
+    // OLMoE: experts `intermediate_size` wide in every layer (Mixtral's layout), Qwen's
+    // key names and unnormalized top-k default.
+    let olmoe = family == Family::Olmoe;
     // Mixtral's key is num_local_experts; Qwen's hub configs write num_experts and
     // transformers 5 saves it as num_local_experts. Either, never two different values.
     let num_experts = match (raw.num_local_experts, raw.num_experts) {
@@ -530,6 +545,7 @@ fn parse_moe(
         }
         (Some(a), _) | (None, Some(a)) => a,
         (None, None) if mixtral => 8,
+        (None, None) if olmoe => 64,
         (None, None) => 128,
     };
     let key = if raw.num_local_experts.is_some() || mixtral {
@@ -543,8 +559,8 @@ fn parse_moe(
         ));
     }
     if num_experts == 0 {
-        if mixtral {
-            return Err(format!("{key} = 0: Mixtral needs at least one expert"));
+        if mixtral || olmoe {
+            return Err(format!("{key} = 0: this family needs at least one expert"));
         }
         // transformers' Qwen3-MoE builds dense MLPs everywhere then.
         return Ok(None);
@@ -557,7 +573,7 @@ fn parse_moe(
             "num_experts_per_tok = {top_k} must be in 1..={num_experts} ({key})"
         ));
     }
-    let expert_intermediate = if mixtral {
+    let expert_intermediate = if mixtral || olmoe {
         intermediate
     } else {
         raw.moe_intermediate_size.unwrap_or(768)
@@ -567,7 +583,7 @@ fn parse_moe(
             "moe_intermediate_size = {expert_intermediate} is out of range 1..={MAX_DIM}"
         ));
     }
-    let layers = if mixtral {
+    let layers = if mixtral || olmoe {
         vec![true; layers]
     } else {
         let step = raw.decoder_sparse_step.unwrap_or(1);
@@ -1099,6 +1115,21 @@ mod tests {
         ))
         .unwrap();
         assert!(dense.moe.is_none());
+    }
+
+    #[test]
+    fn olmoe_has_pre_norms_whole_qk_norm_and_experts_everywhere() {
+        let c = parse(&format!(
+            r#"{{"model_type":"olmoe",{MOE},"num_experts":4,"num_experts_per_tok":2,"clip_qkv":null}}"#
+        ))
+        .unwrap();
+        assert_eq!((c.norm_layout, c.qk_norm), (NormLayout::Pre, QkNorm::Whole));
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate), (4, 2, 48));
+        assert!(!m.norm_topk_prob && m.layers == [true; 4]);
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        let e = parse(&format!(r#"{{"model_type":"olmoe",{MOE},"clip_qkv":8.0}}"#)).unwrap_err();
+        assert!(e.to_string().contains("clip_qkv"), "{e}");
     }
 
     #[test]

@@ -120,5 +120,5 @@ pub const FUSED_EXPERTS: [&str; 3] = [
 
 /// Whether `family` is stored with [`FUSED_EXPERTS`] names when a checkpoint has them.
 pub fn fused_experts(family: Family) -> bool {
-    matches!(family, Family::Mixtral | Family::Qwen3Moe)
+    matches!(family, Family::Mixtral | Family::Qwen3Moe | Family::Olmoe)
 }

@@ -15,7 +15,7 @@
 //! 5. [`Ctx::down`] and [`Ctx::mlp_residual`]: `x += norm(down(act))` (output norm only
 //!    for OLMo-2 and Gemma).
 //!
-//! A mixture-of-experts block (Mixtral, Qwen3-MoE) has the same pieces with pieces 4
+//! A mixture-of-experts block (Mixtral, Qwen3-MoE, OLMoE) has the same pieces with pieces 4
 //! and 5 run per expert on the tokens routed to it ([`Ctx::route`], [`Ctx::moe_gate_up`],
 //! [`Ctx::moe_down`]): `out[t] = sum_e w_te * down_e(silu(gate_e(xn_t)) * up_e(xn_t))`
 //! over the token's top-k experts, added in ascending expert order (as transformers'

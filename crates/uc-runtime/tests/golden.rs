@@ -15,7 +15,7 @@ use uc_runtime::{Decoder, DecoderOptions, Logits, WeightLoader};
 /// Max |engine - transformers| over a fixture's logits (|logit| up to ~57 on tied fixtures).
 const TOLERANCE: f32 = 1e-4;
 
-const FIXTURES: [&str; 12] = [
+const FIXTURES: [&str; 13] = [
     "llama",
     "llama3",
     "mistral",
@@ -28,6 +28,7 @@ const FIXTURES: [&str; 12] = [
     "gemma3",
     "mixtral",
     "qwen3_moe",
+    "olmoe",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -185,11 +186,16 @@ fn qwen3_moe_unnormalized_topk_with_a_dense_layer_decoder_matches_full_forward()
     check("qwen3_moe", false);
 }
 
+#[test]
+fn olmoe_whole_qk_norm_moe_decoder_matches_full_forward() {
+    check("olmoe", false);
+}
+
 /// MoE past the fixture's 24 tokens: 600 tokens take the MLP in 256-token passes (each
 /// pass routed on its own), against token-by-token decode; resident and streamed.
 #[test]
 fn moe_long_prompts_match_token_by_token_decode() {
-    for name in ["mixtral", "qwen3_moe"] {
+    for name in ["mixtral", "qwen3_moe", "olmoe"] {
         let dir = fixture_with(name, "max_position_embeddings", serde_json::json!(2048));
         let ids = ids(600, 11);
         let want = decode_logits(dir.path(), &ids);
@@ -217,7 +223,7 @@ fn moe_long_prompts_match_token_by_token_decode() {
 /// same logits as the hub's per-expert tensors.
 #[test]
 fn fused_expert_tensors_load_like_per_expert_ones() {
-    for name in ["mixtral", "qwen3_moe"] {
+    for name in ["mixtral", "qwen3_moe", "olmoe"] {
         let src = fixture(name);
         let dir = tempfile::tempdir().unwrap();
         for f in ["config.json", "io.safetensors"] {
