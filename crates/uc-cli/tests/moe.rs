@@ -378,3 +378,21 @@ fn experts_of_the_wrong_shape_are_named_with_their_file() {
         refused(m.path(), &[tensor, "model.safetensors", "shape"]);
     }
 }
+
+#[test]
+fn rtn_packs_of_moe_models_verify_and_inspect_folds_expert_indices() {
+    let m = model_with_tokenizer("mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = rtn_pack(m.path(), tmp.path());
+    verify_passes(&pack);
+    let j = json_of(&uc(&["inspect", pack.to_str().unwrap(), "--json"], &[]));
+    let kinds = j["kinds"].as_object().unwrap();
+    // 2 blocks x 4 experts per projection, one row each; the router stays f32.
+    for w in ["w1", "w2", "w3"] {
+        let k = &kinds[&format!("block_sparse_moe.experts.*.{w}.weight")];
+        assert_eq!(k["tensors"].as_u64(), Some(8), "{k}");
+    }
+    assert!(!kinds.keys().any(|k| k.contains("experts.0.")));
+    let router = &kinds["block_sparse_moe.gate.weight"];
+    assert_eq!(router["tensors"].as_u64(), Some(2), "{router}");
+}

@@ -1,11 +1,12 @@
-//! Mixture-of-experts routing (Mixtral, Qwen3-MoE, OLMoE): which experts each token's MLP runs
-//! and with what weight. [`Routes::route`] computes it from a block's router and the MLP
-//! input; `block` runs the experts on it (decoder and stager alike) and the compressor
-//! reads it to take each expert's statistics on the tokens routed to it.
+//! Mixture-of-experts routing (Mixtral, Qwen3-MoE, OLMoE): which experts each token's
+//! MLP runs and with what weight. [`Routes::route`] computes it from a block's router and
+//! the MLP input; `block` runs the experts on it (decoder and stager alike) and the
+//! compressor reads it to take each expert's statistics on the tokens routed to it.
 //!
-//! The numerics are transformers' (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`): router
-//! logits `x . W_r^T` in f32, softmax in f32, the `top_k` largest probabilities (ties:
-//! the lower expert index first), divided by their sum when `norm_topk_prob`. The router
+//! The numerics are transformers' (`MixtralTopKRouter`, `Qwen3MoeTopKRouter`,
+//! `OlmoeTopKRouter`): router logits `x . W_r^T` in f32, softmax in f32, the `top_k`
+//! largest probabilities (ties: the lower expert index first), divided by their sum when
+//! `norm_topk_prob`. The router
 //! runs on the scalar kernels whatever the machine, so a token's experts do not depend on
 //! the instruction set given the same input.
 //!
