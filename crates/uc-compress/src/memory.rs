@@ -76,11 +76,11 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
             .as_ref()
             .map_or(0, |m| (m.top_k * m.expert_intermediate) as u64),
     );
-    // MoE: one Gram matrix per expert beside the pooled one, at the stage of the widest
-    // expert input.
+    // MoE: the expert being encoded has a Gram matrix of its own beside the pooled one
+    // (experts are encoded one at a time, each matrix freed before the next is built).
     let expert_grams = cfg.moe.as_ref().map_or(0, |m| {
         let c = h.max(m.expert_intermediate as u64);
-        m.num_experts as u64 * 8 * c * c
+        8 * c * c
     });
     let vocab = cfg.vocab_size as u64;
     let q = (cfg.num_heads * cfg.head_dim) as u64;
@@ -225,7 +225,7 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
                 gram_count * 8 * cols * cols,
             ),
             (
-                "MoE: one Gram matrix per expert (experts x widest expert input^2, f64)".into(),
+                "MoE: the Gram matrix of the expert being encoded (widest expert input^2, f64)".into(),
                 expert_grams,
             ),
             packed.clone(),
@@ -262,7 +262,7 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
                 h_arrays * 8 * cols * cols,
             ),
             (
-                "MoE: the per-expert Gram matrices of the stage".into(),
+                "MoE: the Gram matrix of the expert being encoded".into(),
                 expert_grams,
             ),
             (

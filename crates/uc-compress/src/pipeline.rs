@@ -1,6 +1,6 @@
 //! The per-block loop.
 //!
-//! Mixture-of-experts blocks (Mixtral, Qwen3-MoE): every expert's gate/up/down is an
+//! Mixture-of-experts blocks (Mixtral, Qwen3-MoE, OLMoE): every expert's gate/up/down is an
 //! ordinary body tensor (probed, given bits by the budget, encoded by error feedback).
 //! Its Gram matrices are taken on the calibration tokens the (quantized-so-far) student
 //! routes to it -- gate/up on those tokens' MLP input, down on their activation in that
@@ -8,9 +8,13 @@
 //! received fewer tokens than [`expert_min_tokens`] is encoded with the layer's pooled
 //! Gram matrices instead (every token entering the MoE MLP for gate/up; every (token,
 //! expert) activation of the layer for down), and says so (`fallback` in
-//! [`ExpertSummary`]): its own matrix would be singular. The router stays dense f32. The
-//! teacher target ([`Options::teacher_target`]) is not applied to experts: the teacher
-//! may route a token elsewhere, so there is no paired teacher input per expert.
+//! [`ExpertSummary`]): its own matrix would be singular. Experts are encoded one at a
+//! time: the stage's pass over the calibration chunks sums only the pooled matrix and
+//! counts tokens; then each expert's matrix is built from the held student inputs,
+//! used for its linears and freed, so one expert's statistics and weights are held at
+//! once (the same bits as summing all experts in that pass). The router stays dense f32.
+//! The teacher target ([`Options::teacher_target`]) is not applied to experts: the
+//! teacher may route a token elsewhere, so there is no paired teacher input per expert.
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Cross, Gram};
@@ -750,6 +754,34 @@ fn probe(
     Ok(out)
 }
 
+/// Adds expert `e`'s rows of every paused student forward at MoE tap `tap` to `g`, chunk
+/// by chunk: at [`Tap::Mlp`] the MLP-input rows of the tokens routed to `e`, at
+/// [`Tap::MlpDown`] its own rows of the (assignments, inter) activations.
+fn expert_gram(stud: &[Option<Paused>], tap: Tap, e: usize, g: &mut Gram) -> Result<()> {
+    let mut rows = Vec::new();
+    for s in stud.iter().flatten() {
+        let r = s
+            .routes()
+            .ok_or_else(|| CompressError::Settings("a MoE tap without routes".into()))?;
+        if r.count(e) == 0 {
+            continue;
+        }
+        let (x, cols) = (s.input(), s.cols());
+        if tap == Tap::Mlp {
+            rows.clear();
+            for &t in r.tokens(e) {
+                let t = t as usize;
+                rows.extend_from_slice(&x[t * cols..(t + 1) * cols]);
+            }
+            g.add(&rows);
+        } else {
+            let rg = r.range(e);
+            g.add(&x[rg.start * cols..rg.end * cols]);
+        }
+    }
+    Ok(())
+}
+
 /// Hidden states of the calibration windows through the teacher and through the
 /// quantized model so far, `(n_seqs * seq_len, hidden)` row-major each.
 struct Stream {
@@ -883,9 +915,9 @@ impl Stream {
             let teacher = teacher_block.as_ref().ok_or_else(released)?;
             let moe_stage = experts > 0 && matches!(tap, Tap::Mlp | Tap::MlpDown);
             // Dense stage: the one Gram matrix of the tap. MoE stage: the pooled one
-            // (every row of the tap: the fallback), and one per expert.
+            // (every row of the tap: the fallback); each expert's own is built after this
+            // loop, one expert at a time.
             let mut h: Option<Gram> = None;
-            let mut per_expert: Vec<Gram> = Vec::new();
             let mut cross: Option<Cross> = None;
             for (ts, ss) in teach.iter_mut().zip(stud.iter_mut()) {
                 let (Some(t), Some(s)) = (ts.take(), ss.take()) else {
@@ -904,47 +936,28 @@ impl Stream {
                 let cols = s.cols();
                 let h = h.get_or_insert_with(|| new_gram(cols));
                 h.add(s.input());
-                if moe_stage {
+                if moe_stage && tap == Tap::Mlp {
                     let r = s.routes().ok_or_else(|| {
                         CompressError::Settings(format!("block {layer}: MoE tap without routes"))
                     })?;
-                    if per_expert.is_empty() {
-                        per_expert = (0..experts).map(|_| new_gram(cols)).collect();
+                    for (e, n) in routed.iter_mut().enumerate() {
+                        *n += r.count(e);
                     }
-                    let mut rows = Vec::new();
-                    for (e, g) in per_expert.iter_mut().enumerate() {
-                        if r.count(e) == 0 {
-                            continue;
-                        }
-                        let x = s.input();
-                        let own: &[f32] = if tap == Tap::Mlp {
-                            // Expert e's rows of the (tokens, hidden) MLP input.
-                            routed[e] += r.count(e);
-                            rows.clear();
-                            for &t in r.tokens(e) {
-                                let t = t as usize;
-                                rows.extend_from_slice(&x[t * cols..(t + 1) * cols]);
-                            }
-                            &rows
-                        } else {
-                            // Its own rows of the (assignments, inter) activations.
-                            let rg = r.range(e);
-                            &x[rg.start * cols..rg.end * cols]
-                        };
-                        g.add(own);
-                    }
-                } else if keep {
+                } else if keep && !moe_stage {
                     cross
                         .get_or_insert_with(|| Cross::new(cols))
                         .add(s.input(), t.input());
                 }
                 let (mut t, mut s) = (t, s);
                 if matches!(tap, Tap::Attention | Tap::Mlp) {
-                    // Inputs that are the normed stream: recomputed when resumed.
+                    // Inputs that are the normed stream: recomputed when resumed. (A MoE
+                    // stage keeps the student's until every expert's Gram is taken.)
                     t.compact();
-                    s.compact();
+                    if !moe_stage {
+                        s.compact();
+                    }
                 }
-                if tap == Tap::MlpDown && opts.recompute_mlp_input {
+                if tap == Tap::MlpDown && opts.recompute_mlp_input && !moe_stage {
                     // gate/up's output, recomputed by `finish` below with the same
                     // (already quantized) gate/up weights: the same bits.
                     s.compact();
@@ -964,6 +977,68 @@ impl Stream {
                 shrink: h.shrinkage().unwrap_or(opts.gptq.shrink),
                 ..opts.gptq
             };
+            if moe_stage {
+                let teacher = teacher_block.as_ref().ok_or_else(released)?;
+                for e in 0..experts {
+                    // Expert e's Gram matrix from its rows of every chunk (in chunk order),
+                    // held only while its linears are encoded; too few tokens: the pooled.
+                    let own = if routed[e] >= min_tokens {
+                        let mut g = new_gram(h.cols);
+                        expert_gram(&stud, tap, e, &mut g)?;
+                        Some(g)
+                    } else {
+                        None
+                    };
+                    let (gram, gptq) = match &own {
+                        Some(g) => (
+                            g,
+                            GptqOptions {
+                                shrink: g.shrinkage().unwrap_or(opts.gptq.shrink),
+                                ..opts.gptq
+                            },
+                        ),
+                        None => (&h, gptq),
+                    };
+                    let ks: &[usize] = match tap {
+                        Tap::Mlp => &[4 + 3 * e, 5 + 3 * e],
+                        _ => &[6 + 3 * e],
+                    };
+                    for &k in ks {
+                        let (w, rows, cols) = weight_of(teacher, k);
+                        let name = format!("{p}.{}.weight", names[k]);
+                        let spec = spec_of(&name);
+                        let (mut summary, recon) = quantize_into(
+                            c,
+                            &name,
+                            &w,
+                            &[rows, cols],
+                            Role::Body,
+                            &spec,
+                            Some((gram, gptq)),
+                            true,
+                        )?;
+                        let Some(recon) = recon else {
+                            return Err(CompressError::Settings(format!(
+                                "{name}: no reconstruction"
+                            )));
+                        };
+                        summary.rel_err = rel_err(&w, &recon);
+                        student.linears[k] = dense(&name, recon, rows, cols)?;
+                        summaries.push(summary);
+                    }
+                }
+                // Every expert has read its rows: the held inputs go (recomputed when
+                // resumed, as in a dense stage).
+                for s in stud.iter_mut().flatten() {
+                    if tap == Tap::Mlp || opts.recompute_mlp_input {
+                        s.compact();
+                    }
+                }
+                if tap == Tap::MlpDown {
+                    teacher_block = None;
+                }
+                continue;
+            }
             // The teacher's weights of this stage; past the last stage's statistics the
             // teacher block is not needed any more (its forward is finished), and goes
             // before the solves allocate.
@@ -985,24 +1060,6 @@ impl Stream {
             for ((&k, (w, rows, cols)), target) in linears.iter().zip(ws).zip(targets) {
                 let name = format!("{p}.{}.weight", names[k]);
                 let spec = spec_of(&name);
-                // An expert's own Gram matrix, unless it saw too few tokens.
-                let own = match moe_stage {
-                    true => {
-                        let e = (k - 4) / 3;
-                        per_expert.get(e).filter(|_| routed[e] >= min_tokens)
-                    }
-                    false => None,
-                };
-                let (gram, gptq) = match own {
-                    Some(g) => (
-                        g,
-                        GptqOptions {
-                            shrink: g.shrinkage().unwrap_or(opts.gptq.shrink),
-                            ..opts.gptq
-                        },
-                    ),
-                    None => (&h, gptq),
-                };
                 let (mut summary, recon) = quantize_into(
                     c,
                     &name,
@@ -1010,7 +1067,7 @@ impl Stream {
                     &[rows, cols],
                     Role::Body,
                     &spec,
-                    Some((gram, gptq)),
+                    Some((&h, gptq)),
                     true,
                 )?;
                 drop(target);
