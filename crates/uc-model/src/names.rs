@@ -10,8 +10,8 @@
 //! a gate/up/down triple under the hub's per-expert names ([`block_linears`],
 //! [`moe_router`]): Mixtral `block_sparse_moe.experts.E.{w1,w3,w2}`, Qwen3-MoE
 //! `mlp.experts.E.{gate,up,down}_proj`. transformers 5 holds them fused in memory but
-//! `save_pretrained` writes these names; the fused 3-D form is split on open
-//! ([`fused_experts`]).
+//! `save_pretrained` writes these names; the fused 3-D form ([`FUSED_EXPERTS`]) is split
+//! on open (see `checkpoint`).
 
 use crate::config::{Family, ModelConfig, NormLayout};
 
@@ -117,8 +117,3 @@ pub const FUSED_EXPERTS: [&str; 3] = [
     "mlp.experts.gate_up_proj",
     "mlp.experts.down_proj",
 ];
-
-/// Whether `family` is stored with [`FUSED_EXPERTS`] names when a checkpoint has them.
-pub fn fused_experts(family: Family) -> bool {
-    matches!(family, Family::Mixtral | Family::Qwen3Moe | Family::Olmoe)
-}
