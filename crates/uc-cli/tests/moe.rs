@@ -426,3 +426,38 @@ fn rtn_packs_of_moe_models_verify_and_inspect_folds_expert_indices() {
     let router = &kinds["block_sparse_moe.gate.weight"];
     assert_eq!(router["tensors"].as_u64(), Some(2), "{router}");
 }
+
+#[test]
+fn an_f32_safetensors_export_of_a_moe_pack_gives_the_packs_logits() {
+    // Exported under the hub's per-expert names, which transformers 5 also loads.
+    for name in ["mixtral", "qwen3_moe", "olmoe"] {
+        let m = model_with_tokenizer(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let pack = rtn_pack(m.path(), tmp.path());
+        let out = tmp.path().join("hf");
+        let r = uc(
+            &[
+                "export",
+                pack.to_str().unwrap(),
+                "--to",
+                "safetensors",
+                out.to_str().unwrap(),
+                "--dtype",
+                "f32",
+            ],
+            &[],
+        );
+        ok_stdout(&r);
+        // Not bit for bit: an expert routed at most FUSED_MAX_TOKENS (4) of the 24
+        // tokens runs the pack's fused mat-vec, while the export's dense linear does a
+        // GEMM (a dense model's linears see all 24 tokens: its export test is exact).
+        let (a, b) = (logits(&out), logits(&pack));
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: export vs pack max |diff| {d:e}");
+        assert!(d <= 1e-4, "{name}: export vs pack max |diff| {d}");
+    }
+}
