@@ -42,10 +42,13 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
     Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 BATCH, SEQ = 2, 24
@@ -171,6 +174,40 @@ def fixture_specs():
                          tie_word_embeddings=True),
         1010, "rope_parameters", torch.float32, None,
     ))
+    # Mixture-of-experts families (issue 12, MoE part): few experts and top-2 so routing
+    # bites on 24 tokens (every expert gets tokens, no two tokens route alike by chance).
+    specs.append((
+        "mixtral",
+        # 4 experts (w1/w3/w2 of width 48), top-2, renormalized top-k weights; untied head.
+        MixtralConfig(**SMALL, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
+                      rope_theta=1000000.0, sliding_window=None, num_local_experts=4,
+                      num_experts_per_tok=2, tie_word_embeddings=False),
+        1011, "legacy", torch.float32, None,
+    ))
+    specs.append((
+        "qwen3_moe",
+        # 8 experts of width 24, top-2, top-k weights NOT renormalized (norm_topk_prob
+        # false), per-head q/k norms; 3 layers with layer 1 a dense MLP of width 64
+        # (mlp_only_layers), so one block of each kind and an MoE block after a dense one.
+        Qwen3MoeConfig(**{**SMALL, "num_hidden_layers": 3, "intermediate_size": 64},
+                       head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=256,
+                       rope_theta=1000000.0, attention_bias=False, use_sliding_window=False,
+                       num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+                       norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1],
+                       tie_word_embeddings=False),
+        1012, "rope_parameters", torch.float32, None,
+    ))
+    specs.append((
+        "olmoe",
+        # 4 experts of width 32 (intermediate_size) in both layers, top-2, unnormalized
+        # top-k weights, q/k RMSNorm over the whole projection (q_norm is hidden wide, so
+        # head_dim = hidden / heads = 8), pre-norms.
+        OlmoeConfig(**{**SMALL, "intermediate_size": 32}, rms_norm_eps=1e-5,
+                    max_position_embeddings=256, rope_theta=10000.0, num_experts=4,
+                    num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=None,
+                    tie_word_embeddings=False),
+        1013, "legacy", torch.float32, None,
+    ))
     return specs
 
 
@@ -191,7 +228,12 @@ def randomize_(model, gen):
             elif "embed_tokens" in name:
                 v = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             elif p.dim() == 2:
+                # Linears and MoE routers (`mlp.gate.weight`, (experts, hidden)).
                 v = torch.randn(p.shape, generator=gen, dtype=torch.float32) / (p.shape[1] ** 0.5)
+            elif p.dim() == 3 and ".experts." in name:
+                # transformers 5 holds a MoE layer's experts as 3-D (experts, out, in)
+                # parameters (`experts.gate_up_proj`, `experts.down_proj`).
+                v = torch.randn(p.shape, generator=gen, dtype=torch.float32) / (p.shape[2] ** 0.5)
             else:
                 raise RuntimeError(f"unexpected parameter {name} {tuple(p.shape)}")
             p.copy_(v)
@@ -341,6 +383,43 @@ def make_one(out_dir, name, config, seed, style, save_dtype, shard):
         assert any(n.endswith("gate_up_proj.weight") for n in sd_names)
     if name == "qwen3":
         assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 32, 64)
+    if config.model_type in ("mixtral", "qwen3_moe", "olmoe"):
+        # save_pretrained reverts transformers 5's fused 3-D experts to the hub's
+        # per-expert tensors: that layout is what is committed (and what users have).
+        expert0 = {"mixtral": "model.layers.0.block_sparse_moe.experts.0.w1.weight",
+                   "qwen3_moe": "model.layers.0.mlp.experts.0.gate_proj.weight",
+                   "olmoe": "model.layers.0.mlp.experts.0.gate_proj.weight"}[config.model_type]
+        assert expert0 in sd, sorted(sd)[:20]
+        assert not any(n.endswith("gate_up_proj") for n in sd)
+        # Routing must bite: tokens per expert of every MoE layer on these inputs.
+        routed = {}
+        hooks = []
+        for i, layer in enumerate(model.model.layers):
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is None:
+                continue
+            def hook(mod, inp, out, i=i):
+                routed[i] = torch.bincount(out[2].flatten(), minlength=mod.num_experts).tolist()
+            hooks.append(gate.register_forward_hook(hook))
+        forward_logits(model, ids)
+        for h in hooks:
+            h.remove()
+        checks["tokens_per_expert"] = routed
+        assert all(min(c) > 0 for c in routed.values()), routed
+        # The smallest top-k vs next-best probability gap: a near tie could route
+        # differently in an f32 forward that rounds differently.
+        gaps = []
+        def gap_hook(mod, inp, out):
+            probs = torch.softmax(out[0].float(), dim=-1)
+            top = torch.topk(probs, mod.top_k + 1, dim=-1).values
+            gaps.append(float((top[:, -2] - top[:, -1]).min()))
+        hooks = [l.mlp.gate.register_forward_hook(gap_hook) for l in model.model.layers
+                 if hasattr(l.mlp, "gate")]
+        forward_logits(model, ids)
+        for h in hooks:
+            h.remove()
+        checks["min_routing_gap"] = min(gaps)
+        assert checks["min_routing_gap"] > 1e-4, gaps
     if shard:
         shards = [f for f in os.listdir(d) if f.endswith(".safetensors") and f != "io.safetensors"]
         assert len(shards) >= 2, shards
@@ -376,14 +455,17 @@ def main():
               f"logits_std={c['logits_std']:.3f} distinct_argmax={c['distinct_argmax']} "
               f"eager_vs_sdpa={c['max_abs_eager_vs_sdpa']:.2e} reload={c['max_abs_reload']:.1e}"
               + (f" vs_unscaled_rope={c['max_abs_vs_unscaled_rope']:.3f}" if "max_abs_vs_unscaled_rope" in c else "")
-              + (f" shards={c['shards']}" if "shards" in c else ""))
+              + (f" shards={c['shards']}" if "shards" in c else "")
+              + (f" tokens_per_expert={c['tokens_per_expert']} min_routing_gap={c['min_routing_gap']:.2e}"
+                 if "tokens_per_expert" in c else ""))
     # Every fixture in the directory, written now or before.
     total = sum(os.path.getsize(os.path.join(root, f))
                 for root, _, files in os.walk(args.out_dir) for f in files)
     print(f"total {total} bytes ({total / 1e6:.3f} MB) in {args.out_dir}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    if total >= 3_000_000:
-        sys.exit("fixtures exceed 3 MB")
+    # 3.5 MB since the two MoE fixtures (0.58 MB together) joined the ten dense ones.
+    if total >= 3_500_000:
+        sys.exit("fixtures exceed 3.5 MB")
 
 
 if __name__ == "__main__":

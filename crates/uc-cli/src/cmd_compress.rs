@@ -329,9 +329,18 @@ pub fn run(a: CompressArgs) -> Result<()> {
                 ));
             }
         }
-        Event::BlockDone { index, .. } => {
+        Event::BlockDone {
+            index,
+            expert_tokens,
+            ..
+        } => {
             if abort_after == Some(index + 1) {
                 std::process::abort();
+            }
+            if !expert_tokens.is_empty() && !a.json {
+                pb.println(format!(
+                    "block {index}: calibration tokens per expert {expert_tokens:?}"
+                ));
             }
             pb.inc(1)
         }
@@ -384,6 +393,18 @@ pub fn run(a: CompressArgs) -> Result<()> {
                 "{:>5}  {:>48.3e}  {:>6.3}  {:>7.1}",
                 b.index, b.out_rel_mse, b.bpw, b.seconds
             ))?;
+            if !b.experts.is_empty() {
+                let tokens: Vec<usize> = b.experts.iter().map(|e| e.tokens).collect();
+                let fallback: Vec<usize> = b
+                    .experts
+                    .iter()
+                    .filter(|e| e.fallback)
+                    .map(|e| e.expert)
+                    .collect();
+                output::line(&format!(
+                    "       tokens per expert {tokens:?}; pooled Gram (too few tokens): {fallback:?}"
+                ))?;
+            }
         }
     }
     if let Some(w) = worst {

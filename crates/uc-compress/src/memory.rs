@@ -19,20 +19,33 @@ use uc_codec::CodecSpec;
 use uc_format::memory::{MemoryEstimate, Phase, BASE_BYTES};
 use uc_model::config::ModelConfig;
 
-/// A block linear: name, rows, cols.
-fn block_linears(cfg: &ModelConfig) -> [(&'static str, u64, u64); 7] {
+/// The linears of the largest block: name, rows, cols. A MoE block (Mixtral,
+/// Qwen3-MoE) holds every expert's gate/up/down.
+fn block_linears(cfg: &ModelConfig) -> Vec<(&'static str, u64, u64)> {
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let q = (cfg.num_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
-    [
+    let mut lin = vec![
         ("q_proj", q, h),
         ("k_proj", kv, h),
         ("v_proj", kv, h),
         ("o_proj", h, q),
-        ("gate_proj", i, h),
-        ("up_proj", i, h),
-        ("down_proj", h, i),
-    ]
+    ];
+    let dense = [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)];
+    match &cfg.moe {
+        Some(m) if 3 * m.num_experts * m.expert_intermediate >= 3 * cfg.intermediate_size => {
+            let mi = m.expert_intermediate as u64;
+            for _ in 0..m.num_experts {
+                lin.extend([
+                    ("expert gate", mi, h),
+                    ("expert up", mi, h),
+                    ("expert down", h, mi),
+                ]);
+            }
+        }
+        _ => lin.extend(dense),
+    }
+    lin
 }
 
 /// Stored bytes of a rows x cols tensor under `spec` (codes, scales, codebook).
@@ -57,7 +70,18 @@ fn rtn_tensor(n: u64, packed: u64) -> u64 {
 /// whole run; 0 without calibration).
 pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryEstimate {
     let h = cfg.hidden_size as u64;
-    let i = cfg.intermediate_size as u64;
+    // The MLP's inner activations per token: a MoE block's are top_k experts' wide.
+    let i = (cfg.intermediate_size as u64).max(
+        cfg.moe
+            .as_ref()
+            .map_or(0, |m| (m.top_k * m.expert_intermediate) as u64),
+    );
+    // MoE: the expert being encoded has a Gram matrix of its own beside the pooled one
+    // (experts are encoded one at a time, each matrix freed before the next is built).
+    let expert_grams = cfg.moe.as_ref().map_or(0, |m| {
+        let c = h.max(m.expert_intermediate as u64);
+        8 * c * c
+    });
     let vocab = cfg.vocab_size as u64;
     let q = (cfg.num_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
@@ -149,7 +173,7 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
     let chunk_tokens = tokens_m.min(4 * opts.calibration.as_ref().map_or(0, |c| c.seq_len as u64));
     let seq = opts.calibration.as_ref().map_or(0, |c| c.seq_len as u64);
     let chunk_windows = chunk_tokens / seq.max(1);
-    let cols = h.max(q).max(i);
+    let cols = h.max(q).max(cfg.max_intermediate() as u64);
     // H (with its two spread arrays under auto shrinkage) and the cross matrix C.
     let h_arrays = if opts.auto_shrink { 3 } else { 1 };
     let gram_count = h_arrays + u64::from(opts.teacher_target);
@@ -200,6 +224,10 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
                 format!("Gram matrices of the widest stage input ({cols} x {cols}, f64: H{})", if opts.teacher_target { " and C" } else { "" }),
                 gram_count * 8 * cols * cols,
             ),
+            (
+                "MoE: the Gram matrix of the expert being encoded (widest expert input^2, f64)".into(),
+                expert_grams,
+            ),
             packed.clone(),
         ],
     ));
@@ -232,6 +260,10 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
             (
                 format!("H of the widest stage input ({cols} x {cols}, f64)"),
                 h_arrays * 8 * cols * cols,
+            ),
+            (
+                "MoE: the Gram matrix of the expert being encoded".into(),
+                expert_grams,
             ),
             (
                 format!("solver workspace for {widest_name} (the larger of: teacher target's C - H and two f64 copies of the weight; error feedback's Cholesky factor and inverse, 2 x {cols} x {cols} f64{})", if rotated > 0 { "; plus the rotated H" } else { "" }),

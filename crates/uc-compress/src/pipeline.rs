@@ -1,4 +1,20 @@
 //! The per-block loop.
+//!
+//! Mixture-of-experts blocks (Mixtral, Qwen3-MoE, OLMoE): every expert's gate/up/down is an
+//! ordinary body tensor (probed, given bits by the budget, encoded by error feedback).
+//! Its Gram matrices are taken on the calibration tokens the (quantized-so-far) student
+//! routes to it -- gate/up on those tokens' MLP input, down on their activation in that
+//! expert -- so each expert is fitted to the inputs it actually sees. An expert that
+//! received fewer tokens than [`expert_min_tokens`] is encoded with the layer's pooled
+//! Gram matrices instead (every token entering the MoE MLP for gate/up; every (token,
+//! expert) activation of the layer for down), and says so (`fallback` in
+//! [`ExpertSummary`]): its own matrix would be singular. Experts are encoded one at a
+//! time: the stage's pass over the calibration chunks sums only the pooled matrix and
+//! counts tokens; then each expert's matrix is built from the held student inputs,
+//! used for its linears and freed, so one expert's statistics and weights are held at
+//! once (the same bits as summing all experts in that pass). The router stays dense f32.
+//! The teacher target ([`Options::teacher_target`]) is not applied to experts: the
+//! teacher may route a token elsewhere, so there is no paired teacher input per expert.
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Cross, Gram};
@@ -13,7 +29,8 @@ use uc_format::{
     SourceInfo, GLOBALS_CONTAINER,
 };
 use uc_model::checkpoint::Checkpoint;
-use uc_model::names::{block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD};
+use uc_model::config::ModelConfig;
+use uc_model::names::{block_linears, block_prefix, moe_router, EMBED, FINAL_NORM, LM_HEAD};
 use uc_model::source::WeightSource;
 use uc_runtime::linear::{DenseLinear, Linear};
 use uc_runtime::staged::{Paused, Stager, Step, Tap};
@@ -110,6 +127,8 @@ pub enum Event {
         index: usize,
         /// Seconds it took.
         seconds: f64,
+        /// Calibrated runs on a MoE block: calibration tokens routed to each expert.
+        expert_tokens: Vec<usize>,
         /// Calibrated methods: relative MSE of the block's output on the quantized
         /// stream against the teacher's on the teacher stream.
         out_rel_mse: Option<f64>,
@@ -147,6 +166,29 @@ pub struct BlockSummary {
     pub bpw: f64,
     /// Seconds.
     pub seconds: f64,
+    /// A MoE block's experts, in order (absent for dense blocks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub experts: Vec<ExpertSummary>,
+}
+
+/// What one expert of a MoE block was calibrated on.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertSummary {
+    /// Expert index.
+    pub expert: usize,
+    /// Calibration tokens the quantized-so-far model routed to it (of all windows).
+    pub tokens: usize,
+    /// Fewer than [`expert_min_tokens`]: encoded with the layer's pooled Gram matrices.
+    pub fallback: bool,
+}
+
+/// Fewest routed calibration tokens an expert needs for Gram matrices of its own: the
+/// widest input of its linears (`max(hidden, expert_intermediate)`). Fewer rows than
+/// columns make `X^T X` singular (rank <= rows), and error feedback would then spend the
+/// codes on directions the data never measured.
+pub fn expert_min_tokens(cfg: &ModelConfig) -> usize {
+    let mi = cfg.moe.as_ref().map_or(0, |m| m.expert_intermediate);
+    cfg.hidden_size.max(mi)
 }
 
 /// What a compression produced.
@@ -431,8 +473,12 @@ pub fn compress(
             BudgetScope::Model => allocate(&sensitivity, &candidates, budget)?,
             BudgetScope::Block => {
                 let mut all = Vec::with_capacity(sensitivity.len());
-                for block in sensitivity.chunks(BLOCK_LINEARS.len()) {
+                let mut rest = &sensitivity[..];
+                for layer in 0..cfg.num_layers {
+                    let n = block_linears(&cfg, layer).len().min(rest.len());
+                    let (block, tail) = rest.split_at(n);
                     all.extend(allocate(block, &candidates, budget)?);
+                    rest = tail;
                 }
                 all
             }
@@ -491,9 +537,10 @@ pub fn compress(
         let mut c = ContainerBuilder::new(&file)?;
         let p = block_prefix(layer);
         let mut out_rel_mse = None;
+        let mut expert_tokens = Vec::new();
         match stream.as_mut() {
             None => {
-                for lin in BLOCK_LINEARS {
+                for lin in block_linears(&cfg, layer) {
                     let name = format!("{p}.{lin}.weight");
                     let spec = spec_of(&name);
                     tensors.push(quantize_from(&ck, &mut c, &name, Role::Body, &spec)?);
@@ -502,7 +549,8 @@ pub fn compress(
             Some(st) => {
                 // A resumed block is recomputed (deterministically: the same codes) so
                 // the quantized stream can be carried forward; its file is kept.
-                let (ts, mse) = st.block(&loader, layer, &mut c, opts, &spec_of)?;
+                let (ts, mse, experts) = st.block(&loader, layer, &mut c, opts, &spec_of)?;
+                expert_tokens = experts.iter().map(|e| e.tokens).collect();
                 let bits: f64 = ts.iter().map(|t| t.bpw * t.elements as f64).sum();
                 let elements: u64 = ts.iter().map(|t| t.elements).sum();
                 if !complete {
@@ -513,6 +561,7 @@ pub fn compress(
                     out_rel_mse: mse,
                     bpw: bits / elements.max(1) as f64,
                     seconds: start.elapsed().as_secs_f64(),
+                    experts,
                 });
                 out_rel_mse = Some(mse);
             }
@@ -520,10 +569,15 @@ pub fn compress(
         if complete {
             continue;
         }
-        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
-            if k < 3 && cfg.attention_bias {
+        if cfg.attention_bias {
+            for lin in &uc_model::names::BLOCK_LINEARS[..3] {
                 dense_into(&ck, &mut c, &format!("{p}.{lin}.bias"), Role::Other)?;
             }
+        }
+        if cfg.experts_of(layer) > 0 {
+            // The router picks experts: kept exact (f32), never quantized.
+            let router = format!("{p}.{}.weight", moe_router(cfg.family));
+            dense_into(&ck, &mut c, &router, Role::Other)?;
         }
         // The family's norms (required: a missing one is an error naming it, not a pack
         // that cannot run), in the order Llama-family packs have always been written.
@@ -548,6 +602,7 @@ pub fn compress(
             index: layer,
             seconds: start.elapsed().as_secs_f64(),
             out_rel_mse,
+            expert_tokens,
         });
     }
 
@@ -676,7 +731,8 @@ fn probe(
             }
         };
         let p = block_prefix(layer);
-        for (k, lin) in BLOCK_LINEARS.iter().enumerate() {
+        let experts = block.experts();
+        for (k, lin) in block_linears(cfg, layer).iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
             let (w, rows, cols) = weight_of(&block, k);
             let spec = CodecSpec {
@@ -687,10 +743,7 @@ fn probe(
             let recon = model_recon(&name, &qt)?;
             let teacher =
                 std::mem::replace(&mut block.linears[k], dense(&name, recon, rows, cols)?);
-            let tap = Tap::ALL
-                .into_iter()
-                .find(|t| t.linears().contains(&k))
-                .unwrap_or(Tap::Attention);
+            let tap = Tap::of_linear(k, experts);
             let probed = stager.finish(&block, stages[tap.index()].clone());
             block.linears[k] = teacher;
             out.push(Sensitivity {
@@ -707,6 +760,34 @@ fn probe(
         });
     }
     Ok(out)
+}
+
+/// Adds expert `e`'s rows of every paused student forward at MoE tap `tap` to `g`, chunk
+/// by chunk: at [`Tap::Mlp`] the MLP-input rows of the tokens routed to `e`, at
+/// [`Tap::MlpDown`] its own rows of the (assignments, inter) activations.
+fn expert_gram(stud: &[Option<Paused>], tap: Tap, e: usize, g: &mut Gram) -> Result<()> {
+    let mut rows = Vec::new();
+    for s in stud.iter().flatten() {
+        let r = s
+            .routes()
+            .ok_or_else(|| CompressError::Settings("a MoE tap without routes".into()))?;
+        if r.count(e) == 0 {
+            continue;
+        }
+        let (x, cols) = (s.input(), s.cols());
+        if tap == Tap::Mlp {
+            rows.clear();
+            for &t in r.tokens(e) {
+                let t = t as usize;
+                rows.extend_from_slice(&x[t * cols..(t + 1) * cols]);
+            }
+            g.add(&rows);
+        } else {
+            let rg = r.range(e);
+            g.add(&x[rg.start * cols..rg.end * cols]);
+        }
+    }
+    Ok(())
 }
 
 /// Hidden states of the calibration windows through the teacher and through the
@@ -801,7 +882,7 @@ impl Stream {
         c: &mut ContainerBuilder,
         opts: &Options,
         spec_of: &dyn Fn(&str) -> CodecSpec,
-    ) -> Result<(Vec<TensorSummary>, f64)> {
+    ) -> Result<(Vec<TensorSummary>, f64, Vec<ExpertSummary>)> {
         // `None` once the last stage has read the teacher's weights.
         let mut teacher_block = Some(loader.block(layer)?);
         let released =
@@ -825,9 +906,25 @@ impl Stream {
         }
         let mut next_teacher = Vec::with_capacity(total);
         let p = block_prefix(layer);
-        let mut summaries = Vec::with_capacity(BLOCK_LINEARS.len());
+        let names = block_linears(loader.config(), layer);
+        let mut summaries = Vec::with_capacity(names.len());
+        let experts = student.experts();
+        let min_tokens = expert_min_tokens(loader.config());
+        // MoE: calibration tokens routed to each expert (counted at the gate/up tap).
+        let mut routed = vec![0usize; experts];
+        let new_gram = |cols: usize| {
+            if opts.auto_shrink {
+                Gram::with_spread(cols)
+            } else {
+                Gram::new(cols)
+            }
+        };
         for (stage, tap) in Tap::ALL.into_iter().enumerate() {
             let teacher = teacher_block.as_ref().ok_or_else(released)?;
+            let moe_stage = experts > 0 && matches!(tap, Tap::Mlp | Tap::MlpDown);
+            // Dense stage: the one Gram matrix of the tap. MoE stage: the pooled one
+            // (every row of the tap: the fallback); each expert's own is built after this
+            // loop, one expert at a time.
             let mut h: Option<Gram> = None;
             let mut cross: Option<Cross> = None;
             for (ts, ss) in teach.iter_mut().zip(stud.iter_mut()) {
@@ -845,26 +942,30 @@ impl Stream {
                 };
                 // H = X_s^T X_s and C = X_s^T X_t of this stage's input.
                 let cols = s.cols();
-                let h = h.get_or_insert_with(|| {
-                    if opts.auto_shrink {
-                        Gram::with_spread(cols)
-                    } else {
-                        Gram::new(cols)
-                    }
-                });
+                let h = h.get_or_insert_with(|| new_gram(cols));
                 h.add(s.input());
-                if keep {
+                if moe_stage && tap == Tap::Mlp {
+                    let r = s.routes().ok_or_else(|| {
+                        CompressError::Settings(format!("block {layer}: MoE tap without routes"))
+                    })?;
+                    for (e, n) in routed.iter_mut().enumerate() {
+                        *n += r.count(e);
+                    }
+                } else if keep && !moe_stage {
                     cross
                         .get_or_insert_with(|| Cross::new(cols))
                         .add(s.input(), t.input());
                 }
                 let (mut t, mut s) = (t, s);
                 if matches!(tap, Tap::Attention | Tap::Mlp) {
-                    // Inputs that are the normed stream: recomputed when resumed.
+                    // Inputs that are the normed stream: recomputed when resumed. (A MoE
+                    // stage keeps the student's until every expert's Gram is taken.)
                     t.compact();
-                    s.compact();
+                    if !moe_stage {
+                        s.compact();
+                    }
                 }
-                if tap == Tap::MlpDown && opts.recompute_mlp_input {
+                if tap == Tap::MlpDown && opts.recompute_mlp_input && !moe_stage {
                     // gate/up's output, recomputed by `finish` below with the same
                     // (already quantized) gate/up weights: the same bits.
                     s.compact();
@@ -884,14 +985,74 @@ impl Stream {
                 shrink: h.shrinkage().unwrap_or(opts.gptq.shrink),
                 ..opts.gptq
             };
+            if moe_stage {
+                let teacher = teacher_block.as_ref().ok_or_else(released)?;
+                for e in 0..experts {
+                    // Expert e's Gram matrix from its rows of every chunk (in chunk order),
+                    // held only while its linears are encoded; too few tokens: the pooled.
+                    let own = if routed[e] >= min_tokens {
+                        let mut g = new_gram(h.cols);
+                        expert_gram(&stud, tap, e, &mut g)?;
+                        Some(g)
+                    } else {
+                        None
+                    };
+                    let (gram, gptq) = match &own {
+                        Some(g) => (
+                            g,
+                            GptqOptions {
+                                shrink: g.shrinkage().unwrap_or(opts.gptq.shrink),
+                                ..opts.gptq
+                            },
+                        ),
+                        None => (&h, gptq),
+                    };
+                    let ks: &[usize] = match tap {
+                        Tap::Mlp => &[4 + 3 * e, 5 + 3 * e],
+                        _ => &[6 + 3 * e],
+                    };
+                    for &k in ks {
+                        let (w, rows, cols) = weight_of(teacher, k);
+                        let name = format!("{p}.{}.weight", names[k]);
+                        let spec = spec_of(&name);
+                        let (mut summary, recon) = quantize_into(
+                            c,
+                            &name,
+                            &w,
+                            &[rows, cols],
+                            Role::Body,
+                            &spec,
+                            Some((gram, gptq)),
+                            true,
+                        )?;
+                        let Some(recon) = recon else {
+                            return Err(CompressError::Settings(format!(
+                                "{name}: no reconstruction"
+                            )));
+                        };
+                        summary.rel_err = rel_err(&w, &recon);
+                        student.linears[k] = dense(&name, recon, rows, cols)?;
+                        summaries.push(summary);
+                    }
+                }
+                // Every expert has read its rows: the held inputs go (recomputed when
+                // resumed, as in a dense stage).
+                for s in stud.iter_mut().flatten() {
+                    if tap == Tap::Mlp || opts.recompute_mlp_input {
+                        s.compact();
+                    }
+                }
+                if tap == Tap::MlpDown {
+                    teacher_block = None;
+                }
+                continue;
+            }
             // The teacher's weights of this stage; past the last stage's statistics the
             // teacher block is not needed any more (its forward is finished), and goes
             // before the solves allocate.
-            let ws: Vec<(Vec<f32>, usize, usize)> = tap
-                .linears()
-                .iter()
-                .map(|&k| weight_of(teacher, k))
-                .collect();
+            let linears = tap.linears_of(experts);
+            let ws: Vec<(Vec<f32>, usize, usize)> =
+                linears.iter().map(|&k| weight_of(teacher, k)).collect();
             if tap == Tap::MlpDown {
                 teacher_block = None;
             }
@@ -904,8 +1065,8 @@ impl Stream {
                 }
                 None => vec![None; ws.len()],
             };
-            for ((&k, (w, rows, cols)), target) in tap.linears().iter().zip(ws).zip(targets) {
-                let name = format!("{p}.{}.weight", BLOCK_LINEARS[k]);
+            for ((&k, (w, rows, cols)), target) in linears.iter().zip(ws).zip(targets) {
+                let name = format!("{p}.{}.weight", names[k]);
                 let spec = spec_of(&name);
                 let (mut summary, recon) = quantize_into(
                     c,
@@ -938,6 +1099,15 @@ impl Stream {
         let mse = rel_mse(&next_student, &next_teacher);
         self.teacher = next_teacher;
         self.student = next_student;
-        Ok((summaries, mse))
+        let experts = routed
+            .into_iter()
+            .enumerate()
+            .map(|(expert, tokens)| ExpertSummary {
+                expert,
+                tokens,
+                fallback: tokens < min_tokens,
+            })
+            .collect();
+        Ok((summaries, mse, experts))
     }
 }

@@ -362,12 +362,16 @@ fn gguf_arch(cfg: &ModelConfig) -> Result<Arch, ExportError> {
         )),
         Family::Qwen2 => Ok(Arch::Qwen2),
         Family::Qwen3 => Ok(Arch::Qwen3),
-        Family::Olmo2 | Family::Phi3 | Family::Gemma2 | Family::Gemma3 => {
-            Err(ExportError::Unsupported(format!(
-                "GGUF export of {:?} (only the Llama family: llama, mistral, qwen2, qwen3)",
-                cfg.family
-            )))
-        }
+        Family::Olmo2
+        | Family::Phi3
+        | Family::Gemma2
+        | Family::Gemma3
+        | Family::Mixtral
+        | Family::Qwen3Moe
+        | Family::Olmoe => Err(ExportError::Unsupported(format!(
+            "GGUF export of {:?} (only the Llama family: llama, mistral, qwen2, qwen3)",
+            cfg.family
+        ))),
     }
 }
 

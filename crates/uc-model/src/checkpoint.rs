@@ -12,6 +12,13 @@
 //! tensor's bytes, nothing copied) under the usual seven names, and the fused names
 //! disappear. Every reader past this point (runtime loader, compressor, pack) sees seven
 //! linears.
+//!
+//! Mixture-of-experts checkpoints are read under the hub's per-expert names (what
+//! transformers' `save_pretrained` writes). A checkpoint in transformers 5's fused form
+//! (`mlp.experts.gate_up_proj` `(experts, 2 inter, hidden)`, `mlp.experts.down_proj`
+//! `(experts, hidden, inter)`, written with `save_original_format=False`) is split the
+//! same way into per-expert entries; Mixtral's fused router `mlp.gate` is renamed to its
+//! hub name `block_sparse_moe.gate`.
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -106,6 +113,7 @@ impl Checkpoint {
         if config.fused_projections() {
             split_fused(dir, &config, &shards, &mut tensors)?;
         }
+        split_fused_experts(&config, &shards, &mut tensors)?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,
@@ -230,6 +238,92 @@ fn split_fused(
     }
     Ok(())
 }
+/// transformers 5's fused experts (see the module doc) as per-expert entries, in the
+/// MoE blocks that have them; blocks stored per expert are left alone. A fused tensor of
+/// the wrong shape is an error naming it and its file.
+fn split_fused_experts(
+    cfg: &ModelConfig,
+    shards: &[Shard],
+    tensors: &mut BTreeMap<String, TensorInfo>,
+) -> Result<()> {
+    use crate::names::{block_prefix, expert_linears, moe_router, FUSED_EXPERTS};
+    let Some(moe) = &cfg.moe else {
+        return Ok(());
+    };
+    let (h, i, n) = (cfg.hidden_size, moe.expert_intermediate, moe.num_experts);
+    for layer in (0..cfg.num_layers).filter(|&l| cfg.experts_of(l) > 0) {
+        let p = block_prefix(layer);
+        let [router, gate_up, down] = FUSED_EXPERTS.map(|f| format!("{p}.{f}"));
+        let gate_up_name = gate_up;
+        let Some(gu) = tensors.remove(&gate_up_name) else {
+            continue;
+        };
+        let down_info = tensors.remove(&down);
+        let file = |t: &TensorInfo| shards[t.shard].path.clone();
+        let check = |name: &str, t: &TensorInfo, want: [usize; 3]| {
+            if t.shape != want {
+                return Err(ModelError::ShapeMismatch {
+                    name: name.into(),
+                    file: file(t),
+                    found: t.shape.clone(),
+                    expected: want.to_vec(),
+                });
+            }
+            Ok(())
+        };
+        check(&gate_up_name, &gu, [n, 2 * i, h])?;
+        let dn = down_info.ok_or_else(|| ModelError::BadSafetensors {
+            path: file(&gu),
+            reason: format!("{gate_up_name} is present but {down} is not"),
+        })?;
+        check(&down, &dn, [n, h, i])?;
+        // Expert e: gate rows [2ie, 2ie + i), up rows [2ie + i, 2i(e + 1)) of gate_up
+        // seen as (2 i n, h); down the e-th (h, i) matrix.
+        let (gu_row, dn_mat) = (h * gu.dtype.bitsize() / 8, h * i * dn.dtype.bitsize() / 8);
+        for e in 0..n {
+            let [g, u, d] = expert_linears(cfg.family, e).map(|x| format!("{p}.{x}.weight"));
+            let at = gu.range.start + 2 * i * e * gu_row;
+            let parts = [
+                (g, gu.clone(), vec![i, h], at..at + i * gu_row),
+                (
+                    u,
+                    gu.clone(),
+                    vec![i, h],
+                    at + i * gu_row..at + 2 * i * gu_row,
+                ),
+                (
+                    d,
+                    dn.clone(),
+                    vec![h, i],
+                    dn.range.start + e * dn_mat..dn.range.start + (e + 1) * dn_mat,
+                ),
+            ];
+            for (name, info, shape, range) in parts {
+                let path = file(&info);
+                let entry = TensorInfo {
+                    shape,
+                    range,
+                    ..info
+                };
+                if tensors.insert(name.clone(), entry).is_some() {
+                    return Err(ModelError::BadSafetensors {
+                        path,
+                        reason: format!("both {gate_up_name} and {name} are present"),
+                    });
+                }
+            }
+        }
+        // The fused form keeps Mixtral's router under `mlp.`; the hub name is canonical.
+        let hub_router = format!("{p}.{}.weight", moe_router(cfg.family));
+        if router != hub_router {
+            if let Some(r) = tensors.remove(&router) {
+                tensors.insert(hub_router, r);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Little-endian bytes of a float dtype to f32; `None` for non-float dtypes.
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {

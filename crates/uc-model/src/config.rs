@@ -1,5 +1,6 @@
-//! `config.json` of a Hugging Face dense decoder checkpoint, parsed and checked: the
-//! Llama family (llama, mistral, qwen2, qwen3) and OLMo-2, Phi-3, Gemma-2, Gemma-3 (text).
+//! `config.json` of a Hugging Face decoder checkpoint, parsed and checked: the Llama
+//! family (llama, mistral, qwen2, qwen3), OLMo-2, Phi-3, Gemma-2, Gemma-3 (text), and the
+//! mixture-of-experts families Mixtral, Qwen3-MoE and OLMoE ([`Moe`]).
 //!
 //! Every family difference the engine needs is turned into data here (norm layout, q/k
 //! norm width, activation, embedding scale, attention scale and soft-caps, per-layer
@@ -37,9 +38,20 @@ pub enum Family {
     Gemma2,
     /// Gemma-3 (text): Gemma-2's block plus per-head q/k norms and local/global rotary.
     Gemma3,
+    /// Mixtral: Mistral's attention, a sparse mixture-of-experts MLP in every block
+    /// (softmax router, top-k, renormalized weights).
+    Mixtral,
+    /// Qwen3-MoE: Qwen3's attention (per-head q/k norms), mixture-of-experts MLPs on the
+    /// layers `decoder_sparse_step` / `mlp_only_layers` select, dense MLPs elsewhere.
+    #[serde(rename = "qwen3_moe")]
+    Qwen3Moe,
+    /// OLMoE: Llama's pre-norms, q/k RMSNorm over the whole projection (as OLMo-2), a
+    /// mixture-of-experts MLP in every block.
+    Olmoe,
 }
 
-const SUPPORTED: &str = "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text";
+const SUPPORTED: &str =
+    "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text, mixtral, qwen3_moe, olmoe";
 
 /// Where a block's RMSNorms sit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -100,6 +112,9 @@ impl Family {
             "phi3" => Some(Family::Phi3),
             "gemma2" => Some(Family::Gemma2),
             "gemma3_text" => Some(Family::Gemma3),
+            "mixtral" => Some(Family::Mixtral),
+            "qwen3_moe" => Some(Family::Qwen3Moe),
+            "olmoe" => Some(Family::Olmoe),
             _ => None,
         }
     }
@@ -128,6 +143,30 @@ pub struct Llama3Scaling {
     /// Context length the model was trained at.
     pub original_max_position_embeddings: f64,
 }
+
+/// A sparse mixture-of-experts MLP (Mixtral, Qwen3-MoE): per token, a router
+/// `(experts, hidden)` gives logits, softmax in f32, the `top_k` largest probabilities
+/// pick the experts (renormalized to sum 1 when `norm_topk_prob`), and the MLP output is
+/// the weighted sum of those experts' SwiGLU MLPs of width `expert_intermediate`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Moe {
+    /// Experts per MoE layer (`num_local_experts`; Qwen's hub configs: `num_experts`).
+    pub num_experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Inner width of one expert (Mixtral: `intermediate_size`; Qwen3-MoE:
+    /// `moe_intermediate_size`, while its dense layers use `intermediate_size`).
+    pub expert_intermediate: usize,
+    /// Renormalize the top-k probabilities to sum 1 (Mixtral always; Qwen3-MoE:
+    /// `norm_topk_prob`, default false).
+    pub norm_topk_prob: bool,
+    /// Per layer: a MoE MLP (`true`) or a dense one.
+    pub layers: Vec<bool>,
+}
+
+/// Most experts a config may declare (the largest hub models have 512): a bigger number
+/// is a corrupt header, not a model.
+pub const MAX_EXPERTS: usize = 4096;
 
 /// The checked model configuration.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -187,6 +226,8 @@ pub struct ModelConfig {
     pub attn_softcap: Option<f64>,
     /// Logits soft-capped likewise (gemma2).
     pub final_softcap: Option<f64>,
+    /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE); `None` for dense models.
+    pub moe: Option<Moe>,
 }
 
 impl ModelConfig {
@@ -211,6 +252,34 @@ impl ModelConfig {
     /// them (see `checkpoint`).
     pub fn fused_projections(&self) -> bool {
         self.family == Family::Phi3
+    }
+
+    /// Experts of block `layer`'s MLP: 0 for a dense MLP.
+    pub fn experts_of(&self, layer: usize) -> usize {
+        match &self.moe {
+            Some(m) if m.layers.get(layer) == Some(&true) => m.num_experts,
+            _ => 0,
+        }
+    }
+
+    /// The widest MLP inner width of any block: the dense MLP's or one expert's.
+    pub fn max_intermediate(&self) -> usize {
+        let e = self.moe.as_ref().map_or(0, |m| m.expert_intermediate);
+        self.intermediate_size.max(e)
+    }
+
+    /// Weights of the largest block's MLP (all experts of a MoE block, plus its router),
+    /// for memory plans.
+    pub fn max_mlp_params(&self) -> usize {
+        let h = self.hidden_size;
+        let dense = 3 * h * self.intermediate_size;
+        match &self.moe {
+            Some(m) if m.layers.iter().any(|&l| l) => dense.max(
+                m.num_experts
+                    .saturating_mul(3 * h * m.expert_intermediate + h),
+            ),
+            _ => dense,
+        }
     }
 }
 
@@ -246,6 +315,14 @@ struct Raw {
     use_bidirectional_attention: Option<bool>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    num_local_experts: Option<usize>,
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    clip_qkv: Option<f64>,
 }
 
 /// Upper bound on any one dimension: a header that asks for more is corrupt, and
@@ -322,7 +399,7 @@ impl ModelConfig {
         }
         // transformers' class defaults where a config omits the key.
         let default_eps = match family {
-            Family::Olmo2 | Family::Phi3 => 1e-5,
+            Family::Olmo2 | Family::Phi3 | Family::Olmoe => 1e-5,
             _ => 1e-6,
         };
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(default_eps);
@@ -332,8 +409,10 @@ impl ModelConfig {
         let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
         let (rope, local_rope) = parse_ropes(&raw, family).map_err(&bad)?;
         let sliding_window = match family {
-            Family::Mistral | Family::Phi3 => raw.sliding_window,
-            Family::Qwen2 | Family::Qwen3 if raw.use_sliding_window == Some(true) => {
+            Family::Mistral | Family::Mixtral | Family::Phi3 => raw.sliding_window,
+            Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe
+                if raw.use_sliding_window == Some(true) =>
+            {
                 raw.sliding_window
             }
             Family::Gemma2 | Family::Gemma3 if absent("sliding_window") => Some(4096),
@@ -348,21 +427,28 @@ impl ModelConfig {
         let sliding_layers = sliding_layers(&raw, family, num_layers).map_err(&bad)?;
         let rotary_dim = rotary_dim(&raw, head_dim).map_err(&bad)?;
         let (norm_layout, qk_norm) = match family {
-            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 => {
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Mixtral => {
                 (NormLayout::Pre, QkNorm::None)
             }
-            Family::Qwen3 => (NormLayout::Pre, QkNorm::PerHead),
+            Family::Qwen3 | Family::Qwen3Moe => (NormLayout::Pre, QkNorm::PerHead),
             Family::Olmo2 => (NormLayout::Post, QkNorm::Whole),
+            Family::Olmoe => (NormLayout::Pre, QkNorm::Whole),
             Family::Gemma2 => (NormLayout::Sandwich, QkNorm::None),
             Family::Gemma3 => (NormLayout::Sandwich, QkNorm::PerHead),
         };
         let activation = activation(&raw, family).map_err(&bad)?;
         let attention_bias = raw.attention_bias.unwrap_or(family == Family::Qwen2);
-        if attention_bias && (gemma || matches!(family, Family::Olmo2 | Family::Phi3)) {
+        if attention_bias
+            && (gemma || matches!(family, Family::Olmo2 | Family::Phi3 | Family::Olmoe))
+        {
             // These families put the bias on o_proj too, which the engine does not carry.
             return Err(bad(format!(
                 "attention_bias = true is not supported for model_type {model_type:?} (o_proj bias)"
             )));
+        }
+        if let (Family::Olmoe, Some(c)) = (family, raw.clip_qkv) {
+            // transformers clamps q, k and v to +-clip_qkv; the engine does not.
+            return Err(bad(format!("clip_qkv = {c} is not supported (only null)")));
         }
         if gemma && raw.use_bidirectional_attention == Some(true) {
             return Err(bad(
@@ -394,6 +480,7 @@ impl ModelConfig {
         } else {
             (head_dim as f64, None, None)
         };
+        let moe = parse_moe(&raw, family, num_layers, intermediate_size).map_err(&bad)?;
         let embed_scale = gemma.then(|| {
             embed_scale(
                 hidden_size,
@@ -427,8 +514,103 @@ impl ModelConfig {
             attn_scalar,
             attn_softcap,
             final_softcap,
+            moe,
         })
     }
+}
+
+/// The mixture-of-experts settings of Mixtral and Qwen3-MoE (`None` for the dense
+/// families, and for a Qwen3-MoE config whose every layer is dense). transformers'
+/// class defaults fill absent keys; every out-of-range value is an error naming its key.
+fn parse_moe(
+    raw: &Raw,
+    family: Family,
+    layers: usize,
+    intermediate: usize,
+) -> std::result::Result<Option<Moe>, String> {
+    if !matches!(family, Family::Mixtral | Family::Qwen3Moe | Family::Olmoe) {
+        return Ok(None);
+    }
+    let mixtral = family == Family::Mixtral;
+    // OLMoE: experts `intermediate_size` wide in every layer (Mixtral's layout), Qwen's
+    // key names and unnormalized top-k default.
+    let olmoe = family == Family::Olmoe;
+    // Mixtral's key is num_local_experts; Qwen's hub configs write num_experts and
+    // transformers 5 saves it as num_local_experts. Either, never two different values.
+    let num_experts = match (raw.num_local_experts, raw.num_experts) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(format!(
+                "num_local_experts = {a} and num_experts = {b} disagree"
+            ))
+        }
+        (Some(a), _) | (None, Some(a)) => a,
+        (None, None) if mixtral => 8,
+        (None, None) if olmoe => 64,
+        (None, None) => 128,
+    };
+    let key = if raw.num_local_experts.is_some() || mixtral {
+        "num_local_experts"
+    } else {
+        "num_experts"
+    };
+    if num_experts > MAX_EXPERTS {
+        return Err(format!(
+            "{key} = {num_experts} is out of range 0..={MAX_EXPERTS}"
+        ));
+    }
+    if num_experts == 0 {
+        if mixtral || olmoe {
+            return Err(format!("{key} = 0: this family needs at least one expert"));
+        }
+        // transformers' Qwen3-MoE builds dense MLPs everywhere then.
+        return Ok(None);
+    }
+    let top_k = raw
+        .num_experts_per_tok
+        .unwrap_or(if mixtral { 2 } else { 8 });
+    if top_k == 0 || top_k > num_experts {
+        return Err(format!(
+            "num_experts_per_tok = {top_k} must be in 1..={num_experts} ({key})"
+        ));
+    }
+    let expert_intermediate = if mixtral || olmoe {
+        intermediate
+    } else {
+        raw.moe_intermediate_size.unwrap_or(768)
+    };
+    if expert_intermediate == 0 || expert_intermediate > MAX_DIM {
+        return Err(format!(
+            "moe_intermediate_size = {expert_intermediate} is out of range 1..={MAX_DIM}"
+        ));
+    }
+    let layers = if mixtral || olmoe {
+        vec![true; layers]
+    } else {
+        let step = raw.decoder_sparse_step.unwrap_or(1);
+        if step == 0 {
+            return Err("decoder_sparse_step = 0 must be at least 1".into());
+        }
+        let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+        if let Some(bad) = dense.iter().find(|&&l| l >= layers) {
+            return Err(format!(
+                "mlp_only_layers lists layer {bad} of num_hidden_layers {layers}"
+            ));
+        }
+        (0..layers)
+            .map(|l| !dense.contains(&l) && (l + 1) % step == 0)
+            .collect()
+    };
+    if !layers.iter().any(|&l| l) {
+        return Ok(None);
+    }
+    Ok(Some(Moe {
+        num_experts,
+        top_k,
+        expert_intermediate,
+        // Mixtral's router always renormalizes.
+        norm_topk_prob: mixtral || raw.norm_topk_prob.unwrap_or(false),
+        layers,
+    }))
 }
 
 /// `sqrt(hidden)` as transformers' Gemma computes it: an f32 scalar cast to the
@@ -885,5 +1067,114 @@ mod tests {
         // A missing field of a new family is named.
         let e = parse(r#"{"model_type":"phi3","hidden_size":64}"#).unwrap_err();
         assert!(e.to_string().contains("intermediate_size"), "{e}");
+    }
+
+    const MOE: &str = r#""hidden_size":32,"intermediate_size":48,"num_hidden_layers":4,
+        "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,"vocab_size":128"#;
+
+    #[test]
+    fn mixtral_is_moe_in_every_layer_with_renormalized_top_k() {
+        let c = parse(&format!(
+            r#"{{"model_type":"mixtral",{MOE},"num_local_experts":4,"num_experts_per_tok":2}}"#
+        ))
+        .unwrap();
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate), (4, 2, 48));
+        assert!(m.norm_topk_prob);
+        assert_eq!(m.layers, [true; 4]);
+        assert_eq!((c.experts_of(3), c.qk_norm), (4, QkNorm::None));
+        // transformers' defaults: 8 experts, top-2.
+        let d = parse(&format!(r#"{{"model_type":"mixtral",{MOE}}}"#)).unwrap();
+        assert_eq!(d.moe.map(|m| (m.num_experts, m.top_k)), Some((8, 2)));
+    }
+
+    #[test]
+    fn qwen3_moe_layers_follow_sparse_step_and_mlp_only_layers() {
+        let c = parse(&format!(
+            r#"{{"model_type":"qwen3_moe",{MOE},"num_experts":8,"num_experts_per_tok":2,
+            "moe_intermediate_size":24,"decoder_sparse_step":2,"mlp_only_layers":[3]}}"#
+        ))
+        .unwrap();
+        let m = c.moe.as_ref().unwrap();
+        // (l + 1) % 2 == 0 -> layers 1 and 3; 3 is dense.
+        assert_eq!(m.layers, [false, true, false, false]);
+        assert_eq!((m.expert_intermediate, m.norm_topk_prob), (24, false));
+        assert_eq!((c.experts_of(0), c.experts_of(1)), (0, 8));
+        assert_eq!(c.max_intermediate(), 48);
+        assert_eq!(c.qk_norm, QkNorm::PerHead);
+        // transformers 5 saves Qwen's num_experts as num_local_experts.
+        let v5 = parse(&format!(
+            r#"{{"model_type":"qwen3_moe",{MOE},"num_local_experts":8,"num_experts_per_tok":2,
+            "moe_intermediate_size":24,"decoder_sparse_step":2,"mlp_only_layers":[3]}}"#
+        ))
+        .unwrap();
+        assert_eq!(v5.moe, c.moe);
+        // No MoE layer left: a dense model.
+        let dense = parse(&format!(
+            r#"{{"model_type":"qwen3_moe",{MOE},"num_experts":0}}"#
+        ))
+        .unwrap();
+        assert!(dense.moe.is_none());
+    }
+
+    #[test]
+    fn olmoe_has_pre_norms_whole_qk_norm_and_experts_everywhere() {
+        let c = parse(&format!(
+            r#"{{"model_type":"olmoe",{MOE},"num_experts":4,"num_experts_per_tok":2,"clip_qkv":null}}"#
+        ))
+        .unwrap();
+        assert_eq!((c.norm_layout, c.qk_norm), (NormLayout::Pre, QkNorm::Whole));
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate), (4, 2, 48));
+        assert!(!m.norm_topk_prob && m.layers == [true; 4]);
+        assert_eq!(c.rms_norm_eps, 1e-5);
+        let e = parse(&format!(r#"{{"model_type":"olmoe",{MOE},"clip_qkv":8.0}}"#)).unwrap_err();
+        assert!(e.to_string().contains("clip_qkv"), "{e}");
+    }
+
+    #[test]
+    fn invalid_moe_fields_are_named() {
+        for (ty, extra, field) in [
+            (
+                "mixtral",
+                r#""num_experts_per_tok":5,"num_local_experts":4"#,
+                "num_experts_per_tok",
+            ),
+            ("mixtral", r#""num_local_experts":0"#, "num_local_experts"),
+            (
+                "mixtral",
+                r#""num_local_experts":99999"#,
+                "num_local_experts",
+            ),
+            (
+                "qwen3_moe",
+                r#""num_experts":4,"num_local_experts":8"#,
+                "num_experts",
+            ),
+            (
+                "qwen3_moe",
+                r#""num_experts_per_tok":0"#,
+                "num_experts_per_tok",
+            ),
+            (
+                "qwen3_moe",
+                r#""decoder_sparse_step":0"#,
+                "decoder_sparse_step",
+            ),
+            ("qwen3_moe", r#""mlp_only_layers":[4]"#, "mlp_only_layers"),
+            (
+                "qwen3_moe",
+                r#""moe_intermediate_size":0"#,
+                "moe_intermediate_size",
+            ),
+        ] {
+            let e = parse(&format!(r#"{{"model_type":"{ty}",{MOE},{extra}}}"#)).unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains(field) && m.contains("config.json"),
+                "{extra}: {m}"
+            );
+            assert!(matches!(e, ModelError::BadConfig { .. }));
+        }
     }
 }

@@ -5,8 +5,15 @@
 //! Phi-3 stores q/k/v fused as `self_attn.qkv_proj` and gate/up as `mlp.gate_up_proj`;
 //! the checkpoint reader presents them under the seven names below (see
 //! `checkpoint`), so everything past it (and every pack) sees seven linears.
+//!
+//! Mixture-of-experts blocks (Mixtral, Qwen3-MoE) have q/k/v/o, a router and per expert
+//! a gate/up/down triple under the hub's per-expert names ([`block_linears`],
+//! [`moe_router`]): Mixtral `block_sparse_moe.experts.E.{w1,w3,w2}`, Qwen3-MoE
+//! `mlp.experts.E.{gate,up,down}_proj`. transformers 5 holds them fused in memory but
+//! `save_pretrained` writes these names; the fused 3-D form ([`FUSED_EXPERTS`]) is split
+//! on open (see `checkpoint`).
 
-use crate::config::NormLayout;
+use crate::config::{Family, ModelConfig, NormLayout};
 
 /// Token embedding, `(vocab, hidden)`.
 pub const EMBED: &str = "model.embed_tokens.weight";
@@ -66,3 +73,47 @@ pub fn block_norms(layout: NormLayout) -> [Option<&'static str>; 4] {
 
 /// q and k norm names (relative to `model.layers.N.`, without `.weight`).
 pub const QK_NORMS: [&str; 2] = ["self_attn.q_norm", "self_attn.k_norm"];
+
+/// A MoE block's linears in forward order, relative to `model.layers.N.` and without
+/// `.weight`: q, k, v, o, then expert `e`'s gate, up, down at `4 + 3e ..= 6 + 3e`. A
+/// dense block's are [`BLOCK_LINEARS`] (the one-expert case of the same layout).
+pub fn block_linears(cfg: &ModelConfig, layer: usize) -> Vec<String> {
+    let experts = cfg.experts_of(layer);
+    let mut names: Vec<String> = BLOCK_LINEARS.iter().map(|s| s.to_string()).collect();
+    if experts == 0 {
+        return names;
+    }
+    names.truncate(4);
+    for e in 0..experts {
+        names.extend(expert_linears(cfg.family, e));
+    }
+    names
+}
+
+/// Expert `e`'s gate, up and down projections (relative to `model.layers.N.`, without
+/// `.weight`).
+pub fn expert_linears(family: Family, e: usize) -> [String; 3] {
+    match family {
+        Family::Mixtral => ["w1", "w3", "w2"].map(|w| format!("block_sparse_moe.experts.{e}.{w}")),
+        _ => ["gate_proj", "up_proj", "down_proj"].map(|w| format!("mlp.experts.{e}.{w}")),
+    }
+}
+
+/// The router of a MoE block, `(experts, hidden)` (relative to `model.layers.N.`, without
+/// `.weight`). Stored dense f32 in packs, never quantized.
+pub fn moe_router(family: Family) -> &'static str {
+    match family {
+        Family::Mixtral => "block_sparse_moe.gate",
+        _ => "mlp.gate",
+    }
+}
+
+/// transformers 5's in-memory (and `save_original_format=False`) names of a MoE block's
+/// fused experts, relative to `model.layers.N.`: the router, `gate_up_proj`
+/// `(experts, 2 * inter, hidden)` (gate rows first) and `down_proj`
+/// `(experts, hidden, inter)`. Mixtral's live under `mlp.` there too.
+pub const FUSED_EXPERTS: [&str; 3] = [
+    "mlp.gate.weight",
+    "mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj",
+];

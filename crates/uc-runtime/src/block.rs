@@ -15,6 +15,12 @@
 //! 5. [`Ctx::down`] and [`Ctx::mlp_residual`]: `x += norm(down(act))` (output norm only
 //!    for OLMo-2 and Gemma).
 //!
+//! A mixture-of-experts block (Mixtral, Qwen3-MoE, OLMoE) has the same pieces with pieces 4
+//! and 5 run per expert on the tokens routed to it ([`Ctx::route`], [`Ctx::moe_gate_up`],
+//! [`Ctx::moe_down`]): `out[t] = sum_e w_te * down_e(silu(gate_e(xn_t)) * up_e(xn_t))`
+//! over the token's top-k experts, added in ascending expert order (as transformers'
+//! `index_add_` loop does), so the sum is the same whatever the thread count.
+//!
 //! Family differences are data in [`ModelConfig`] and [`BlockWeights`] (which norms
 //! exist, their widths, the activation, scales, windows, rotary tables): there is one
 //! attention and one MLP.
@@ -43,6 +49,7 @@ use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
 use crate::kernels::math;
 use crate::kernels::Isa;
 use crate::linear::{self, Linear, Op, Par};
+use crate::moe::Routes;
 use crate::rotary::Tables;
 use crate::weights::BlockWeights;
 use rayon::prelude::*;
@@ -77,19 +84,30 @@ pub(crate) struct Work {
     ctx: Vec<f32>,
     /// o_proj and down_proj output `(n, hidden)`.
     o: Vec<f32>,
-    /// `(min(n, MLP_TOKENS), intermediate)` each.
+    /// `(min(n, MLP_TOKENS), intermediate)` each (the widest MLP: dense or one expert).
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// MoE blocks: every (token, expert) pair's activation `(min(n, MLP_TOKENS) * top_k,
+    /// expert_intermediate)`, and one expert's gathered input / output rows
+    /// `(min(n, MLP_TOKENS), hidden)`; empty for dense models.
+    act: Vec<f32>,
+    xe: Vec<f32>,
+    ye: Vec<f32>,
 }
 
 impl Work {
     pub(crate) fn new(cfg: &ModelConfig, n: usize) -> Self {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (h, i) = (cfg.hidden_size, cfg.max_intermediate());
         let (q, kv) = (
             cfg.num_heads * cfg.head_dim,
             cfg.num_kv_heads * cfg.head_dim,
         );
         let z = |k: usize| vec![0f32; n * k];
+        let m = n.min(MLP_TOKENS);
+        let (act, xe) = match &cfg.moe {
+            Some(moe) => (m * moe.top_k * moe.expert_intermediate, m * h),
+            None => (0, 0),
+        };
         Work {
             n,
             xn: z(h),
@@ -98,8 +116,11 @@ impl Work {
             v: z(kv),
             ctx: z(q),
             o: z(h),
-            gate: vec![0f32; n.min(MLP_TOKENS) * i],
-            up: vec![0f32; n.min(MLP_TOKENS) * i],
+            gate: vec![0f32; m * i],
+            up: vec![0f32; m * i],
+            act: vec![0f32; act],
+            xe: vec![0f32; xe],
+            ye: vec![0f32; xe],
         }
     }
 }
@@ -159,9 +180,19 @@ impl Ctx<'_> {
         // small on long prompts.
         for t0 in (0..n).step_by(MLP_TOKENS) {
             let m = MLP_TOKENS.min(n - t0);
-            let (g, u) = (&mut w.gate[..m * inter], &mut w.up[..m * inter]);
-            self.gate_up(b, &w.xn[t0 * h..(t0 + m) * h], m, g, u);
-            self.down(b, g, m, &mut w.o[t0 * h..(t0 + m) * h]);
+            let xn = &w.xn[t0 * h..(t0 + m) * h];
+            let out = &mut w.o[t0 * h..(t0 + m) * h];
+            match self.route(b, xn) {
+                None => {
+                    let (g, u) = (&mut w.gate[..m * inter], &mut w.up[..m * inter]);
+                    self.gate_up(b, 4, xn, m, g, u);
+                    self.down(b, 6, g, m, out);
+                }
+                Some(r) => {
+                    self.moe_gate_up(b, &r, xn, &mut w.act, &mut w.up, &mut w.xe);
+                    self.moe_down(b, &r, &w.act, out, &mut w.ye);
+                }
+            }
         }
         self.mlp_residual(b, &mut w.o, x);
     }
@@ -212,7 +243,7 @@ impl Ctx<'_> {
         let n = self.n;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps as f32;
-        let [q_proj, k_proj, v_proj, ..] = &b.linears;
+        let (q_proj, k_proj, v_proj) = (&b.linears[0], &b.linears[1], &b.linears[2]);
         let bias = |i: usize| b.qkv_bias.as_ref().map(|bs| bs[i].as_slice());
         let ops = [
             op(q_proj.as_ref(), bias(0)),
@@ -266,18 +297,20 @@ impl Ctx<'_> {
     }
 
     /// Piece 4: `act (m, inter) = act(gate(xn)) * up(xn)` for `xn (m, hidden)` (SiLU, or
-    /// gelu-tanh for Gemma); `up` is `(m, inter)` scratch.
+    /// gelu-tanh for Gemma), gate and up being linears `k` and `k + 1` of `b` (4 and 5;
+    /// an expert's at `4 + 3e`); `up` is `(m, inter)` scratch.
     pub(crate) fn gate_up(
         &self,
         b: &BlockWeights,
+        k: usize,
         xn: &[f32],
         m: usize,
         act: &mut [f32],
         up: &mut [f32],
     ) {
         let ops = [
-            op(b.linears[4].as_ref(), None),
-            op(b.linears[5].as_ref(), None),
+            op(b.linears[k].as_ref(), None),
+            op(b.linears[k + 1].as_ref(), None),
         ];
         self.linears(&ops, xn, m, &mut [&mut *act, &mut *up]);
         let isa = self.isa;
@@ -293,9 +326,92 @@ impl Ctx<'_> {
         }
     }
 
-    /// Piece 5 (before the residual add): `out (m, hidden) = down(act)`.
-    pub(crate) fn down(&self, b: &BlockWeights, act: &[f32], m: usize, out: &mut [f32]) {
-        self.linears(&[op(b.linears[6].as_ref(), None)], act, m, &mut [out]);
+    /// Piece 5 (before the residual add): `out (m, hidden) = down(act)`, down being
+    /// linear `k` of `b` (6; an expert's at `6 + 3e`).
+    pub(crate) fn down(&self, b: &BlockWeights, k: usize, act: &[f32], m: usize, out: &mut [f32]) {
+        self.linears(&[op(b.linears[k].as_ref(), None)], act, m, &mut [out]);
+    }
+
+    /// The routing of the MLP input `xn (m, hidden)` in a MoE block; `None` in a dense
+    /// one.
+    pub(crate) fn route(&self, b: &BlockWeights, xn: &[f32]) -> Option<Routes> {
+        let (router, moe) = (b.router.as_ref()?, self.cfg.moe.as_ref()?);
+        Some(Routes::route(
+            router,
+            moe.top_k,
+            moe.norm_topk_prob,
+            xn,
+            self.cfg.hidden_size,
+        ))
+    }
+
+    /// Piece 4 of a MoE block: for each expert `e`, the rows of `xn (m, hidden)` routed
+    /// to it gathered into `xe`, and their activation written to rows `r.range(e)` of
+    /// `act (assignments, expert_inter)`. `up` is `(max count, expert_inter)` scratch,
+    /// `xe` `(max count, hidden)`.
+    pub(crate) fn moe_gate_up(
+        &self,
+        b: &BlockWeights,
+        r: &Routes,
+        xn: &[f32],
+        act: &mut [f32],
+        up: &mut [f32],
+        xe: &mut [f32],
+    ) {
+        let (h, mi) = (self.cfg.hidden_size, self.expert_inter());
+        for e in 0..r.experts() {
+            let (ne, rows) = (r.count(e), r.range(e));
+            if ne == 0 {
+                continue;
+            }
+            for (j, &t) in r.tokens(e).iter().enumerate() {
+                let t = t as usize;
+                xe[j * h..(j + 1) * h].copy_from_slice(&xn[t * h..(t + 1) * h]);
+            }
+            self.gate_up(
+                b,
+                4 + 3 * e,
+                &xe[..ne * h],
+                ne,
+                &mut act[rows.start * mi..rows.end * mi],
+                &mut up[..ne * mi],
+            );
+        }
+    }
+
+    /// Piece 5 of a MoE block (before the residual add): `out (m, hidden)` = for each
+    /// token the weighted sum of its experts' down projections of their rows of `act`,
+    /// added in ascending expert order. `ye` is `(max count, hidden)` scratch.
+    pub(crate) fn moe_down(
+        &self,
+        b: &BlockWeights,
+        r: &Routes,
+        act: &[f32],
+        out: &mut [f32],
+        ye: &mut [f32],
+    ) {
+        let (h, mi) = (self.cfg.hidden_size, self.expert_inter());
+        out.fill(0.0);
+        for e in 0..r.experts() {
+            let (ne, rows) = (r.count(e), r.range(e));
+            if ne == 0 {
+                continue;
+            }
+            let y = &mut ye[..ne * h];
+            self.down(b, 6 + 3 * e, &act[rows.start * mi..rows.end * mi], ne, y);
+            for ((&t, &wt), yr) in r.tokens(e).iter().zip(r.weights(e)).zip(y.chunks_exact(h)) {
+                let t = t as usize;
+                out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(yr)
+                    .for_each(|(o, y)| *o += wt * y);
+            }
+        }
+    }
+
+    /// One expert's inner width (0 in a dense model).
+    pub(crate) fn expert_inter(&self) -> usize {
+        self.cfg.moe.as_ref().map_or(0, |m| m.expert_intermediate)
     }
 
     /// The keys query `t` of a sequence (its index in this call's part of that

@@ -36,6 +36,7 @@ pub mod kernels;
 pub mod kv;
 pub mod linear;
 pub mod memory;
+pub mod moe;
 pub mod rotary;
 pub mod sampler;
 pub mod staged;

@@ -64,10 +64,11 @@ fn weight_bytes(dir: &Path, cfg: &ModelConfig) -> Result<WeightBytes, String> {
             head_chunk: Some(head_chunk),
         });
     }
-    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let h = cfg.hidden_size as u64;
     let q = (cfg.num_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
-    let block = 4 * (2 * h * q + 2 * h * kv + 3 * h * i + 2 * h);
+    // The largest block: a MoE block holds every expert (and its router).
+    let block = 4 * (2 * h * q + 2 * h * kv + cfg.max_mlp_params() as u64 + 2 * h);
     let heads = if cfg.tie_word_embeddings { 1 } else { 2 };
     Ok(WeightBytes {
         blocks: block * cfg.num_layers as u64,
@@ -87,7 +88,12 @@ pub fn estimate(
     stream: bool,
 ) -> Result<MemoryEstimate, String> {
     let w = weight_bytes(dir, cfg)?;
-    let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let (h, i) = (cfg.hidden_size as u64, cfg.max_intermediate() as u64);
+    // MoE: every (token, expert) pair's activation and one expert's gathered rows.
+    let moe_act = cfg
+        .moe
+        .as_ref()
+        .map_or(0, |m| (m.top_k * m.expert_intermediate) as u64 + 2 * h);
     let q = (cfg.num_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
     let layers = cfg.num_layers as u64;
@@ -104,7 +110,7 @@ pub fn estimate(
     // x, normed x, q, k, v, attention output, residual; MLP in passes of MLP_TOKENS
     // tokens (gate, up, act); the last position's logits; rotary tables.
     let activations = 4 * pass * (4 * h + 2 * q + 2 * kv)
-        + 4 * pass.min(MLP_TOKENS) * 3 * i
+        + 4 * pass.min(MLP_TOKENS) * (3 * i + moe_act)
         + 4 * vocab
         + 4 * cap * cfg.head_dim as u64;
     let base = ("process baseline".to_string(), BASE_BYTES);

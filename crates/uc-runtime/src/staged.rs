@@ -20,12 +20,23 @@
 //! Shapes: `x` and block outputs `(seqs * seq_len, hidden)` row-major, window `s` in
 //! rows `s * seq_len ..`; a tap's input `(seqs * seq_len, cols)` with `cols` the input
 //! width of its linears.
+//!
+//! Mixture-of-experts blocks: a forward paused at [`Tap::Mlp`] or [`Tap::MlpDown`]
+//! carries its [`Routes`] ([`Paused::routes`]; computed with the block's router, which
+//! the compressor never changes). At [`Tap::Mlp`] the input is the normed stream of every
+//! token, as in a dense block (expert `e` reads the rows `routes.tokens(e)`); at
+//! [`Tap::MlpDown`] it is every (token, expert) pair's activation, `(rows * top_k,
+//! expert_intermediate)`, expert `e`'s in rows `routes.range(e)`. The whole batch is one
+//! MoE call here (the decoder runs MLPs in passes of 256 tokens), so an expert's GEMM may
+//! see more rows than in the decoder.
 
 use crate::block::{Ctx, MLP_TOKENS};
 use crate::kernels::Isa;
 use crate::linear::Par;
+use crate::moe::Routes;
 use crate::weights::BlockWeights;
 use crate::{Result, RuntimeError};
+use std::sync::Arc;
 use uc_model::config::ModelConfig;
 
 /// The four distinct inputs of a block's linears (q/k/v share one, gate/up share one),
@@ -46,7 +57,7 @@ impl Tap {
     /// Every tap, in forward order.
     pub const ALL: [Tap; 4] = [Tap::Attention, Tap::AttentionOutput, Tap::Mlp, Tap::MlpDown];
 
-    /// The linears reading this input, as indices into
+    /// The linears reading this input in a dense block, as indices into
     /// [`uc_model::names::BLOCK_LINEARS`] (and [`BlockWeights::linears`]).
     pub fn linears(self) -> &'static [usize] {
         match self {
@@ -54,6 +65,29 @@ impl Tap {
             Tap::AttentionOutput => &[3],
             Tap::Mlp => &[4, 5],
             Tap::MlpDown => &[6],
+        }
+    }
+
+    /// The linears reading this input in a block with `experts` experts (0: dense), as
+    /// indices into [`BlockWeights::linears`]: every expert's gate and up at
+    /// [`Tap::Mlp`], every expert's down at [`Tap::MlpDown`].
+    pub fn linears_of(self, experts: usize) -> Vec<usize> {
+        match (self, experts) {
+            (_, 0) | (Tap::Attention | Tap::AttentionOutput, _) => self.linears().to_vec(),
+            (Tap::Mlp, n) => (0..n).flat_map(|e| [4 + 3 * e, 5 + 3 * e]).collect(),
+            (Tap::MlpDown, n) => (0..n).map(|e| 6 + 3 * e).collect(),
+        }
+    }
+
+    /// The tap whose input linear `k` of a block with `experts` experts reads.
+    pub fn of_linear(k: usize, experts: usize) -> Tap {
+        match k {
+            0..=2 => Tap::Attention,
+            3 => Tap::AttentionOutput,
+            _ if experts == 0 && k == 6 => Tap::MlpDown,
+            _ if experts == 0 => Tap::Mlp,
+            _ if (k - 4) % 3 == 2 => Tap::MlpDown,
+            _ => Tap::Mlp,
         }
     }
 
@@ -74,8 +108,12 @@ pub struct Paused {
     /// The residual stream so far `(rows, hidden)`: the block input before the
     /// attention's output is added, the post-attention stream after.
     resid: Vec<f32>,
-    /// The tap's input `(rows, cols)`.
+    /// The tap's input `(rows, cols)` (MoE [`Tap::MlpDown`]: `(assignments, cols)`).
     input: Vec<f32>,
+    /// Width of the input.
+    cols: usize,
+    /// MoE blocks at [`Tap::Mlp`] and [`Tap::MlpDown`]: the routing of the MLP input.
+    routes: Option<Arc<Routes>>,
 }
 
 impl Paused {
@@ -106,7 +144,12 @@ impl Paused {
 
     /// Width of the input.
     pub fn cols(&self) -> usize {
-        self.input.len() / self.rows()
+        self.cols
+    }
+
+    /// A MoE block's routing of the MLP input (at [`Tap::Mlp`] and [`Tap::MlpDown`]).
+    pub fn routes(&self) -> Option<&Routes> {
+        self.routes.as_deref()
     }
 
     /// Windows in the batch.
@@ -204,6 +247,8 @@ impl Stager {
             rows: x.len() / h,
             resid: x,
             input: xn,
+            cols: h,
+            routes: None,
         })
     }
 
@@ -223,23 +268,32 @@ impl Stager {
             cfg.num_heads * cfg.head_dim,
             cfg.num_kv_heads * cfg.head_dim,
         );
+        let mi = ctx.expert_inter();
         let Paused {
             tap,
             seqs,
             rows,
             mut resid,
             mut input,
+            routes,
+            ..
         } = p;
         if input.is_empty() {
-            input = self.recompute(b, tap, seqs, &resid);
+            input = self.recompute(b, tap, seqs, &resid, routes.clone());
         }
-        let paused = |tap, resid, input| {
+        let paused = |tap, resid, input: Vec<f32>, routes: Option<Arc<Routes>>| {
+            let cols = match &routes {
+                Some(r) if tap == Tap::MlpDown => input.len() / r.assignments().max(1),
+                _ => input.len() / rows.max(1),
+            };
             Step::Paused(Paused {
                 tap,
                 seqs,
                 rows,
                 resid,
                 input,
+                cols,
+                routes,
             })
         };
         match tap {
@@ -252,14 +306,36 @@ impl Stager {
                 ctx.attend(
                     b, &input, &mut kc, &mut vc, &mut q, &mut k, &mut v, &mut out,
                 );
-                paused(Tap::AttentionOutput, resid, out)
+                paused(Tap::AttentionOutput, resid, out, None)
             }
             Tap::AttentionOutput => {
                 let mut o = vec![0f32; n * h];
                 ctx.attn_out(b, &input, &mut o, &mut resid);
                 let mut xn = o;
                 ctx.mlp_input(b, &resid, &mut xn);
-                paused(Tap::Mlp, resid, xn)
+                let routes = ctx.route(b, &xn).map(Arc::new);
+                paused(Tap::Mlp, resid, xn, routes)
+            }
+            Tap::Mlp if b.router.is_some() => {
+                // The routing of this input (kept from the pause, or computed now).
+                let Some(r) = routes.or_else(|| ctx.route(b, &input).map(Arc::new)) else {
+                    unreachable!("a MoE block routes");
+                };
+                let most = r.max_count();
+                let mut act = vec![0f32; r.assignments() * mi];
+                let (mut up, mut xe) = (vec![0f32; most * mi], vec![0f32; most * h]);
+                ctx.moe_gate_up(b, &r, &input, &mut act, &mut up, &mut xe);
+                paused(Tap::MlpDown, resid, act, Some(r))
+            }
+            Tap::MlpDown if b.router.is_some() => {
+                let Some(r) = routes else {
+                    unreachable!("a MoE block's MlpDown pause carries its routes");
+                };
+                let mut o = vec![0f32; n * h];
+                let mut ye = vec![0f32; r.max_count() * h];
+                ctx.moe_down(b, &r, &input, &mut o, &mut ye);
+                ctx.mlp_residual(b, &mut o, &mut resid);
+                Step::Done(resid)
             }
             Tap::Mlp => {
                 let mut act = vec![0f32; n * inter];
@@ -268,13 +344,14 @@ impl Stager {
                     let m = MLP_TOKENS.min(n - t0);
                     ctx.gate_up(
                         b,
+                        4,
                         &input[t0 * h..(t0 + m) * h],
                         m,
                         &mut act[t0 * inter..(t0 + m) * inter],
                         &mut up[..m * inter],
                     );
                 }
-                paused(Tap::MlpDown, resid, act)
+                paused(Tap::MlpDown, resid, act, None)
             }
             Tap::MlpDown => {
                 let mut o = vec![0f32; n * h];
@@ -282,6 +359,7 @@ impl Stager {
                     let m = MLP_TOKENS.min(n - t0);
                     ctx.down(
                         b,
+                        6,
                         &input[t0 * inter..(t0 + m) * inter],
                         m,
                         &mut o[t0 * h..(t0 + m) * h],
@@ -295,7 +373,14 @@ impl Stager {
 
     /// The input of `tap` from the residual `resid` of a paused forward (see
     /// [`Paused::compact`]).
-    fn recompute(&self, b: &BlockWeights, tap: Tap, seqs: usize, resid: &[f32]) -> Vec<f32> {
+    fn recompute(
+        &self,
+        b: &BlockWeights,
+        tap: Tap,
+        seqs: usize,
+        resid: &[f32],
+        routes: Option<Arc<Routes>>,
+    ) -> Vec<f32> {
         let ctx = self.ctx(seqs);
         let attn_in = || {
             let mut xn = vec![0f32; resid.len()];
@@ -308,12 +393,14 @@ impl Stager {
             xn
         };
         let rows = resid.len() / self.cfg.hidden_size;
-        let at = |tap, input| Paused {
+        let at = |tap, input: Vec<f32>| Paused {
             tap,
             seqs,
             rows,
             resid: resid.to_vec(),
+            cols: input.len() / rows.max(1),
             input,
+            routes: routes.clone(),
         };
         let step = match tap {
             Tap::Attention => return attn_in(),

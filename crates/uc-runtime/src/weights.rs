@@ -27,7 +27,8 @@ use uc_format::{Container, DenseDtype, Encoding, Pack};
 use uc_model::checkpoint::Checkpoint;
 use uc_model::config::{ModelConfig, QkNorm};
 use uc_model::names::{
-    block_norms, block_prefix, BLOCK_LINEARS, EMBED, FINAL_NORM, LM_HEAD, QK_NORMS,
+    block_linears, block_norms, block_prefix, moe_router, BLOCK_LINEARS, EMBED, FINAL_NORM,
+    LM_HEAD, QK_NORMS,
 };
 use uc_model::source::WeightSource;
 
@@ -65,10 +66,15 @@ pub struct BlockWeights {
     /// q and k norms: per head (qwen3, gemma3), `(head_dim,)` each, or over the whole
     /// projection (OLMo-2), `(heads * head_dim,)` and `(kv_heads * head_dim,)`.
     pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
-    /// q, k, v, o, gate, up, down in [`BLOCK_LINEARS`] order.
-    pub linears: [Box<dyn Linear>; 7],
+    /// q, k, v, o, gate, up, down in [`BLOCK_LINEARS`] order; in a MoE block q, k, v, o
+    /// then each expert's gate, up, down (expert `e` at `4 + 3e ..= 6 + 3e`), in
+    /// [`uc_model::names::block_linears`] order.
+    pub linears: Vec<Box<dyn Linear>>,
     /// q, k, v biases (qwen2, `attention_bias`).
     pub qkv_bias: Option<[Vec<f32>; 3]>,
+    /// A MoE block's router `(experts, hidden)`, f32 (never quantized); `None` in a dense
+    /// block.
+    pub router: Option<Vec<f32>>,
 }
 
 impl BlockWeights {
@@ -82,6 +88,15 @@ impl BlockWeights {
             + self.norms.iter().map(v).sum::<usize>()
             + self.qk_norm.as_ref().map_or(0, |(a, b)| v(a) + v(b))
             + self.qkv_bias.as_ref().map_or(0, |b| b.iter().map(v).sum())
+            + self.router.as_ref().map_or(0, v)
+    }
+
+    /// Experts of the block's MLP: 0 for a dense MLP.
+    pub fn experts(&self) -> usize {
+        match self.router {
+            Some(_) => self.linears.len().saturating_sub(4) / 3,
+            None => 0,
+        }
     }
 }
 
@@ -152,14 +167,26 @@ pub fn open(dir: &Path, verify: Verify) -> Result<Arc<dyn WeightLoader>> {
     }
 }
 
-/// Expected shapes of a block's seven linears, `(rows, cols)`.
-fn linear_shapes(cfg: &ModelConfig) -> [(usize, usize); 7] {
+/// Expected shapes `(rows, cols)` of block `layer`'s linears, in
+/// [`uc_model::names::block_linears`] order (the seven of a dense block; q, k, v, o and
+/// every expert's gate, up, down in a MoE block).
+pub fn linear_shapes(cfg: &ModelConfig, layer: usize) -> Vec<(usize, usize)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
     let (q, kv) = (
         cfg.num_heads * cfg.head_dim,
         cfg.num_kv_heads * cfg.head_dim,
     );
-    [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    let mut shapes = vec![(q, h), (kv, h), (kv, h), (h, q)];
+    let experts = cfg.experts_of(layer);
+    if experts == 0 {
+        shapes.extend([(i, h), (i, h), (h, i)]);
+    } else {
+        let mi = cfg.moe.as_ref().map_or(i, |m| m.expert_intermediate);
+        for _ in 0..experts {
+            shapes.extend([(mi, h), (mi, h), (h, mi)]);
+        }
+    }
+    shapes
 }
 
 /// Reads named tensors from one opened source; shared assembly code builds blocks.
@@ -172,11 +199,19 @@ trait Reader {
 
 fn read_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<BlockWeights> {
     let p = block_prefix(layer);
-    let shapes = linear_shapes(cfg);
-    let mut linears = Vec::with_capacity(7);
-    for (name, (rows, cols)) in BLOCK_LINEARS.iter().zip(shapes) {
+    let shapes = linear_shapes(cfg, layer);
+    let names = block_linears(cfg, layer);
+    let mut linears = Vec::with_capacity(names.len());
+    for (name, (rows, cols)) in names.iter().zip(shapes.iter().copied()) {
         linears.push(r.linear(&format!("{p}.{name}.weight"), rows, cols)?);
     }
+    let router = match cfg.experts_of(layer) {
+        0 => None,
+        experts => Some(r.dense(
+            &format!("{p}.{}.weight", moe_router(cfg.family)),
+            &[experts, cfg.hidden_size],
+        )?),
+    };
     let qkv_bias = if cfg.attention_bias {
         let mut b = Vec::with_capacity(3);
         for (name, (rows, _)) in BLOCK_LINEARS.iter().zip(shapes).take(3) {
@@ -219,10 +254,9 @@ fn read_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<Blo
             mlp_out,
         },
         qk_norm,
-        linears: linears
-            .try_into()
-            .map_err(|_| RuntimeError::bad(&p, "seven linears"))?,
+        linears,
         qkv_bias,
+        router,
     })
 }
 

@@ -15,7 +15,7 @@ use uc_runtime::{Decoder, DecoderOptions, Logits, WeightLoader};
 /// Max |engine - transformers| over a fixture's logits (|logit| up to ~57 on tied fixtures).
 const TOLERANCE: f32 = 1e-4;
 
-const FIXTURES: [&str; 10] = [
+const FIXTURES: [&str; 13] = [
     "llama",
     "llama3",
     "mistral",
@@ -26,6 +26,9 @@ const FIXTURES: [&str; 10] = [
     "phi3",
     "gemma2",
     "gemma3",
+    "mixtral",
+    "qwen3_moe",
+    "olmoe",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -171,6 +174,128 @@ fn gemma2_softcap_sandwich_alternating_window_decoder_matches_full_forward() {
 #[test]
 fn gemma3_qk_norm_local_global_rope_decoder_matches_full_forward() {
     check("gemma3", false);
+}
+
+#[test]
+fn mixtral_moe_top2_renormalized_decoder_matches_full_forward() {
+    check("mixtral", false);
+}
+
+#[test]
+fn qwen3_moe_unnormalized_topk_with_a_dense_layer_decoder_matches_full_forward() {
+    check("qwen3_moe", false);
+}
+
+#[test]
+fn olmoe_whole_qk_norm_moe_decoder_matches_full_forward() {
+    check("olmoe", false);
+}
+
+/// MoE past the fixture's 24 tokens: 600 tokens take the MLP in 256-token passes (each
+/// pass routed on its own), against token-by-token decode; resident and streamed.
+#[test]
+fn moe_long_prompts_match_token_by_token_decode() {
+    for name in ["mixtral", "qwen3_moe", "olmoe"] {
+        let dir = fixture_with(name, "max_position_embeddings", serde_json::json!(2048));
+        let ids = ids(600, 11);
+        let want = decode_logits(dir.path(), &ids);
+        for stream in [false, true] {
+            let loader: Arc<dyn WeightLoader> =
+                Arc::new(CheckpointLoader::open(dir.path()).unwrap());
+            let mut dec = Decoder::new(
+                loader,
+                DecoderOptions {
+                    capacity: 640,
+                    stream_layers: stream,
+                },
+            )
+            .unwrap();
+            let got = dec.forward(&ids, Logits::All).unwrap();
+            let d = max_diff(&got, &want);
+            assert!(d <= TOLERANCE, "{name} stream={stream}: max |diff| {d}");
+        }
+    }
+}
+
+/// transformers 5's fused expert tensors (`mlp.experts.gate_up_proj` `(experts, 2 inter,
+/// hidden)`, `mlp.experts.down_proj` `(experts, hidden, inter)`, Mixtral's router under
+/// `mlp.gate`; what `save_pretrained(save_original_format=False)` writes) load to the
+/// same logits as the hub's per-expert tensors.
+#[test]
+fn fused_expert_tensors_load_like_per_expert_ones() {
+    for name in ["mixtral", "qwen3_moe", "olmoe"] {
+        let src = fixture(name);
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "io.safetensors"] {
+            std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+        }
+        let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let cfg = uc_model::config::ModelConfig::from_file(&src.join("config.json")).unwrap();
+        let moe = cfg.moe.clone().unwrap();
+        let (h, mi, n) = (cfg.hidden_size, moe.expert_intermediate, moe.num_experts);
+        let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut taken = std::collections::HashSet::new();
+        for layer in 0..cfg.num_layers {
+            if cfg.experts_of(layer) == 0 {
+                continue;
+            }
+            let p = format!("model.layers.{layer}");
+            let (mut gu, mut dn) = (Vec::new(), Vec::new());
+            for e in 0..n {
+                let [g, u, d] = uc_model::names::expert_linears(cfg.family, e)
+                    .map(|x| format!("{p}.{x}.weight"));
+                // gate_up_proj[e] is expert e's gate rows then its up rows.
+                gu.extend_from_slice(st.tensor(&g).unwrap().data());
+                gu.extend_from_slice(st.tensor(&u).unwrap().data());
+                dn.extend_from_slice(st.tensor(&d).unwrap().data());
+                taken.extend([g, u, d]);
+            }
+            let router = format!("{p}.{}.weight", uc_model::names::moe_router(cfg.family));
+            out.push((
+                format!("{p}.mlp.gate.weight"),
+                vec![n, h],
+                st.tensor(&router).unwrap().data().to_vec(),
+            ));
+            taken.insert(router);
+            out.push((
+                format!("{p}.mlp.experts.gate_up_proj"),
+                vec![n, 2 * mi, h],
+                gu,
+            ));
+            out.push((format!("{p}.mlp.experts.down_proj"), vec![n, h, mi], dn));
+        }
+        for (name, view) in st.tensors() {
+            if !taken.contains(&name) {
+                out.push((name, view.shape().to_vec(), view.data().to_vec()));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = out
+            .iter()
+            .map(|(n, s, d)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                        .unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+        let run = |d: &Path| {
+            let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(d).unwrap());
+            let mut dec = Decoder::new(
+                loader,
+                DecoderOptions {
+                    capacity: 32,
+                    stream_layers: false,
+                },
+            )
+            .unwrap();
+            let (ids, _) = reference(name);
+            dec.forward(&ids[0], Logits::All).unwrap()
+        };
+        assert_eq!(run(dir.path()), run(&src), "{name}");
+    }
 }
 
 /// Gemma past the fixture's 24 tokens: sliding layers over several 64-query blocks and

@@ -49,7 +49,15 @@ fn all_blocks(l: &dyn WeightLoader, st: &Stager, mut x: Vec<f32>) -> Vec<f32> {
 
 #[test]
 fn one_window_gives_the_decoders_logits_bit_for_bit() {
-    for name in ["llama", "qwen2", "qwen3", "mistral", "llama3"] {
+    for name in [
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "llama3",
+        "mixtral",
+        "qwen3_moe",
+    ] {
         let l = loader(name);
         let n = 150; // several key tiles and query blocks
         let ids = ids(n, 3);
@@ -76,10 +84,15 @@ fn one_window_gives_the_decoders_logits_bit_for_bit() {
     }
 }
 
-/// `b`'s linears from `from` on scaled by `f` (the weights a compressor would swap in).
-fn scaled(l: &dyn WeightLoader, layer: usize, from: usize, f: f32) -> BlockWeights {
+/// `b`'s linears read at tap `from` or later scaled by `f` (the weights a compressor
+/// would swap in).
+fn scaled(l: &dyn WeightLoader, layer: usize, from: Tap, f: f32) -> BlockWeights {
     let mut b = l.block(layer).unwrap();
-    for k in from..7 {
+    let experts = b.experts();
+    for k in 0..b.linears.len() {
+        if Tap::of_linear(k, experts).index() < from.index() {
+            continue;
+        }
         let w = &b.linears[k];
         let (rows, cols) = (w.rows(), w.cols());
         let mut buf = Vec::new();
@@ -95,14 +108,22 @@ fn scaled(l: &dyn WeightLoader, layer: usize, from: usize, f: f32) -> BlockWeigh
 
 #[test]
 fn a_paused_forward_resumed_with_changed_weights_is_the_changed_blocks_forward() {
-    let l = loader("qwen3");
+    // qwen3: dense; mixtral: MoE (expert weights changed from the tap on, router not).
+    for name in ["qwen3", "mixtral"] {
+        paused_then_changed(name);
+    }
+}
+
+fn paused_then_changed(name: &str) {
+    let l = loader(name);
     let (seqs, n) = (2, 70);
     let st = Stager::new(l.config(), n).unwrap();
     let x = embed(l.as_ref(), &ids(seqs * n, 5));
     let block = l.block(0).unwrap();
+    let experts = block.experts();
     for tap in Tap::ALL {
         // The original block paused at `tap`; the changed block differs from there on.
-        let changed = scaled(l.as_ref(), 0, tap.linears()[0], 0.9);
+        let changed = scaled(l.as_ref(), 0, tap, 0.9);
         let mut p = st.begin(&block, x.clone()).unwrap();
         while p.tap() != tap {
             p = match st.resume(&block, p) {
@@ -112,15 +133,55 @@ fn a_paused_forward_resumed_with_changed_weights_is_the_changed_blocks_forward()
         }
         assert_eq!(p.rows(), seqs * n);
         assert_eq!(p.seqs(), seqs);
+        if experts > 0 && matches!(tap, Tap::Mlp | Tap::MlpDown) {
+            let r = p.routes().expect("a MoE pause carries its routes");
+            assert_eq!(r.assignments(), seqs * n * 2, "{name}: top-2");
+            let want_rows = if tap == Tap::Mlp {
+                seqs * n
+            } else {
+                r.assignments()
+            };
+            assert_eq!(p.input().len(), want_rows * p.cols());
+        }
         // Compacted (input dropped, recomputed on resume by the weights that made it).
         let mut c = p.clone();
         c.compact();
         assert!(c.input().is_empty());
         let got = st.finish(&changed, p);
-        assert_eq!(got, st.forward(&changed, x.clone()).unwrap(), "{tap:?}");
+        assert_eq!(
+            got,
+            st.forward(&changed, x.clone()).unwrap(),
+            "{name} {tap:?}"
+        );
         // `changed` keeps the linears before `tap`, which recompute the input.
-        assert_eq!(got, st.finish(&changed, c), "{tap:?} compacted");
-        assert_ne!(got, st.forward(&block, x.clone()).unwrap(), "{tap:?}");
+        assert_eq!(got, st.finish(&changed, c), "{name} {tap:?} compacted");
+        assert_ne!(
+            got,
+            st.forward(&block, x.clone()).unwrap(),
+            "{name} {tap:?}"
+        );
+    }
+}
+
+#[test]
+fn moe_windows_in_one_batch_match_each_window_alone() {
+    for name in ["mixtral", "qwen3_moe"] {
+        let l = loader(name);
+        let (seqs, n) = (3, 40);
+        let h = l.config().hidden_size;
+        let st = Stager::new(l.config(), n).unwrap();
+        let x = embed(l.as_ref(), &ids(seqs * n, 7));
+        let batch = all_blocks(l.as_ref(), &st, x.clone());
+        for s in 0..seqs {
+            let rows = s * n * h..(s + 1) * n * h;
+            let alone = all_blocks(l.as_ref(), &st, x[rows.clone()].to_vec());
+            let worst = alone
+                .iter()
+                .zip(&batch[rows])
+                .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+                .fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "{name} window {s}: {worst}");
+        }
     }
 }
 
@@ -148,7 +209,13 @@ fn windows_in_one_batch_are_independent() {
 
 #[test]
 fn the_bits_do_not_depend_on_the_thread_count() {
-    let l = loader("qwen2");
+    for (name, layer) in [("qwen2", 1), ("mixtral", 0), ("qwen3_moe", 2)] {
+        bits_on_1_and_2_threads(name, layer);
+    }
+}
+
+fn bits_on_1_and_2_threads(name: &str, layer: usize) {
+    let l = loader(name);
     let (seqs, n) = (3, 150);
     let st = Stager::new(l.config(), n).unwrap();
     let x = embed(l.as_ref(), &ids(seqs * n, 11));
@@ -158,7 +225,7 @@ fn the_bits_do_not_depend_on_the_thread_count() {
             .build()
             .unwrap();
         pool.install(|| {
-            let b = l.block(1).unwrap();
+            let b = l.block(layer).unwrap();
             // Every tap's input and the output.
             let mut taps = Vec::new();
             let mut p = st.begin(&b, x.clone()).unwrap();
@@ -174,7 +241,7 @@ fn the_bits_do_not_depend_on_the_thread_count() {
             }
         })
     };
-    assert_eq!(run(1), run(2));
+    assert_eq!(run(1), run(2), "{name}");
 }
 
 #[test]

@@ -1,0 +1,463 @@
+//! The mixture-of-experts families (Mixtral, Qwen3-MoE, OLMoE) end to end on their tiny golden
+//! fixtures: calibrated `uc compress` under a bit budget (tokens per expert reported,
+//! the pooled-Gram fallback for starved experts), `uc verify`, `uc eval` of the pack
+//! against its checkpoint, `uc run` resident and with `--stream-layers`; eval digits and
+//! pack bytes on 1 and 2 threads; and bad MoE input (top-k above the expert count, a
+//! missing expert tensor, an expert of the wrong shape, a dense layer out of range)
+//! refused by name, with nothing written.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+
+fn ok_stdout(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "uc failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Calibrated compress of `model` at a 5.0 bpw budget into `dir`/pack on `seqs` windows
+/// of `len` tokens.
+fn compress(
+    model: &Path,
+    dir: &Path,
+    text: &Path,
+    (seqs, len): (&str, &str),
+    threads: &str,
+) -> (PathBuf, serde_json::Value) {
+    compress_env(
+        model,
+        dir,
+        text,
+        (seqs, len),
+        &[("RAYON_NUM_THREADS", threads)],
+    )
+}
+
+fn compress_env(
+    model: &Path,
+    dir: &Path,
+    text: &Path,
+    (seqs, len): (&str, &str),
+    env: &[(&str, &str)],
+) -> (PathBuf, serde_json::Value) {
+    let pack = dir.join("pack");
+    let out = uc(
+        &[
+            "compress",
+            model.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-seqs",
+            seqs,
+            "--calib-len",
+            len,
+            "--group",
+            "32",
+            "--bpw",
+            "5",
+            "--json",
+        ],
+        env,
+    );
+    (pack, json_of(&out))
+}
+
+fn eval(model: &Path, against: &Path, text: &Path, threads: &str) -> serde_json::Value {
+    json_of(&uc(
+        &[
+            "eval",
+            model.to_str().unwrap(),
+            "--against",
+            against.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--windows",
+            "4",
+            "--json",
+        ],
+        &[("RAYON_NUM_THREADS", threads)],
+    ))
+}
+
+fn run(model: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        model.to_str().unwrap(),
+        "-p",
+        "The quick brown fox",
+        "--max-tokens",
+        "16",
+        // Seeded sampling (the same tokens every run): greedy decoding of the random
+        // mixtral fixture ends at once on its end-of-sequence id.
+        "--temperature",
+        "1",
+        "--seed",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    ok_stdout(&uc(&args, &[]))
+}
+
+fn verify_passes(pack: &Path) {
+    let v = uc(&["verify", pack.to_str().unwrap()], &[]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).starts_with("VERIFY: PASS"),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+}
+
+/// compress -> verify -> eval -> run (resident and streamed) for one family with
+/// `layers` blocks of which `moe` are MoE blocks with `experts` experts, top-2; experts
+/// with fewer than `min_tokens` tokens use the pooled Gram.
+fn end_to_end(name: &str, layers: usize, moe: &[usize], experts: usize, min_tokens: u64) {
+    let m = model_with_tokenizer(name);
+    let text = text_file(m.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let (pack, c) = compress(m.path(), tmp.path(), &text, ("6", "40"), "2");
+    let blocks = c["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), layers, "{name}");
+    let bpw = c["bpw_body"].as_f64().unwrap();
+    assert!(bpw > 4.0 && bpw <= 5.0, "{name}: bpw {bpw}");
+    for b in blocks {
+        let i = b["index"].as_u64().unwrap() as usize;
+        let e = b["out_rel_mse"].as_f64().unwrap();
+        assert!(e.is_finite() && e < 0.05, "{name} block {i}: error {e}");
+        match b.get("experts").and_then(|e| e.as_array()) {
+            Some(ex) => {
+                assert!(moe.contains(&i), "{name}: block {i} is dense");
+                assert_eq!(ex.len(), experts, "{name} block {i}");
+                // Every one of the 6 x 40 calibration tokens goes to two experts.
+                let per: Vec<u64> = ex.iter().map(|e| e["tokens"].as_u64().unwrap()).collect();
+                eprintln!("{name} block {i}: tokens per expert {per:?}");
+                let tokens: u64 = per.iter().sum();
+                assert_eq!(tokens, 6 * 40 * 2, "{name} block {i}");
+                for e in ex {
+                    let t = e["tokens"].as_u64().unwrap();
+                    // max(hidden, expert width) tokens or more: the expert's own Gram.
+                    assert_eq!(e["fallback"].as_bool(), Some(t < min_tokens), "{e}");
+                }
+            }
+            None => assert!(!moe.contains(&i), "{name}: block {i} reports no experts"),
+        }
+    }
+    // Every expert linear is a body tensor with its own bits; the router stays f32.
+    let tensors = c["tensors"].as_array().unwrap();
+    let expert_tensors = tensors
+        .iter()
+        .filter(|t| t["name"].as_str().unwrap().contains(".experts."))
+        .count();
+    assert_eq!(expert_tensors, moe.len() * experts * 3, "{name}");
+    assert!(!tensors
+        .iter()
+        .any(|t| t["name"].as_str().unwrap().ends_with("gate.weight")
+            && !t["name"].as_str().unwrap().contains("experts")));
+    verify_passes(&pack);
+    let e = eval(&pack, m.path(), &text, "2");
+    let (kld, top1) = (
+        e["against"]["kld"].as_f64().unwrap(),
+        e["against"]["top1"].as_f64().unwrap(),
+    );
+    eprintln!(
+        "{name}: bpw_body {bpw}, kld {kld}, top1 {top1}, fingerprint {}",
+        c["fingerprint"]
+    );
+    assert!(kld > 0.0 && kld < 0.1, "{name}: kld {kld}");
+    assert!(top1 > 0.8, "{name}: top1 {top1}");
+    let from_checkpoint = run(m.path(), &[]);
+    assert!(!from_checkpoint.trim().is_empty(), "{name}: no text");
+    let resident = run(&pack, &[]);
+    assert!(!resident.trim().is_empty(), "{name}: no text from the pack");
+    assert_eq!(resident, run(&pack, &["--stream-layers"]), "{name}");
+}
+
+#[test]
+fn mixtral_compresses_verifies_evaluates_and_runs() {
+    // Experts 48 wide: 48 tokens for a Gram of their own.
+    end_to_end("mixtral", 2, &[0, 1], 4, 48);
+}
+
+#[test]
+fn qwen3_moe_compresses_verifies_evaluates_and_runs() {
+    // Layer 1 is dense (mlp_only_layers).
+    end_to_end("qwen3_moe", 3, &[0, 2], 8, 32);
+}
+
+#[test]
+fn olmoe_compresses_verifies_evaluates_and_runs() {
+    end_to_end("olmoe", 2, &[0, 1], 4, 32);
+}
+
+#[test]
+fn starved_experts_fall_back_to_the_layers_pooled_gram() {
+    // 2 x 16 tokens over 8 experts, top-2: every expert gets fewer than max(hidden 32,
+    // width 24) = 32 tokens.
+    let m = model_with_tokenizer("qwen3_moe");
+    let text = text_file(m.path());
+    let tmp = tempfile::tempdir().unwrap();
+    let (pack, c) = compress(m.path(), tmp.path(), &text, ("2", "16"), "2");
+    let mut fallbacks = 0;
+    for b in c["blocks"].as_array().unwrap() {
+        assert!(b["out_rel_mse"].as_f64().unwrap().is_finite());
+        for e in b["experts"].as_array().into_iter().flatten() {
+            assert!(e["tokens"].as_u64().unwrap() < 32, "{e}");
+            assert_eq!(e["fallback"].as_bool(), Some(true), "{e}");
+            fallbacks += 1;
+        }
+    }
+    assert_eq!(fallbacks, 16);
+    for t in c["tensors"].as_array().unwrap() {
+        let err = t["rel_err"].as_f64().unwrap();
+        assert!(err.is_finite() && err < 1.0, "{t}");
+    }
+    verify_passes(&pack);
+    let e = eval(&pack, m.path(), &text, "2");
+    let kld = e["against"]["kld"].as_f64().unwrap();
+    assert!(kld.is_finite() && kld < 0.5, "kld {kld}");
+}
+
+#[test]
+fn mixtral_eval_digits_and_pack_bytes_are_identical_for_one_and_two_threads() {
+    let m = model_with_tokenizer("mixtral");
+    let text = text_file(m.path());
+    let (t1, t2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pack, c1) = compress(m.path(), t1.path(), &text, ("6", "40"), "1");
+    let (_, c2) = compress(m.path(), t2.path(), &text, ("6", "40"), "2");
+    assert_eq!(c1["fingerprint"], c2["fingerprint"]);
+    // The expert activations dropped after their Gram matrices and recomputed to finish
+    // the block (what a tight --max-memory plan chooses): the same pack.
+    let t3 = tempfile::tempdir().unwrap();
+    let (_, c3) = compress_env(
+        m.path(),
+        t3.path(),
+        &text,
+        ("6", "40"),
+        &[("UC_TEST_RECOMPUTE_MLP_INPUT", "1")],
+    );
+    assert_eq!(c1["fingerprint"], c3["fingerprint"]);
+    let one = eval(&pack, m.path(), &text, "1");
+    let two = eval(&pack, m.path(), &text, "2");
+    assert_eq!(
+        (one["threads"].as_u64(), two["threads"].as_u64()),
+        (Some(1), Some(2))
+    );
+    for key in ["nll", "ppl", "n_pos", "window_nll", "tokens_sha256"] {
+        assert_eq!(one[key], two[key], "{key}");
+    }
+    for key in ["ref_nll", "kld", "top1", "ppl_ratio", "ref_window_nll"] {
+        assert_eq!(one["against"][key], two["against"][key], "{key}");
+    }
+}
+
+/// Rewrites `dir`/model.safetensors without tensor `drop` (offsets recomputed, so the
+/// file stays valid: only the tensor is missing).
+fn drop_tensor(dir: &Path, drop: &str) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    assert!(header.contains_key(drop), "{drop} not in the fixture");
+    let mut entries: Vec<(String, serde_json::Value)> = header
+        .into_iter()
+        .filter(|(k, _)| k != drop && k != "__metadata__")
+        .collect();
+    entries.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap());
+    let (mut out_header, mut body) = (serde_json::Map::new(), Vec::new());
+    for (k, mut v) in entries {
+        let (a, b) = (
+            v["data_offsets"][0].as_u64().unwrap() as usize,
+            v["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        let start = body.len();
+        body.extend_from_slice(&data[a..b]);
+        v["data_offsets"] = serde_json::json!([start, body.len()]);
+        out_header.insert(k, v);
+    }
+    let mut h = serde_json::to_vec(&out_header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend(h);
+    file.extend(body);
+    std::fs::write(&p, file).unwrap();
+}
+
+fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    cfg[key] = value;
+    std::fs::write(&p, cfg.to_string()).unwrap();
+}
+
+/// `uc compress` and `uc run` of a broken copy fail with exit 1, their stderr naming
+/// every string of `names`, and no pack is written.
+fn refused(m: &Path, names: &[&str]) {
+    let text = text_file(m);
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("pack");
+    let out = uc(
+        &[
+            "compress",
+            m.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-seqs",
+            "6",
+            "--calib-len",
+            "40",
+            "--group",
+            "32",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for n in names {
+        assert!(err.contains(n), "stderr does not name {n:?}: {err}");
+    }
+    assert!(
+        !pack.join("manifest.json").exists(),
+        "a pack was written: {err}"
+    );
+    let r = uc(
+        &["run", m.to_str().unwrap(), "-p", "x", "--max-tokens", "2"],
+        &[],
+    );
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    for n in names {
+        assert!(err.contains(n), "run's stderr does not name {n:?}: {err}");
+    }
+}
+
+#[test]
+fn invalid_moe_config_fields_are_named() {
+    for (name, key, value) in [
+        ("mixtral", "num_experts_per_tok", serde_json::json!(5)),
+        ("mixtral", "num_local_experts", serde_json::json!(0)),
+        ("qwen3_moe", "num_experts_per_tok", serde_json::json!(0)),
+        ("qwen3_moe", "mlp_only_layers", serde_json::json!([7])),
+        ("qwen3_moe", "decoder_sparse_step", serde_json::json!(0)),
+        ("qwen3_moe", "num_local_experts", serde_json::json!(100000)),
+        ("olmoe", "clip_qkv", serde_json::json!(8.0)),
+        ("olmoe", "num_experts_per_tok", serde_json::json!(9)),
+    ] {
+        let m = model_with_tokenizer(name);
+        set_config(m.path(), key, value);
+        refused(m.path(), &["config.json", key]);
+    }
+}
+
+#[test]
+fn a_missing_expert_or_router_tensor_is_named() {
+    for (name, tensor) in [
+        (
+            "mixtral",
+            "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+        ),
+        ("mixtral", "model.layers.0.block_sparse_moe.gate.weight"),
+        ("qwen3_moe", "model.layers.2.mlp.experts.7.up_proj.weight"),
+        ("qwen3_moe", "model.layers.0.mlp.gate.weight"),
+        ("olmoe", "model.layers.1.mlp.experts.0.down_proj.weight"),
+    ] {
+        let m = model_with_tokenizer(name);
+        drop_tensor(m.path(), tensor);
+        refused(m.path(), &[tensor]);
+    }
+}
+
+#[test]
+fn experts_of_the_wrong_shape_are_named_with_their_file() {
+    for (name, key, value, tensor) in [
+        // Mixtral's experts are intermediate_size wide.
+        (
+            "mixtral",
+            "intermediate_size",
+            40,
+            "block_sparse_moe.experts.0.w1.weight",
+        ),
+        // Qwen3-MoE's experts are moe_intermediate_size wide, its dense layer is not.
+        (
+            "qwen3_moe",
+            "moe_intermediate_size",
+            20,
+            "mlp.experts.0.gate_proj.weight",
+        ),
+        // Fewer experts in the config than in the file: the router's shape.
+        (
+            "mixtral",
+            "num_local_experts",
+            3,
+            "block_sparse_moe.gate.weight",
+        ),
+    ] {
+        let m = model_with_tokenizer(name);
+        set_config(m.path(), key, serde_json::json!(value));
+        refused(m.path(), &[tensor, "model.safetensors", "shape"]);
+    }
+}
+
+#[test]
+fn rtn_packs_of_moe_models_verify_and_inspect_folds_expert_indices() {
+    let m = model_with_tokenizer("mixtral");
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = rtn_pack(m.path(), tmp.path());
+    verify_passes(&pack);
+    let j = json_of(&uc(&["inspect", pack.to_str().unwrap(), "--json"], &[]));
+    let kinds = j["kinds"].as_object().unwrap();
+    // 2 blocks x 4 experts per projection, one row each; the router stays f32.
+    for w in ["w1", "w2", "w3"] {
+        let k = &kinds[&format!("block_sparse_moe.experts.*.{w}.weight")];
+        assert_eq!(k["tensors"].as_u64(), Some(8), "{k}");
+    }
+    assert!(!kinds.keys().any(|k| k.contains("experts.0.")));
+    let router = &kinds["block_sparse_moe.gate.weight"];
+    assert_eq!(router["tensors"].as_u64(), Some(2), "{router}");
+}
+
+#[test]
+fn an_f32_safetensors_export_of_a_moe_pack_gives_the_packs_logits() {
+    // Exported under the hub's per-expert names, which transformers 5 also loads.
+    for name in ["mixtral", "qwen3_moe", "olmoe"] {
+        let m = model_with_tokenizer(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let pack = rtn_pack(m.path(), tmp.path());
+        let out = tmp.path().join("hf");
+        let r = uc(
+            &[
+                "export",
+                pack.to_str().unwrap(),
+                "--to",
+                "safetensors",
+                out.to_str().unwrap(),
+                "--dtype",
+                "f32",
+            ],
+            &[],
+        );
+        ok_stdout(&r);
+        // Not bit for bit: an expert routed at most FUSED_MAX_TOKENS (4) of the 24
+        // tokens runs the pack's fused mat-vec, while the export's dense linear does a
+        // GEMM (a dense model's linears see all 24 tokens: its export test is exact).
+        let (a, b) = (logits(&out), logits(&pack));
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: export vs pack max |diff| {d:e}");
+        assert!(d <= 1e-4, "{name}: export vs pack max |diff| {d}");
+    }
+}
