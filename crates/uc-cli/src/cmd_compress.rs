@@ -24,8 +24,9 @@ By default the block linears get 5.0 stored bits per weight (codes, scales and c
 counted), spread over tensors by measured sensitivity, in groups of 64 columns with 8-bit
 (e8) scales, after a randomized Hadamard rotation of each linear's inputs in blocks of
 64 (--rotate; not for --method rtn, where it hurts), with trellis-coded codes (--codes);
---bits fixes one width for all (--method rtn defaults to --bits 5, calibration-free). Each block is encoded in four stages (q/k/v, o, gate/up, down) on the
-quantized model's own activations, towards the original model's outputs.
+--bits fixes one width for all (--method rtn defaults to --bits 5, calibration-free).
+Each block is encoded in four stages (q/k/v, o, gate/up, down) on the quantized model's
+own activations, towards the original model's outputs.
 Without --calib-dir/--calib/--calib-sotu, the SOTU calibration split in assets/sotu is used
 if present. scripts/fetch_assets.sh also lays out a mixed set, assets/calib-mix (speeches,
 code, technical prose): --calib-dir assets/calib-mix.
