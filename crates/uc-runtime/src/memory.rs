@@ -34,6 +34,19 @@ struct WeightBytes {
     head_chunk: Option<u64>,
 }
 
+/// Bytes a pack tensor occupies once loaded: its stored bytes, plus one bit per weight
+/// for a trellis codec (held as its (b+1)-bit expansion, docs/format.md section 3c).
+fn held_bytes(t: &uc_format::TensorRecord) -> u64 {
+    match (&t.encoding, t.shape.as_slice()) {
+        (uc_format::Encoding::Codec(c), &[rows, cols]) if c.trellis => {
+            let row_bytes = |bits: u64| (cols * bits).div_ceil(8);
+            let b = u64::from(c.bits);
+            t.stored_bytes + rows * (row_bytes(b + 1) - row_bytes(b))
+        }
+        _ => t.stored_bytes,
+    }
+}
+
 fn weight_bytes(dir: &Path, cfg: &ModelConfig) -> Result<WeightBytes, String> {
     if uc_model::pack_source::is_pack(dir) {
         let pack = uc_format::Pack::open(dir).map_err(|e| e.to_string())?;
@@ -42,10 +55,11 @@ fn weight_bytes(dir: &Path, cfg: &ModelConfig) -> Result<WeightBytes, String> {
         let mut globals = 0;
         let mut head_chunk = 0;
         for t in &m.tensors {
+            let held = held_bytes(t);
             if t.file.starts_with("tensors/block_") {
-                *per_file.entry(t.file.as_str()).or_default() += t.stored_bytes;
+                *per_file.entry(t.file.as_str()).or_default() += held;
             } else {
-                globals += t.stored_bytes;
+                globals += held;
                 let head = if cfg.tie_word_embeddings {
                     EMBED
                 } else {
@@ -53,7 +67,7 @@ fn weight_bytes(dir: &Path, cfg: &ModelConfig) -> Result<WeightBytes, String> {
                 };
                 if t.name == head {
                     let rows = t.shape.first().copied().unwrap_or(1).max(1);
-                    head_chunk = t.stored_bytes.div_ceil(rows) * HEAD_CHUNK_ROWS.min(rows);
+                    head_chunk = held.div_ceil(rows) * HEAD_CHUNK_ROWS.min(rows);
                 }
             }
         }
