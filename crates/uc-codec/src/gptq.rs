@@ -25,8 +25,10 @@
 //! Deterministic: every row's arithmetic is sequential and the factorisation runs on
 //! one thread, so the codes do not depend on the thread count.
 
+use std::borrow::Cow;
+
 use faer::linalg::solvers::Solve;
-use faer::{Mat, Side};
+use faer::{Mat, MatRef, Side};
 use rayon::prelude::*;
 
 use crate::tensor::{pack_codes, scale_from_f32, scale_to_f32};
@@ -70,14 +72,20 @@ impl Default for GptqOptions {
 ///
 /// With a rotated spec (`spec.rot > 0`) `w` and `h` are the model's: both are rotated
 /// first (`W R^T`, `R H R^T`, [`crate::rotation`]) and the codes describe `W R^T`.
-pub fn encode_gptq(
+///
+/// `h` may be borrowed (`&[f64]`, `&Vec<f64>`) or handed over (`Vec<f64>`): an owned
+/// matrix is rotated, damped and used in its own storage, so the encoder's peak holds no
+/// copy of it (512 MiB per copy at an 8192-wide input); a borrowed one is copied where it
+/// has to change. The codes are the same either way.
+pub fn encode_gptq<'h>(
     w: &[f32],
     rows: usize,
     cols: usize,
     spec: &CodecSpec,
-    h: &[f64],
+    h: impl Into<Cow<'h, [f64]>>,
     opts: GptqOptions,
 ) -> Result<QuantTensor> {
+    let h = h.into();
     spec.layout(rows, cols)?;
     if spec.rot == 0 || w.len() != rows * cols || h.len() != cols * cols {
         return encode_gptq_stored(w, rows, cols, spec, h, opts);
@@ -85,8 +93,9 @@ pub fn encode_gptq(
     let b = spec.rot as usize;
     let mut wr = w.to_vec();
     crate::rotation::rotate(&mut wr, cols, b, &crate::rotation::signs(cols));
-    let hr = crate::rotation::rotate_gram(h, cols, b);
-    encode_gptq_stored(&wr, rows, cols, spec, &hr, opts)
+    let mut hr = h.into_owned();
+    crate::rotation::rotate_gram_in_place(&mut hr, cols, b);
+    encode_gptq_stored(&wr, rows, cols, spec, Cow::Owned(hr), opts)
 }
 
 /// [`encode_gptq`] of a weight and Gram matrix already in the stored basis.
@@ -95,7 +104,7 @@ fn encode_gptq_stored(
     rows: usize,
     cols: usize,
     spec: &CodecSpec,
-    h: &[f64],
+    h: Cow<'_, [f64]>,
     opts: GptqOptions,
 ) -> Result<QuantTensor> {
     if h.len() != cols * cols {
@@ -118,22 +127,15 @@ fn encode_gptq_stored(
             reason: format!("shrinkage {} outside [0, 1]", opts.shrink),
         });
     }
-    let shrunk: Vec<f64>;
-    let h = if opts.shrink > 0.0 {
+    let mut h = h;
+    if opts.shrink > 0.0 {
         let keep = 1.0 - opts.shrink;
-        shrunk = (0..cols * cols)
-            .map(|p| {
-                if p / cols == p % cols {
-                    h[p]
-                } else {
-                    keep * h[p]
-                }
-            })
-            .collect();
-        &shrunk[..]
-    } else {
-        h
-    };
+        for (p, v) in h.to_mut().iter_mut().enumerate() {
+            if p / cols != p % cols {
+                *v *= keep;
+            }
+        }
+    }
     let mut diag: Vec<f64> = (0..cols).map(|j| h[j * cols + j]).collect();
     for d in diag.iter_mut() {
         if *d <= 0.0 {
@@ -157,7 +159,7 @@ fn encode_gptq_stored(
     } else {
         (0..cols).collect()
     };
-    let u = inverse_cholesky_upper(h, &diag, &order, opts.damp)?;
+    let u = inverse_cholesky_upper(&h, &diag, &order, opts.damp)?;
 
     let g = spec.group as usize;
     let mut scales: Vec<f32> = qt
@@ -169,28 +171,32 @@ fn encode_gptq_stored(
     let mut codes = feedback_codes(w, cols, g, &order, &u, &scales, &qt.codebook, tr);
     if opts.refit_rounds > 0 {
         let mean = diag.iter().sum::<f64>() / cols as f64;
-        let hd = Mat::<f64>::from_fn(cols, cols, |i, j| {
-            if i == j {
-                diag[i] + opts.damp * mean
-            } else {
-                h[i * cols + j]
+        // hd(i, j) = h[i * cols + j] off the diagonal, the damped diagonal on it, as a
+        // column-major view of h's storage (transposed in place: a rotated `h` is
+        // symmetric only up to rounding), so no second matrix is allocated.
+        let mut hbuf = h.into_owned();
+        for i in 0..cols {
+            for j in i + 1..cols {
+                hbuf.swap(i * cols + j, j * cols + i);
             }
-        });
+            hbuf[i * cols + i] = diag[i] + opts.damp * mean;
+        }
+        let hd = MatRef::from_column_major_slice(&hbuf, cols, cols);
         let dt = spec.scale_dtype;
         // Neither step is guaranteed to help once scales are rounded to the stored dtype
         // and codes re-chosen greedily, so every candidate is scored by its H-weighted
         // error and the best one kept.
-        let mut best_err = h_error(w, cols, g, &hd, &codes, &qt.codebook, &scales);
+        let mut best_err = h_error(w, cols, g, hd, &codes, &qt.codebook, &scales);
         for _ in 0..opts.refit_rounds {
             let mut refit = scales.clone();
-            refit_scales_h(w, cols, g, &hd, &codes, &qt.codebook, dt, &mut refit);
+            refit_scales_h(w, cols, g, hd, &codes, &qt.codebook, dt, &mut refit);
             let stored = store_scales(&refit, dt);
             let refit: Vec<f32> = stored.iter().map(|&b| scale_to_f32(b, dt)).collect();
             let recoded = feedback_codes(w, cols, g, &order, &u, &refit, &qt.codebook, tr);
             let mut improved = false;
             for cand in [None, Some(recoded)] {
                 let c = cand.as_ref().unwrap_or(&codes);
-                let e = h_error(w, cols, g, &hd, c, &qt.codebook, &refit);
+                let e = h_error(w, cols, g, hd, c, &qt.codebook, &refit);
                 if e < best_err {
                     best_err = e;
                     qt.scales.clone_from(&stored);
@@ -317,7 +323,7 @@ fn h_error(
     w: &[f32],
     cols: usize,
     g: usize,
-    hd: &Mat<f64>,
+    hd: MatRef<'_, f64>,
     codes: &[u8],
     cb: &[f32],
     scales: &[f32],
@@ -336,14 +342,7 @@ fn h_error(
                 f64::from(wc[i * cols + j] - sc[i * ng + j / g] * q)
             });
             let mut eh = Mat::<f64>::zeros(m, cols);
-            matmul(
-                eh.as_mut(),
-                Accum::Replace,
-                e.as_ref(),
-                hd.as_ref(),
-                1.0,
-                Par::Seq,
-            );
+            matmul(eh.as_mut(), Accum::Replace, e.as_ref(), hd, 1.0, Par::Seq);
             let mut total = 0.0;
             for i in 0..m {
                 for j in 0..cols {
@@ -369,11 +368,12 @@ const REFIT_ROWS: usize = 32;
 /// system is singular or whose solution has a non-positive or non-finite scale keeps
 /// its scales (as does one whose scales would overflow `dt`). `hd` is the damped Gram
 /// matrix (cols x cols).
+#[allow(clippy::too_many_arguments)]
 fn refit_scales_h(
     w: &[f32],
     cols: usize,
     g: usize,
-    hd: &Mat<f64>,
+    hd: MatRef<'_, f64>,
     codes: &[u8],
     cb: &[f32],
     dt: ScaleDtype,
@@ -395,14 +395,7 @@ fn refit_scales_h(
             });
             // (m, cols): rows of W H, and per group b rows of C[:, b] H[b, :].
             let mut hw = Mat::<f64>::zeros(m, cols);
-            matmul(
-                hw.as_mut(),
-                Accum::Replace,
-                wm.as_ref(),
-                hd.as_ref(),
-                1.0,
-                Par::Seq,
-            );
+            matmul(hw.as_mut(), Accum::Replace, wm.as_ref(), hd, 1.0, Par::Seq);
             // bmat[i][a * ng + b]; rhs[i][a].
             let mut bmat = vec![0f64; m * ng * ng];
             let mut rhs = vec![0f64; m * ng];
@@ -418,7 +411,7 @@ fn refit_scales_h(
                     z.as_mut(),
                     Accum::Replace,
                     cm.as_ref().subcols(rb.start, rb.len()),
-                    hd.as_ref().subrows(rb.start, rb.len()),
+                    hd.subrows(rb.start, rb.len()),
                     1.0,
                     Par::Seq,
                 );
@@ -690,8 +683,15 @@ mod tests {
     #[test]
     fn rejects_a_gram_matrix_of_the_wrong_size() {
         let spec = CodecSpec::parse("q4g64").unwrap();
-        let e =
-            encode_gptq(&[0.0; 64], 1, 64, &spec, &[1.0; 10], GptqOptions::default()).unwrap_err();
+        let e = encode_gptq(
+            &[0.0; 64],
+            1,
+            64,
+            &spec,
+            &[1.0; 10][..],
+            GptqOptions::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, CodecError::LengthMismatch { .. }), "{e}");
     }
 }

@@ -81,9 +81,12 @@ pub fn unrotate(w: &mut [f32], cols: usize, b: usize, s: &[f32]) {
     }
 }
 
-/// `R H R^T` for a Gram matrix `h (cols, cols)` (f64, encoder side only): each row
-/// rotated, then each column.
-pub fn rotate_gram(h: &[f64], cols: usize, b: usize) -> Vec<f64> {
+/// `h <- R H R^T` for a Gram matrix `h (cols, cols)` (f64, encoder side only), in `h`'s
+/// own storage: rows rotated, the matrix transposed in place, the (former) columns
+/// rotated, transposed back. No second `cols x cols` buffer: at the 8192-wide down_proj
+/// input of a 1B model a copy is 512 MiB, and the encoder holds the rotated matrix
+/// through error feedback while the unrotated one is no longer needed.
+pub fn rotate_gram_in_place(h: &mut [f64], cols: usize, b: usize) {
     let s = signs(cols);
     let k = 1.0 / (b as f64).sqrt();
     let rot_rows = |m: &mut [f64]| {
@@ -97,22 +100,17 @@ pub fn rotate_gram(h: &[f64], cols: usize, b: usize) -> Vec<f64> {
             }
         }
     };
-    let mut m = h.to_vec();
-    rot_rows(&mut m);
-    // Transpose, rotate the (former) columns, transpose back.
-    let mut t = vec![0f64; cols * cols];
-    for i in 0..cols {
-        for j in 0..cols {
-            t[j * cols + i] = m[i * cols + j];
+    let transpose = |m: &mut [f64]| {
+        for i in 0..cols {
+            for j in i + 1..cols {
+                m.swap(i * cols + j, j * cols + i);
+            }
         }
-    }
-    rot_rows(&mut t);
-    for i in 0..cols {
-        for j in 0..cols {
-            m[j * cols + i] = t[i * cols + j];
-        }
-    }
-    m
+    };
+    rot_rows(h);
+    transpose(h);
+    rot_rows(h);
+    transpose(h);
 }
 
 /// The rotation block for a linear of `cols` inputs: the largest of [`crate::ROTATIONS`]
@@ -122,7 +120,7 @@ pub fn block_for(cols: usize, max: u32) -> u32 {
         .iter()
         .rev()
         .copied()
-        .find(|&b| b <= max && cols % b as usize == 0)
+        .find(|&b| b <= max && cols.is_multiple_of(b as usize))
         .unwrap_or(0)
 }
 
@@ -184,7 +182,8 @@ mod tests {
         };
         let mut xr = x.clone();
         rotate(&mut xr, cols, b, &s);
-        let (want, got) = (gram(&xr), rotate_gram(&gram(&x), cols, b));
+        let (want, mut got) = (gram(&xr), gram(&x));
+        rotate_gram_in_place(&mut got, cols, b);
         let worst = want
             .iter()
             .zip(&got)

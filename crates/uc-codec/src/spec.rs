@@ -232,7 +232,7 @@ impl CodecSpec {
                 cols,
             });
         }
-        if self.rot != 0 && cols % self.rot as usize != 0 {
+        if self.rot != 0 && !cols.is_multiple_of(self.rot as usize) {
             return Err(CodecError::BadRotation {
                 tensor: String::new(),
                 rot: self.rot,

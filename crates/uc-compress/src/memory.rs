@@ -239,9 +239,10 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
     } else {
         0
     };
-    // A rotation encodes against R H R^T, a second H held through error feedback (and
-    // built through one transposed copy, fewer than the Cholesky's two).
-    let rotated = if opts.body.rot > 0 {
+    // A rotation encodes against R H R^T. A dense stage's last linear is handed H and
+    // rotates it in place (uc_codec::encode_gptq); a MoE expert borrows its Gram matrix,
+    // so its rotation is a second H held through error feedback.
+    let rotated = if opts.body.rot > 0 && cfg.moe.is_some() {
         8 * cols * cols
     } else {
         0

@@ -20,6 +20,7 @@ use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Cross, Gram};
 use crate::{CompressError, Result};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
@@ -304,7 +305,9 @@ fn rel_err_streamed(w: &[f32], qt: &QuantTensor, cols: usize) -> uc_codec::Resul
 
 /// Encodes weight `name` (rows x cols) with `spec` -- by error feedback when a Gram
 /// matrix is given -- adds it to `c`, and returns its reconstruction when `keep_recon`
-/// (else the error is measured a few rows at a time).
+/// (else the error is measured a few rows at a time). A Gram matrix handed over
+/// (`Cow::Owned`) is consumed by the encoder in its own storage
+/// ([`uc_codec::encode_gptq`]).
 fn quantize_into(
     c: &mut ContainerBuilder,
     name: &str,
@@ -312,7 +315,7 @@ fn quantize_into(
     shape: &[usize],
     role: Role,
     spec: &CodecSpec,
-    gram: Option<(&Gram, GptqOptions)>,
+    gram: Option<(Cow<'_, [f64]>, GptqOptions)>,
     keep_recon: bool,
 ) -> Result<(TensorSummary, Option<Vec<f32>>)> {
     let [rows, cols] = shape[..] else {
@@ -334,11 +337,19 @@ fn quantize_into(
     // Codes first (without overlay), then the overlay fitted to what they left, in the
     // same activation metric.
     let base_spec = CodecSpec { rank: 0, ..*spec };
-    let mut qt: QuantTensor = match gram {
-        None => uc_codec::encode_rtn(w, rows, cols, &base_spec, None),
-        Some((g, o)) => uc_codec::encode_gptq(w, rows, cols, &base_spec, &g.h, o),
-    }
-    .map_err(codec_err(name))?;
+    let gptq = gram.as_ref().map(|(_, o)| *o);
+    // The overlay is fitted in the same metric after the codes: only then is H kept.
+    let (qt, h_overlay) = match gram {
+        None => (uc_codec::encode_rtn(w, rows, cols, &base_spec, None), None),
+        Some((h, o)) if spec.rank == 0 => {
+            (uc_codec::encode_gptq(w, rows, cols, &base_spec, h, o), None)
+        }
+        Some((h, o)) => (
+            uc_codec::encode_gptq(w, rows, cols, &base_spec, &*h, o),
+            Some(h),
+        ),
+    };
+    let mut qt: QuantTensor = qt.map_err(codec_err(name))?;
     if spec.rank > 0 {
         let base = uc_codec::reconstruct(&qt, Kernel::select(false)).map_err(codec_err(name))?;
         let resid: Vec<f32> = w.iter().zip(&base).map(|(a, b)| a - b).collect();
@@ -347,8 +358,8 @@ fn quantize_into(
             rows,
             cols,
             spec.rank as usize,
-            gram.map(|(g, _)| g.h.as_slice()),
-            gram.map_or(0.0, |(_, o)| o.damp),
+            h_overlay.as_deref(),
+            gptq.map_or(0.0, |o| o.damp),
         )
         .map_err(codec_err(name))?;
         qt.spec = *spec;
@@ -365,7 +376,7 @@ fn quantize_into(
     };
     let mut stats = serde_json::Map::new();
     stats.insert("rel_err".into(), err.into());
-    let shrink = gram.map(|(_, o)| o.shrink).filter(|&s| s > 0.0);
+    let shrink = gptq.map(|o| o.shrink).filter(|&s| s > 0.0);
     if let Some(s) = shrink {
         stats.insert("shrink".into(), s.into());
     }
@@ -978,7 +989,7 @@ impl Stream {
                 }
                 *ss = Some(s);
             }
-            let Some(h) = h else {
+            let Some(mut h) = h else {
                 return Err(CompressError::Settings("no calibration chunks".into()));
             };
             let gptq = GptqOptions {
@@ -1022,7 +1033,7 @@ impl Stream {
                             &[rows, cols],
                             Role::Body,
                             &spec,
-                            Some((gram, gptq)),
+                            Some((Cow::Borrowed(&gram.h), gptq)),
                             true,
                         )?;
                         let Some(recon) = recon else {
@@ -1065,9 +1076,18 @@ impl Stream {
                 }
                 None => vec![None; ws.len()],
             };
-            for ((&k, (w, rows, cols)), target) in linears.iter().zip(ws).zip(targets) {
+            let last = linears.len().saturating_sub(1);
+            for (i, ((&k, (w, rows, cols)), target)) in
+                linears.iter().zip(ws).zip(targets).enumerate()
+            {
                 let name = format!("{p}.{}.weight", names[k]);
                 let spec = spec_of(&name);
+                // The stage's last linear takes H over: nothing reads it afterwards.
+                let hk = if i == last {
+                    Cow::Owned(std::mem::take(&mut h.h))
+                } else {
+                    Cow::Borrowed(&h.h[..])
+                };
                 let (mut summary, recon) = quantize_into(
                     c,
                     &name,
@@ -1075,7 +1095,7 @@ impl Stream {
                     &[rows, cols],
                     Role::Body,
                     &spec,
-                    Some((&h, gptq)),
+                    Some((hk, gptq)),
                     true,
                 )?;
                 drop(target);
