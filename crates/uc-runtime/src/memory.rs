@@ -13,7 +13,7 @@
 use std::path::Path;
 use uc_format::memory::{MemoryEstimate, Phase, BASE_BYTES};
 use uc_model::config::ModelConfig;
-use uc_model::names::{EMBED, LM_HEAD};
+use uc_model::names::{embed, LM_HEAD};
 
 /// Vocabulary rows per streamed head chunk (as the decoder).
 const HEAD_CHUNK_ROWS: u64 = 2048;
@@ -61,7 +61,7 @@ fn weight_bytes(dir: &Path, cfg: &ModelConfig) -> Result<WeightBytes, String> {
             } else {
                 globals += held;
                 let head = if cfg.tie_word_embeddings {
-                    EMBED
+                    embed(cfg.family)
                 } else {
                     LM_HEAD
                 };
