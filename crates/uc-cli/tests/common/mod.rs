@@ -95,3 +95,94 @@ pub fn logits(model: &Path) -> Vec<f32> {
     .unwrap();
     dec.forward(&ids, uc_runtime::Logits::All).unwrap()
 }
+
+/// Rewrites `dir`/model.safetensors without tensor `drop` (offsets recomputed, so the
+/// file stays valid: only the tensor is missing).
+pub fn drop_tensor(dir: &Path, drop: &str) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    assert!(header.contains_key(drop), "{drop} not in the fixture");
+    let mut entries: Vec<(String, serde_json::Value)> = header
+        .into_iter()
+        .filter(|(k, _)| k != drop && k != "__metadata__")
+        .collect();
+    entries.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap());
+    let (mut out_header, mut body) = (serde_json::Map::new(), Vec::new());
+    for (k, mut v) in entries {
+        let (a, b) = (
+            v["data_offsets"][0].as_u64().unwrap() as usize,
+            v["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        let start = body.len();
+        body.extend_from_slice(&data[a..b]);
+        v["data_offsets"] = serde_json::json!([start, body.len()]);
+        out_header.insert(k, v);
+    }
+    let mut h = serde_json::to_vec(&out_header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend(h);
+    file.extend(body);
+    std::fs::write(&p, file).unwrap();
+}
+
+/// Sets `key` of `dir`/config.json to `value`; `Null` removes the key.
+pub fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    match value {
+        serde_json::Value::Null => {
+            cfg.as_object_mut().unwrap().remove(key);
+        }
+        v => cfg[key] = v,
+    }
+    std::fs::write(&p, cfg.to_string()).unwrap();
+}
+
+/// `uc compress` of a broken copy fails with exit 1, its stderr naming every string of
+/// `names`, and leaves no pack behind.
+pub fn refused(m: &Path, names: &[&str]) {
+    let text = text_file(m);
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("pack");
+    let out = uc(
+        &[
+            "compress",
+            m.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-seqs",
+            "6",
+            "--calib-len",
+            "40",
+            "--group",
+            "32",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for n in names {
+        assert!(err.contains(n), "stderr does not name {n:?}: {err}");
+    }
+    assert!(
+        !pack.join("manifest.json").exists(),
+        "a pack was written: {err}"
+    );
+    // The runtime refuses it too, by the same names.
+    let r = uc(
+        &["run", m.to_str().unwrap(), "-p", "x", "--max-tokens", "2"],
+        &[],
+    );
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    for n in names {
+        assert!(err.contains(n), "run's stderr does not name {n:?}: {err}");
+    }
+}
