@@ -2,7 +2,8 @@
 //! compress` under a bit budget and RTN, `uc verify`, `uc eval` of the pack against its
 //! checkpoint (digits identical on 1 and 2 threads), `uc run` of checkpoint and pack,
 //! resident and with `--stream-layers`; the mixer's exact tensors stored f32 and its four
-//! linears encoded; pack bytes the same on 1 and 2 threads; bad input (a missing config
+//! linears encoded; `uc inspect` and an f32 safetensors export of a pack; pack bytes the
+//! same on 1 and 2 threads; bad input (a missing config
 //! field, a missing mixer tensor, a tensor of the wrong shape) refused by name, nothing
 //! written.
 
@@ -192,6 +193,36 @@ fn mamba_rtn_pack_verifies_runs_and_stays_close_to_the_checkpoint() {
     let resident = run(&pack, &[]);
     assert!(!resident.trim().is_empty());
     assert_eq!(resident, run(&pack, &["--stream-layers"]));
+    // inspect folds backbone.layers.N. like model.layers.N.: one row per kind.
+    let table = ok_stdout(&uc(&["inspect", pack.to_str().unwrap()], &[]));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("mixer.in_proj.weight") && l.contains(" 2 ")),
+        "{table}"
+    );
+    assert!(!table.contains("backbone.layers."), "{table}");
+    // An f32 safetensors export under the hub's names gives the pack's logits (every
+    // linear sees all 24 tokens in both, through the same GEMM path).
+    let out = tmp.path().join("hf");
+    ok_stdout(&uc(
+        &[
+            "export",
+            pack.to_str().unwrap(),
+            "--to",
+            "safetensors",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f32",
+        ],
+        &[],
+    ));
+    let d = logits(&out)
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(d <= 1e-4, "export vs pack max |diff| {d}");
 }
 
 #[test]

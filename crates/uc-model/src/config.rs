@@ -300,10 +300,16 @@ impl ModelConfig {
         self.intermediate_size.max(e)
     }
 
-    /// Weights of the largest block's MLP (all experts of a MoE block, plus its router),
-    /// for memory plans.
+    /// Weights of the largest block's MLP (all experts of a MoE block, plus its router;
+    /// a Mamba block's whole mixer), for memory plans.
     pub fn max_mlp_params(&self) -> usize {
         let h = self.hidden_size;
+        if let Some(s) = &self.ssm {
+            // A Mamba block's mixer, which stands where the MLP would: in_proj, out_proj,
+            // x_proj, dt_proj, and the exact conv, A, D and biases.
+            let (d, n, r) = (s.d_inner, s.state, s.dt_rank);
+            return 3 * h * d + d * (r + 2 * n) + d * r + d * (s.conv_kernel + n + 5);
+        }
         let dense = 3 * h * self.intermediate_size;
         match &self.moe {
             Some(m) if m.layers.iter().any(|&l| l) => dense.max(
