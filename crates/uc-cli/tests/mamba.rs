@@ -164,6 +164,7 @@ fn mamba_compresses_verifies_evaluates_and_runs() {
         e["against"]["kld"].as_f64().unwrap(),
         e["against"]["top1"].as_f64().unwrap(),
     );
+    eprintln!("mamba 5.0 bpw pack vs checkpoint: kld {kld} top1 {top1} bpw_body {bpw}");
     assert!(kld > 0.0 && kld < 0.1, "kld {kld}");
     assert!(top1 > 0.8, "top1 {top1}");
     let from_checkpoint = run(m.path(), &[]);
