@@ -281,3 +281,31 @@ fn mamba_bad_input_is_refused_by_name() {
         refused(m.path(), &[tensor, "model.safetensors", "shape"]);
     }
 }
+
+/// `uc serve` and `uc bench` on a Mamba pack: greedy completions decode with the
+/// recurrent state, give `uc run`'s text, and a second request (a reset decoder) the
+/// same; bench reports decode throughput.
+#[test]
+fn mamba_pack_serves_and_benches() {
+    let m = model_with_tokenizer("mamba");
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = rtn_pack(m.path(), tmp.path());
+    let want = run(&pack, &["--temperature", "0"]);
+    let s = serve(&pack, &[]);
+    let body = serde_json::json!({
+        "model": s.model,
+        "prompt": "The quick brown fox",
+        "max_tokens": 16,
+        "temperature": 0,
+    });
+    let text = |v: &serde_json::Value| v["choices"][0]["text"].as_str().unwrap().to_string();
+    let (status, first) = post(&s, "/v1/completions", &body);
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["usage"]["completion_tokens"], 16);
+    assert_eq!(text(&first), want.trim_end_matches('\n'));
+    let (_, second) = post(&s, "/v1/completions", &body);
+    assert_eq!(text(&second), text(&first));
+    drop(s);
+    let b = json_of(&uc(&["bench", pack.to_str().unwrap(), "--json"], &[]));
+    assert!(b.to_string().contains("decode"), "{b}");
+}

@@ -2,8 +2,10 @@
 //! of uc-model) with a character-level tokenizer, and a runner for the `uc` binary.
 #![allow(dead_code)]
 
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The uc-model fixture `name`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -185,4 +187,77 @@ pub fn refused(m: &Path, names: &[&str]) {
     for n in names {
         assert!(err.contains(n), "run's stderr does not name {n:?}: {err}");
     }
+}
+
+/// A running `uc serve`; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub model: String,
+    pub fingerprint: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `uc serve PACK --port 0 --json --threads 1 EXTRA` and reads its first line.
+pub fn serve(pack: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uc"))
+        .args(["serve", pack.to_str().unwrap(), "--port", "0", "--json"])
+        .args(["--threads", "1"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.is_empty() {
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        panic!("uc serve did not start: {err}");
+    }
+    let v: Value = serde_json::from_str(&line).unwrap();
+    Server {
+        url: v["listening"].as_str().unwrap().to_string(),
+        model: v["model"].as_str().unwrap().to_string(),
+        fingerprint: v["fingerprint"].as_str().unwrap().to_string(),
+        child,
+    }
+}
+
+/// `curl -i` a request; returns (status, headers lowercased, body).
+pub fn curl(url: &str, body: Option<&str>) -> (u16, String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-i", "-N", "--max-time", "60", url]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    let out = cmd.output().expect("curl must be installed");
+    assert!(out.status.success(), "curl failed: {:?}", out.status);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, head.to_lowercase(), body.to_string())
+}
+
+/// POSTs `body` to `route`; (status, JSON body or null).
+pub fn post(s: &Server, route: &str, body: &Value) -> (u16, Value) {
+    let (status, _, b) = curl(&format!("{}{route}", s.url), Some(&body.to_string()));
+    (status, serde_json::from_str(&b).unwrap_or(Value::Null))
 }
