@@ -309,3 +309,28 @@ fn mamba_pack_serves_and_benches() {
     let b = json_of(&uc(&["bench", pack.to_str().unwrap(), "--json"], &[]));
     assert!(b.to_string().contains("decode"), "{b}");
 }
+
+/// An overlay rank wider than a tensor is capped at what the tensor allows (as a rotation
+/// block is): dt_proj is `time_step_rank` = 2 columns wide, so `--rank 4` gives it rank 2
+/// and the other linears rank 4, under a budget and with fixed bits.
+#[test]
+fn mamba_overlay_rank_is_capped_at_dt_projs_width() {
+    let m = model_with_tokenizer("mamba");
+    let text = text_file(m.path());
+    // (Rank-4 overlays cost 4 * (rows + cols) bf16 values: above 5 bpw at these widths.)
+    for extra in [
+        &["--rank", "4", "--bpw", "7"][..],
+        &["--rank", "4", "--bits", "4"][..],
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (pack, _) = compress(m.path(), tmp.path(), &text, extra, "2");
+        verify_passes(&pack);
+        for (name, enc) in encodings(&pack) {
+            if name.ends_with("dt_proj.weight") {
+                assert!(enc.contains("r2"), "{name}: {enc}");
+            } else if name.contains(".mixer.") && name.ends_with("proj.weight") {
+                assert!(enc.contains("r4"), "{name}: {enc}");
+            }
+        }
+    }
+}

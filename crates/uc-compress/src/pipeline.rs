@@ -323,12 +323,8 @@ fn quantize_into(
             "{name}: expected a 2-D weight, got {shape:?}"
         )));
     };
-    // A rotation request is a largest block: each tensor gets the largest supported
-    // block dividing its width (none if there is none).
-    let spec = &CodecSpec {
-        rot: uc_codec::rotation::block_for(cols, spec.rot),
-        ..*spec
-    };
+    // Rotation block and overlay rank as this tensor's shape allows.
+    let spec = &crate::alloc::per_tensor(spec, rows, cols);
     if spec.rot > 0 && spec.rank > 0 {
         return Err(CompressError::Settings(format!(
             "{name}: a low-rank overlay together with a rotation is not supported"
@@ -756,10 +752,7 @@ fn probe(
         for (k, lin) in block_linears(cfg, layer).iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
             let (w, rows, cols) = weight_of(&block, k);
-            let spec = CodecSpec {
-                rot: uc_codec::rotation::block_for(cols, spec.rot),
-                ..spec
-            };
+            let spec = crate::alloc::per_tensor(&spec, rows, cols);
             let qt = uc_codec::encode_rtn(&w, rows, cols, &spec, None).map_err(codec_err(&name))?;
             let recon = model_recon(&name, &qt)?;
             let teacher =
