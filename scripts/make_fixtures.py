@@ -41,6 +41,7 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
+    MambaConfig,
     MistralConfig,
     MixtralConfig,
     OlmoeConfig,
@@ -208,6 +209,20 @@ def fixture_specs():
                     tie_word_embeddings=False),
         1013, "legacy", torch.float32, None,
     ))
+    # State-space family (issue 12, Mamba part): hidden 32, d_inner = expand * hidden = 64,
+    # state 8, conv kernel 4, time_step_rank "auto" (ceil(32 / 16) = 2), biases on in_proj
+    # and out_proj (use_bias) so the optional biases are exercised, tied head. transformers
+    # runs its torch path here (no CUDA kernels on CPU): MambaMixer's causal conv1d and the
+    # sequential selective scan.
+    specs.append((
+        "mamba",
+        MambaConfig(vocab_size=VOCAB, hidden_size=32, state_size=8, expand=2, conv_kernel=4,
+                    num_hidden_layers=2, time_step_rank="auto", use_bias=True,
+                    use_conv_bias=True, layer_norm_epsilon=1e-5, residual_in_fp32=True,
+                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=None, use_mambapy=False),
+        1014, "as_saved", torch.float32, None,
+    ))
     return specs
 
 
@@ -221,11 +236,21 @@ def randomize_(model, gen):
     """
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight") or "layernorm" in name:
                 v = 0.5 + torch.rand(p.shape, generator=gen, dtype=torch.float32)
+            elif name.endswith("mixer.A_log"):
+                # Mamba's S4D-real init log(1..N) per channel, jittered: A = -exp(A_log).
+                n = p.shape[1]
+                base = torch.log(torch.arange(1, n + 1, dtype=torch.float32))[None, :]
+                v = base + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            elif name.endswith("mixer.D"):
+                v = 0.5 + torch.rand(p.shape, generator=gen, dtype=torch.float32)
+            elif name.endswith("mixer.conv1d.weight"):
+                # Depthwise causal conv (d_inner, 1, kernel).
+                v = torch.randn(p.shape, generator=gen, dtype=torch.float32) / (p.shape[2] ** 0.5)
             elif name.endswith(".bias"):
                 v = 0.5 * torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            elif "embed_tokens" in name:
+            elif "embed_tokens" in name or name.endswith("embeddings.weight"):
                 v = torch.randn(p.shape, generator=gen, dtype=torch.float32)
             elif p.dim() == 2:
                 # Linears and MoE routers (`mlp.gate.weight`, (experts, hidden)).
@@ -300,7 +325,9 @@ def make_one(out_dir, name, config, seed, style, save_dtype, shard):
     os.makedirs(d)
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    # Mamba has no attention to choose an implementation for.
+    attn = {} if config.model_type == "mamba" else {"attn_implementation": "eager"}
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **attn)
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     randomize_(model, gen)
@@ -318,12 +345,15 @@ def make_one(out_dir, name, config, seed, style, save_dtype, shard):
     checks = {}
     # eager vs sdpa: a sanity check of the reference itself (should agree to ~1e-6).
     # (Gemma-2 has no sdpa path: soft-capping needs the scores.)
-    try:
-        model.set_attn_implementation("sdpa")
-        checks["max_abs_eager_vs_sdpa"] = float((forward_logits(model, ids) - logits).abs().max())
-    except ValueError:
+    if config.model_type == "mamba":
         checks["max_abs_eager_vs_sdpa"] = float("nan")
-    model.set_attn_implementation("eager")
+    else:
+        try:
+            model.set_attn_implementation("sdpa")
+            checks["max_abs_eager_vs_sdpa"] = float((forward_logits(model, ids) - logits).abs().max())
+        except ValueError:
+            checks["max_abs_eager_vs_sdpa"] = float("nan")
+        model.set_attn_implementation("eager")
 
     # Save the weights.
     save_model = copy.deepcopy(model).to(save_dtype) if save_dtype != torch.float32 else model
@@ -349,8 +379,9 @@ def make_one(out_dir, name, config, seed, style, save_dtype, shard):
 
     # Round trip: reload the written files with transformers, recompute, must be identical.
     re_cfg = AutoConfig.from_pretrained(d)
-    assert re_cfg.rope_parameters == config.rope_parameters, (re_cfg.rope_parameters, config.rope_parameters)
-    re = AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32)
+    rp = (getattr(re_cfg, "rope_parameters", None), getattr(config, "rope_parameters", None))
+    assert rp[0] == rp[1], rp
+    re = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **attn)
     re.eval()
     re_logits = forward_logits(re, ids)
     checks["max_abs_reload"] = float((re_logits - logits).abs().max())
@@ -420,6 +451,18 @@ def make_one(out_dir, name, config, seed, style, save_dtype, shard):
             h.remove()
         checks["min_routing_gap"] = min(gaps)
         assert checks["min_routing_gap"] > 1e-4, gaps
+    if name == "mamba":
+        # The committed names are the hub's (backbone.*, mixer.*), the slow torch path ran,
+        # and decode with the recurrent cache (conv window + ssm state) gives the same last
+        # logits as the whole window (the property uc's decoder is tested for too).
+        assert "backbone.layers.0.mixer.A_log" in sd and "backbone.embeddings.weight" in sd
+        assert sd["backbone.layers.0.mixer.conv1d.weight"].shape == (64, 1, 4)
+        assert sd["backbone.layers.0.mixer.x_proj.weight"].shape == (2 + 2 * 8, 64)
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :-1], use_cache=True)
+            step = model(input_ids=ids[:, -1:], cache_params=out.cache_params, use_cache=True)
+        checks["max_abs_decode_vs_window"] = float((step.logits[:, -1] - logits[:, -1]).abs().max())
+        assert checks["max_abs_decode_vs_window"] < 1e-4, checks
     if shard:
         shards = [f for f in os.listdir(d) if f.endswith(".safetensors") and f != "io.safetensors"]
         assert len(shards) >= 2, shards
@@ -456,6 +499,7 @@ def main():
               f"eager_vs_sdpa={c['max_abs_eager_vs_sdpa']:.2e} reload={c['max_abs_reload']:.1e}"
               + (f" vs_unscaled_rope={c['max_abs_vs_unscaled_rope']:.3f}" if "max_abs_vs_unscaled_rope" in c else "")
               + (f" shards={c['shards']}" if "shards" in c else "")
+              + (f" decode_vs_window={c['max_abs_decode_vs_window']:.1e}" if "max_abs_decode_vs_window" in c else "")
               + (f" tokens_per_expert={c['tokens_per_expert']} min_routing_gap={c['min_routing_gap']:.2e}"
                  if "tokens_per_expert" in c else ""))
     # Every fixture in the directory, written now or before.
@@ -463,7 +507,8 @@ def main():
                 for root, _, files in os.walk(args.out_dir) for f in files)
     print(f"total {total} bytes ({total / 1e6:.3f} MB) in {args.out_dir}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
-    # 3.5 MB since the two MoE fixtures (0.58 MB together) joined the ten dense ones.
+    # 3.5 MB since the two MoE fixtures (0.58 MB together) joined the ten dense ones (3.495
+    # MB with the Mamba fixture, 0.11 MB).
     if total >= 3_500_000:
         sys.exit("fixtures exceed 3.5 MB")
 

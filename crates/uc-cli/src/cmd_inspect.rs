@@ -33,11 +33,12 @@ struct Kind {
 
 /// `model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj.weight`; a MoE expert's
 /// index is folded too (`mlp.experts.7.up_proj.weight` -> `mlp.experts.*.up_proj.weight`),
-/// so a model with 128 experts lists one row per projection, not 384.
+/// so a model with 128 experts lists one row per projection, not 384. Mamba's
+/// `backbone.layers.N.` folds the same way.
 fn kind_of(name: &str) -> String {
     let parts: Vec<&str> = name.split('.').collect();
     match parts.as_slice() {
-        ["model", "layers", _, rest @ ..] => {
+        ["model" | "backbone", "layers", _, rest @ ..] => {
             let mut out: Vec<&str> = Vec::with_capacity(rest.len());
             for p in rest {
                 let expert = out.last() == Some(&"experts") && p.parse::<usize>().is_ok();

@@ -5,9 +5,9 @@
 mod common;
 use common::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A chat template in the style of tokenizer_config.json's, over characters the
@@ -41,77 +41,6 @@ fn pack(dir: &Path) -> PathBuf {
     )
     .unwrap();
     rtn_pack(m.path(), dir)
-}
-
-/// A running `uc serve`; killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-    model: String,
-    fingerprint: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(pack: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_uc"))
-        .args(["serve", pack.to_str().unwrap(), "--port", "0", "--json"])
-        .args(["--threads", "1"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    if line.is_empty() {
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        panic!("uc serve did not start: {err}");
-    }
-    let v: Value = serde_json::from_str(&line).unwrap();
-    Server {
-        url: v["listening"].as_str().unwrap().to_string(),
-        model: v["model"].as_str().unwrap().to_string(),
-        fingerprint: v["fingerprint"].as_str().unwrap().to_string(),
-        child,
-    }
-}
-
-/// `curl -i` a request; returns (status, headers lowercased, body).
-fn curl(url: &str, body: Option<&str>) -> (u16, String, String) {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-i", "-N", "--max-time", "60", url]);
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
-    }
-    let out = cmd.output().expect("curl must be installed");
-    assert!(out.status.success(), "curl failed: {:?}", out.status);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    (status, head.to_lowercase(), body.to_string())
-}
-
-fn post(s: &Server, route: &str, body: &Value) -> (u16, Value) {
-    let (status, _, b) = curl(&format!("{}{route}", s.url), Some(&body.to_string()));
-    (status, serde_json::from_str(&b).unwrap_or(Value::Null))
 }
 
 fn chat_body(s: &Server, content: &str, extra: Value) -> Value {

@@ -45,6 +45,21 @@ impl Sensitivity {
     }
 }
 
+/// The codec a `(rows, cols)` tensor gets from a requested `spec`: a rotation request is
+/// a largest block (the largest supported block dividing `cols`, none if there is none;
+/// it does not change the stored bytes), and an overlay rank a largest rank (at most
+/// `min(rows, cols)`, the most an overlay of the tensor can have: Mamba's dt_proj is
+/// only `time_step_rank` columns wide). The encoder and the budget both use this.
+pub fn per_tensor(spec: &CodecSpec, rows: usize, cols: usize) -> CodecSpec {
+    CodecSpec {
+        rot: uc_codec::rotation::block_for(cols, spec.rot),
+        rank: spec
+            .rank
+            .min(u32::try_from(rows.min(cols)).unwrap_or(u32::MAX)),
+        ..*spec
+    }
+}
+
 /// Picks one of `candidates` per tensor so that the stored bits of all tensors are at
 /// most `budget_bpw` times their element count, minimising the summed modelled error.
 /// `candidates` must be sorted by ascending `bits`. Deterministic: ties go to the
@@ -56,12 +71,8 @@ pub fn allocate(
 ) -> Result<Vec<CodecSpec>> {
     let cost = |k: usize, c: usize| -> Result<u64> {
         let s = &sens[k];
-        // A rotation request is resolved per tensor (the largest block dividing its
-        // width), as the encoder does; it does not change the stored bytes.
-        let spec = CodecSpec {
-            rot: uc_codec::rotation::block_for(s.cols, candidates[c].rot),
-            ..candidates[c]
-        };
+        // Rotation and overlay rank are resolved per tensor, as the encoder does.
+        let spec = per_tensor(&candidates[c], s.rows, s.cols);
         spec.stored_bytes(s.rows, s.cols)
             .map(|b| b * 8)
             .map_err(|error| CompressError::Codec {

@@ -20,9 +20,19 @@ use uc_format::memory::{MemoryEstimate, Phase, BASE_BYTES};
 use uc_model::config::ModelConfig;
 
 /// The linears of the largest block: name, rows, cols. A MoE block (Mixtral,
-/// Qwen3-MoE) holds every expert's gate/up/down.
+/// Qwen3-MoE) holds every expert's gate/up/down; a Mamba block its mixer's four.
 fn block_linears(cfg: &ModelConfig) -> Vec<(&'static str, u64, u64)> {
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    if let Some(s) = &cfg.ssm {
+        // A Mamba block: the mixer's four linears (its exact tensors are O(d * state)).
+        let (d, r, n) = (s.d_inner as u64, s.dt_rank as u64, s.state as u64);
+        return vec![
+            ("in_proj", 2 * d, h),
+            ("x_proj", r + 2 * n, d),
+            ("dt_proj", d, r),
+            ("out_proj", h, d),
+        ];
+    }
     let q = (cfg.num_heads * cfg.head_dim) as u64;
     let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
     let mut lin = vec![

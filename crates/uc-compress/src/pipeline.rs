@@ -31,7 +31,10 @@ use uc_format::{
 };
 use uc_model::checkpoint::Checkpoint;
 use uc_model::config::ModelConfig;
-use uc_model::names::{block_linears, block_prefix, moe_router, EMBED, FINAL_NORM, LM_HEAD};
+use uc_model::names::{
+    block_linears, block_prefix, embed as embed_name, final_norm, mamba_exact, moe_router, LM_HEAD,
+    MAMBA_NORM,
+};
 use uc_model::source::WeightSource;
 use uc_runtime::linear::{DenseLinear, Linear};
 use uc_runtime::staged::{Paused, Stager, Step, Tap};
@@ -323,12 +326,8 @@ fn quantize_into(
             "{name}: expected a 2-D weight, got {shape:?}"
         )));
     };
-    // A rotation request is a largest block: each tensor gets the largest supported
-    // block dividing its width (none if there is none).
-    let spec = &CodecSpec {
-        rot: uc_codec::rotation::block_for(cols, spec.rot),
-        ..*spec
-    };
+    // Rotation block and overlay rank as this tensor's shape allows.
+    let spec = &crate::alloc::per_tensor(spec, rows, cols);
     if spec.rot > 0 && spec.rank > 0 {
         return Err(CompressError::Settings(format!(
             "{name}: a low-rank overlay together with a rotation is not supported"
@@ -546,7 +545,7 @@ pub fn compress(
         }
         let start = Instant::now();
         let mut c = ContainerBuilder::new(&file)?;
-        let p = block_prefix(layer);
+        let p = block_prefix(&cfg, layer);
         let mut out_rel_mse = None;
         let mut expert_tokens = Vec::new();
         match stream.as_mut() {
@@ -590,22 +589,34 @@ pub fn compress(
             let router = format!("{p}.{}.weight", moe_router(cfg.family));
             dense_into(&ck, &mut c, &router, Role::Other)?;
         }
-        // The family's norms (required: a missing one is an error naming it, not a pack
-        // that cannot run), in the order Llama-family packs have always been written.
-        let slots = uc_model::names::block_norms(cfg.norm_layout);
-        let qk = cfg.qk_norm != uc_model::config::QkNorm::None;
-        for norm in [
-            "input_layernorm",
-            "post_attention_layernorm",
-            "pre_feedforward_layernorm",
-            "post_feedforward_layernorm",
-            "self_attn.q_norm",
-            "self_attn.k_norm",
-        ] {
-            let name = format!("{p}.{norm}.weight");
-            let required = slots.contains(&Some(norm)) || (qk && norm.starts_with("self_attn."));
-            if required || ck.contains(&name) {
-                dense_into(&ck, &mut c, &name, Role::Norm)?;
+        if cfg.ssm.is_some() {
+            // Mamba: the norm, and the mixer's conv, A_log, D and biases, all exact (f32):
+            // they are few (O(d_inner * (state + kernel)) per block) and the recurrence
+            // compounds their errors over every position.
+            dense_into(&ck, &mut c, &format!("{p}.{MAMBA_NORM}"), Role::Norm)?;
+            for name in mamba_exact(&cfg) {
+                dense_into(&ck, &mut c, &format!("{p}.{name}"), Role::Other)?;
+            }
+        } else {
+            // The family's norms (required: a missing one is an error naming it, not a
+            // pack that cannot run), in the order Llama-family packs have always been
+            // written.
+            let slots = uc_model::names::block_norms(cfg.norm_layout);
+            let qk = cfg.qk_norm != uc_model::config::QkNorm::None;
+            for norm in [
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+                "self_attn.q_norm",
+                "self_attn.k_norm",
+            ] {
+                let name = format!("{p}.{norm}.weight");
+                let required =
+                    slots.contains(&Some(norm)) || (qk && norm.starts_with("self_attn."));
+                if required || ck.contains(&name) {
+                    dense_into(&ck, &mut c, &name, Role::Norm)?;
+                }
             }
         }
         writer.write_container(c)?;
@@ -620,7 +631,13 @@ pub fn compress(
     drop(stream); // the streams' memory, before the embedding is read and encoded
     if !done(&writer, GLOBALS_CONTAINER) {
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
-        tensors.push(quantize_from(&ck, &mut c, EMBED, Role::Embed, &opts.embed)?);
+        tensors.push(quantize_from(
+            &ck,
+            &mut c,
+            embed_name(cfg.family),
+            Role::Embed,
+            &opts.embed,
+        )?);
         if !cfg.tie_word_embeddings {
             tensors.push(quantize_from(
                 &ck,
@@ -630,7 +647,7 @@ pub fn compress(
                 &opts.embed,
             )?);
         }
-        dense_into(&ck, &mut c, FINAL_NORM, Role::Norm)?;
+        dense_into(&ck, &mut c, final_norm(cfg.family), Role::Norm)?;
         writer.write_container(c)?;
     }
     progress(Event::GlobalsDone);
@@ -657,11 +674,12 @@ pub fn compress(
 fn embed(ck: &Checkpoint, ids: &[u32]) -> Result<Vec<f32>> {
     let cfg = ck.config();
     let (vocab, h) = (cfg.vocab_size, cfg.hidden_size);
-    let (table, shape) = ck.tensor_f32(EMBED)?;
+    let name = embed_name(cfg.family);
+    let (table, shape) = ck.tensor_f32(name)?;
     if shape != [vocab, h] {
         return Err(uc_model::ModelError::ShapeMismatch {
-            name: EMBED.into(),
-            file: ck.file_of(EMBED).unwrap_or(ck.dir()).to_path_buf(),
+            name: name.into(),
+            file: ck.file_of(name).unwrap_or(ck.dir()).to_path_buf(),
             found: shape,
             expected: vec![vocab, h],
         }
@@ -741,20 +759,16 @@ fn probe(
                 Step::Done(y) => break y,
             }
         };
-        let p = block_prefix(layer);
-        let experts = block.experts();
+        let p = block_prefix(cfg, layer);
         for (k, lin) in block_linears(cfg, layer).iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
             let (w, rows, cols) = weight_of(&block, k);
-            let spec = CodecSpec {
-                rot: uc_codec::rotation::block_for(cols, spec.rot),
-                ..spec
-            };
+            let spec = crate::alloc::per_tensor(&spec, rows, cols);
             let qt = uc_codec::encode_rtn(&w, rows, cols, &spec, None).map_err(codec_err(&name))?;
             let recon = model_recon(&name, &qt)?;
             let teacher =
                 std::mem::replace(&mut block.linears[k], dense(&name, recon, rows, cols)?);
-            let tap = Tap::of_linear(k, experts);
+            let tap = Tap::of_block_linear(&block, k);
             let probed = stager.finish(&block, stages[tap.index()].clone());
             block.linears[k] = teacher;
             out.push(Sensitivity {
@@ -916,7 +930,7 @@ impl Stream {
             stud.push(Some(st.begin(&student, x)?));
         }
         let mut next_teacher = Vec::with_capacity(total);
-        let p = block_prefix(layer);
+        let p = block_prefix(loader.config(), layer);
         let names = block_linears(loader.config(), layer);
         let mut summaries = Vec::with_capacity(names.len());
         let experts = student.experts();
@@ -1061,7 +1075,7 @@ impl Stream {
             // The teacher's weights of this stage; past the last stage's statistics the
             // teacher block is not needed any more (its forward is finished), and goes
             // before the solves allocate.
-            let linears = tap.linears_of(experts);
+            let linears = tap.linears_in(&student);
             let ws: Vec<(Vec<f32>, usize, usize)> =
                 linears.iter().map(|&k| weight_of(teacher, k)).collect();
             if tap == Tap::MlpDown {

@@ -368,7 +368,8 @@ fn gguf_arch(cfg: &ModelConfig) -> Result<Arch, ExportError> {
         | Family::Gemma3
         | Family::Mixtral
         | Family::Qwen3Moe
-        | Family::Olmoe => Err(ExportError::Unsupported(format!(
+        | Family::Olmoe
+        | Family::Mamba => Err(ExportError::Unsupported(format!(
             "GGUF export of {:?} (only the Llama family: llama, mistral, qwen2, qwen3)",
             cfg.family
         ))),

@@ -196,7 +196,7 @@ fn split_fused(
         cfg.num_kv_heads * cfg.head_dim,
     );
     for layer in 0..cfg.num_layers {
-        let p = block_prefix(layer);
+        let p = block_prefix(cfg, layer);
         for (fused, parts) in [
             (FUSED_QKV, &[(0, q), (1, kv), (2, kv)][..]),
             (FUSED_GATE_UP, &[(4, i), (5, i)][..]),
@@ -252,7 +252,7 @@ fn split_fused_experts(
     };
     let (h, i, n) = (cfg.hidden_size, moe.expert_intermediate, moe.num_experts);
     for layer in (0..cfg.num_layers).filter(|&l| cfg.experts_of(l) > 0) {
-        let p = block_prefix(layer);
+        let p = block_prefix(cfg, layer);
         let [router, gate_up, down] = FUSED_EXPERTS.map(|f| format!("{p}.{f}"));
         let gate_up_name = gate_up;
         let Some(gu) = tensors.remove(&gate_up_name) else {

@@ -1,6 +1,7 @@
 //! `config.json` of a Hugging Face decoder checkpoint, parsed and checked: the Llama
 //! family (llama, mistral, qwen2, qwen3), OLMo-2, Phi-3, Gemma-2, Gemma-3 (text), and the
-//! mixture-of-experts families Mixtral, Qwen3-MoE and OLMoE ([`Moe`]).
+//! mixture-of-experts families Mixtral, Qwen3-MoE and OLMoE ([`Moe`]), and the state-space
+//! family Mamba ([`Ssm`]).
 //!
 //! Every family difference the engine needs is turned into data here (norm layout, q/k
 //! norm width, activation, embedding scale, attention scale and soft-caps, per-layer
@@ -48,10 +49,13 @@ pub enum Family {
     /// OLMoE: Llama's pre-norms, q/k RMSNorm over the whole projection (as OLMo-2), a
     /// mixture-of-experts MLP in every block.
     Olmoe,
+    /// Mamba (`MambaForCausalLM`): no attention, no MLP; each block is an RMSNorm and a
+    /// selective state-space mixer ([`Ssm`]) added to the residual.
+    Mamba,
 }
 
 const SUPPORTED: &str =
-    "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text, mixtral, qwen3_moe, olmoe";
+    "llama, mistral, qwen2, qwen3, olmo2, phi3, gemma2, gemma3_text, mixtral, qwen3_moe, olmoe, mamba";
 
 /// Where a block's RMSNorms sit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -115,6 +119,7 @@ impl Family {
             "mixtral" => Some(Family::Mixtral),
             "qwen3_moe" => Some(Family::Qwen3Moe),
             "olmoe" => Some(Family::Olmoe),
+            "mamba" => Some(Family::Mamba),
             _ => None,
         }
     }
@@ -162,6 +167,29 @@ pub struct Moe {
     pub norm_topk_prob: bool,
     /// Per layer: a MoE MLP (`true`) or a dense one.
     pub layers: Vec<bool>,
+}
+
+/// A Mamba block's selective state-space mixer (transformers' `MambaMixer`), shapes with
+/// `d = d_inner`, `N = state`, `R = dt_rank`, `K = conv_kernel`:
+/// `in_proj (2d, hidden)` -> x, z; x through a causal depthwise conv `(d, 1, K)` and SiLU;
+/// `x_proj (R + 2N, d)` -> dt, B, C; `dt = softplus(dt_proj (d, R) . dt + dt_bias)`;
+/// per channel `h_t = exp(dt A) h_{t-1} + dt B_t x_t`, `y_t = C_t . h_t + D x_t`, with
+/// `A = -exp(A_log) (d, N)`; `out_proj (hidden, d)` of `y * silu(z)`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Ssm {
+    /// Inner width `d` (`intermediate_size` = `expand * hidden_size`).
+    pub d_inner: usize,
+    /// State size per channel `N` (`state_size`).
+    pub state: usize,
+    /// Causal conv width `K` (`conv_kernel`).
+    pub conv_kernel: usize,
+    /// Rank of the time-step projection `R` (`time_step_rank`; "auto" =
+    /// `ceil(hidden / 16)`).
+    pub dt_rank: usize,
+    /// in_proj and out_proj have biases (`use_bias`).
+    pub use_bias: bool,
+    /// The conv has a bias (`use_conv_bias`).
+    pub use_conv_bias: bool,
 }
 
 /// Most experts a config may declare (the largest hub models have 512): a bigger number
@@ -228,6 +256,10 @@ pub struct ModelConfig {
     pub final_softcap: Option<f64>,
     /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE); `None` for dense models.
     pub moe: Option<Moe>,
+    /// Mamba's state-space mixer; `None` for the attention families. A Mamba config has
+    /// no heads (`num_heads`, `num_kv_heads`, `head_dim`, `rotary_dim` are 0, so no KV
+    /// cache is allocated) and no position limit of its own.
+    pub ssm: Option<Ssm>,
 }
 
 impl ModelConfig {
@@ -268,10 +300,16 @@ impl ModelConfig {
         self.intermediate_size.max(e)
     }
 
-    /// Weights of the largest block's MLP (all experts of a MoE block, plus its router),
-    /// for memory plans.
+    /// Weights of the largest block's MLP (all experts of a MoE block, plus its router;
+    /// a Mamba block's whole mixer), for memory plans.
     pub fn max_mlp_params(&self) -> usize {
         let h = self.hidden_size;
+        if let Some(s) = &self.ssm {
+            // A Mamba block's mixer, which stands where the MLP would: in_proj, out_proj,
+            // x_proj, dt_proj, and the exact conv, A, D and biases.
+            let (d, n, r) = (s.d_inner, s.state, s.dt_rank);
+            return 3 * h * d + d * (r + 2 * n) + d * r + d * (s.conv_kernel + n + 5);
+        }
         let dense = 3 * h * self.intermediate_size;
         match &self.moe {
             Some(m) if m.layers.iter().any(|&l| l) => dense.max(
@@ -323,6 +361,13 @@ struct Raw {
     decoder_sparse_step: Option<usize>,
     mlp_only_layers: Option<Vec<usize>>,
     clip_qkv: Option<f64>,
+    state_size: Option<usize>,
+    expand: Option<usize>,
+    conv_kernel: Option<usize>,
+    time_step_rank: Option<serde_json::Value>,
+    layer_norm_epsilon: Option<f64>,
+    use_bias: Option<bool>,
+    use_conv_bias: Option<bool>,
 }
 
 /// Upper bound on any one dimension: a header that asks for more is corrupt, and
@@ -365,6 +410,9 @@ impl ModelConfig {
             }
             Ok(v)
         };
+        if family == Family::Mamba {
+            return parse_mamba(&raw, &need, &bad);
+        }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
         let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
@@ -427,9 +475,13 @@ impl ModelConfig {
         let sliding_layers = sliding_layers(&raw, family, num_layers).map_err(&bad)?;
         let rotary_dim = rotary_dim(&raw, head_dim).map_err(&bad)?;
         let (norm_layout, qk_norm) = match family {
-            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Mixtral => {
-                (NormLayout::Pre, QkNorm::None)
-            }
+            // (Mamba returned above; its one norm is the pre-mixer slot.)
+            Family::Llama
+            | Family::Mistral
+            | Family::Qwen2
+            | Family::Phi3
+            | Family::Mixtral
+            | Family::Mamba => (NormLayout::Pre, QkNorm::None),
             Family::Qwen3 | Family::Qwen3Moe => (NormLayout::Pre, QkNorm::PerHead),
             Family::Olmo2 => (NormLayout::Post, QkNorm::Whole),
             Family::Olmoe => (NormLayout::Pre, QkNorm::Whole),
@@ -515,8 +567,99 @@ impl ModelConfig {
             attn_softcap,
             final_softcap,
             moe,
+            ssm: None,
         })
     }
+}
+
+/// A Mamba `config.json` (transformers' `MambaConfig`; its defaults where a key is
+/// absent). The `time_step_*` init fields, `residual_in_fp32` (the engine is f32
+/// throughout) and `use_mambapy` / `use_associative_scan` (other ways to run the same scan)
+/// do not change the forward and are ignored.
+fn parse_mamba(
+    raw: &Raw,
+    need: &dyn Fn(Option<usize>, &str) -> Result<usize>,
+    bad: &dyn Fn(String) -> ModelError,
+) -> Result<ModelConfig> {
+    let hidden_size = need(raw.hidden_size, "hidden_size")?;
+    let num_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+    let vocab_size = need(raw.vocab_size, "vocab_size")?;
+    let state = need(Some(raw.state_size.unwrap_or(16)), "state_size")?;
+    let expand = need(Some(raw.expand.unwrap_or(2)), "expand")?;
+    let conv_kernel = need(Some(raw.conv_kernel.unwrap_or(4)), "conv_kernel")?;
+    // transformers derives intermediate_size = expand * hidden_size (and writes it); a
+    // config stating another width describes tensors its own class would not build.
+    let d_inner = need(expand.checked_mul(hidden_size), "expand * hidden_size")?;
+    if let Some(i) = raw.intermediate_size {
+        if i != d_inner {
+            return Err(bad(format!(
+                "intermediate_size {i} is not expand * hidden_size = {expand} * {hidden_size}"
+            )));
+        }
+    }
+    let dt_rank = match &raw.time_step_rank {
+        None => hidden_size.div_ceil(16),
+        Some(serde_json::Value::String(s)) if s == "auto" => hidden_size.div_ceil(16),
+        Some(v) => need(
+            v.as_u64().and_then(|r| usize::try_from(r).ok()),
+            "time_step_rank (a positive integer or \"auto\")",
+        )?,
+    };
+    let eps = raw.layer_norm_epsilon.unwrap_or(1e-5);
+    if !(eps.is_finite() && eps > 0.0) {
+        return Err(bad(format!("layer_norm_epsilon {eps} must be positive")));
+    }
+    match raw.hidden_act.as_deref() {
+        None | Some("silu") | Some("swish") => {}
+        Some(other) => {
+            return Err(bad(format!(
+                "hidden_act {other:?} is not supported for mamba (only silu)"
+            )))
+        }
+    }
+    Ok(ModelConfig {
+        family: Family::Mamba,
+        hidden_size,
+        intermediate_size: d_inner,
+        num_layers,
+        num_heads: 0,
+        num_kv_heads: 0,
+        head_dim: 0,
+        vocab_size,
+        rms_norm_eps: eps,
+        rope: Rope {
+            theta: 10000.0,
+            llama3: None,
+            linear: None,
+        },
+        // A recurrence has no trained context length; this only bounds a decoder's
+        // position counter.
+        max_position_embeddings: MAX_DIM,
+        // MambaConfig's default: tied (the hub's mamba-*-hf checkpoints have no lm_head).
+        tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
+        attention_bias: false,
+        sliding_window: None,
+        sliding_layers: vec![false; num_layers],
+        local_rope: None,
+        rotary_dim: 0,
+        norm_layout: NormLayout::Pre,
+        norm_unit_offset: false,
+        qk_norm: QkNorm::None,
+        activation: Activation::Silu,
+        embed_scale: None,
+        attn_scalar: 1.0,
+        attn_softcap: None,
+        final_softcap: None,
+        moe: None,
+        ssm: Some(Ssm {
+            d_inner,
+            state,
+            conv_kernel,
+            dt_rank,
+            use_bias: raw.use_bias.unwrap_or(false),
+            use_conv_bias: raw.use_conv_bias.unwrap_or(true),
+        }),
+    })
 }
 
 /// The mixture-of-experts settings of Mixtral and Qwen3-MoE (`None` for the dense
@@ -1130,6 +1273,62 @@ mod tests {
         assert_eq!(c.rms_norm_eps, 1e-5);
         let e = parse(&format!(r#"{{"model_type":"olmoe",{MOE},"clip_qkv":8.0}}"#)).unwrap_err();
         assert!(e.to_string().contains("clip_qkv"), "{e}");
+    }
+
+    const MAMBA: &str = r#""model_type":"mamba","hidden_size":40,"num_hidden_layers":2,
+        "vocab_size":128"#;
+
+    #[test]
+    fn mamba_defaults_and_auto_rank() {
+        let c = parse(&format!(r#"{{{MAMBA}}}"#)).unwrap();
+        assert_eq!(c.family, Family::Mamba);
+        let s = c.ssm.as_ref().unwrap();
+        // MambaConfig defaults: state 16, expand 2, conv 4, rank ceil(40 / 16) = 3.
+        assert_eq!(
+            (s.d_inner, s.state, s.conv_kernel, s.dt_rank),
+            (80, 16, 4, 3)
+        );
+        assert!(!s.use_bias && s.use_conv_bias && c.tie_word_embeddings);
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (0, 0, 0));
+        assert_eq!((c.intermediate_size, c.rms_norm_eps), (80, 1e-5));
+        let c = parse(&format!(
+            r#"{{{MAMBA},"time_step_rank":5,"state_size":4,"expand":3,"intermediate_size":120,
+            "use_bias":true,"layer_norm_epsilon":1e-6,"tie_word_embeddings":false,
+            "time_step_min":0.001,"residual_in_fp32":true}}"#
+        ))
+        .unwrap();
+        let s = c.ssm.unwrap();
+        assert_eq!(
+            (s.d_inner, s.state, s.dt_rank, s.use_bias),
+            (120, 4, 5, true)
+        );
+        assert!(!c.tie_word_embeddings);
+        assert!(c.moe.is_none());
+        let auto = parse(&format!(r#"{{{MAMBA},"time_step_rank":"auto"}}"#)).unwrap();
+        assert_eq!(auto.ssm.unwrap().dt_rank, 3);
+    }
+
+    #[test]
+    fn mamba_bad_fields_are_named() {
+        for (extra, field) in [
+            (r#""time_step_rank":"big""#, "time_step_rank"),
+            (r#""time_step_rank":0"#, "time_step_rank"),
+            (r#""state_size":0"#, "state_size"),
+            (r#""conv_kernel":0"#, "conv_kernel"),
+            (r#""intermediate_size":64"#, "intermediate_size"),
+            (r#""layer_norm_epsilon":-1"#, "layer_norm_epsilon"),
+            (r#""hidden_act":"gelu""#, "hidden_act"),
+        ] {
+            let e = parse(&format!(r#"{{{MAMBA},{extra}}}"#)).unwrap_err();
+            let m = e.to_string();
+            assert!(
+                m.contains(field) && m.contains("config.json"),
+                "{extra}: {m}"
+            );
+            assert!(matches!(e, ModelError::BadConfig { .. }));
+        }
+        let e = parse(r#"{"model_type":"mamba","hidden_size":64,"vocab_size":8}"#).unwrap_err();
+        assert!(e.to_string().contains("num_hidden_layers"), "{e}");
     }
 
     #[test]

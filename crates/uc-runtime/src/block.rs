@@ -21,6 +21,13 @@
 //! over the token's top-k experts, added in ascending expert order (as transformers'
 //! `index_add_` loop does), so the sum is the same whatever the thread count.
 //!
+//! A Mamba block (`ssm` settings) has no attention and no MLP: `x += out_proj(mixer(
+//! rms_norm(x)))`, run as four pieces that pause at the same four places (the inputs of
+//! in_proj, x_proj, dt_proj, out_proj): [`Ctx::attn_input`] (its norm is the attention-input
+//! slot), [`Ctx::ssm_in`] (in_proj, causal conv, SiLU), [`Ctx::ssm_x`] (x_proj),
+//! [`Ctx::ssm_scan`] (dt_proj, selective scan, gate) and [`Ctx::ssm_out`]; the recurrent
+//! state ([`crate::ssm::State`]) replaces the K/V cache. See [`crate::ssm`].
+//!
 //! Family differences are data in [`ModelConfig`] and [`BlockWeights`] (which norms
 //! exist, their widths, the activation, scales, windows, rotary tables): there is one
 //! attention and one MLP.
@@ -51,6 +58,7 @@ use crate::kernels::Isa;
 use crate::linear::{self, Linear, Op, Par};
 use crate::moe::Routes;
 use crate::rotary::Tables;
+use crate::ssm;
 use crate::weights::BlockWeights;
 use rayon::prelude::*;
 use uc_model::config::{Activation, ModelConfig};
@@ -93,6 +101,40 @@ pub(crate) struct Work {
     act: Vec<f32>,
     xe: Vec<f32>,
     ye: Vec<f32>,
+    /// Mamba blocks' buffers; `None` for the attention families.
+    ssm: Option<SsmWork>,
+}
+
+/// A Mamba block's activations for `n` tokens (`d = d_inner`, `R = dt_rank`, `N = state`).
+pub(crate) struct SsmWork {
+    /// in_proj's output `(n, 2d)`: x then z per row.
+    pub(crate) xz: Vec<f32>,
+    /// Conv + SiLU output `(n, d)` (input of x_proj), and the gate z `(n, d)`.
+    pub(crate) u: Vec<f32>,
+    pub(crate) z: Vec<f32>,
+    /// x_proj's output `(n, R + 2N)`: dt, B, C per row.
+    pub(crate) dbc: Vec<f32>,
+    /// Its first `R` columns `(n, R)` (input of dt_proj).
+    pub(crate) dtl: Vec<f32>,
+    /// dt_proj's output `(n, d)`, then the gated scan output `(n, d)` (input of out_proj).
+    pub(crate) dt: Vec<f32>,
+    pub(crate) y: Vec<f32>,
+}
+
+impl SsmWork {
+    pub(crate) fn new(s: &uc_model::config::Ssm, n: usize) -> Self {
+        let (d, r) = (s.d_inner, s.dt_rank);
+        let z = |k: usize| vec![0f32; n * k];
+        SsmWork {
+            xz: z(2 * d),
+            u: z(d),
+            z: z(d),
+            dbc: z(r + 2 * s.state),
+            dtl: z(r),
+            dt: z(d),
+            y: z(d),
+        }
+    }
 }
 
 impl Work {
@@ -121,6 +163,7 @@ impl Work {
             act: vec![0f32; act],
             xe: vec![0f32; xe],
             ye: vec![0f32; xe],
+            ssm: cfg.ssm.as_ref().map(|s| SsmWork::new(s, n)),
         }
     }
 }
@@ -195,6 +238,112 @@ impl Ctx<'_> {
             }
         }
         self.mlp_residual(b, &mut w.o, x);
+    }
+
+    /// A Mamba block on `x (n, hidden)` in place, advancing the recurrent state `st`
+    /// (which must be zeros at a sequence start).
+    pub(crate) fn ssm_block(
+        &self,
+        b: &BlockWeights,
+        st: &mut ssm::State,
+        x: &mut [f32],
+        w: &mut Work,
+    ) {
+        let Some(sw) = w.ssm.as_mut() else {
+            unreachable!("Work of a Mamba config has its buffers");
+        };
+        self.attn_input(b, x, &mut w.xn);
+        self.ssm_in(b, &w.xn, &mut sw.xz, &mut st.conv, &mut sw.u, &mut sw.z);
+        self.ssm_x(b, &sw.u, &mut sw.dbc, &mut sw.dtl);
+        self.ssm_scan(
+            b, &sw.dtl, &sw.dbc, &sw.u, &sw.z, &mut st.h, &mut sw.dt, &mut sw.y,
+        );
+        self.ssm_out(b, &sw.y, &mut w.o, x);
+    }
+
+    /// Mamba piece 2: `xz (n, 2d) = in_proj(xn) (+ bias)`, `u (n, d) = silu(conv(x))`
+    /// with the conv state `conv (seqs, K - 1, d)` (advanced), `z (n, d)` the gate half.
+    pub(crate) fn ssm_in(
+        &self,
+        b: &BlockWeights,
+        xn: &[f32],
+        xz: &mut [f32],
+        conv: &mut [f32],
+        u: &mut [f32],
+        z: &mut [f32],
+    ) {
+        let (Some(s), Some(sw)) = (&self.cfg.ssm, &b.ssm) else {
+            unreachable!("ssm pieces run on Mamba blocks");
+        };
+        let d = s.d_inner;
+        let bias = sw.in_bias.as_deref();
+        self.linears(
+            &[op(b.linears[0].as_ref(), bias)],
+            xn,
+            self.n,
+            &mut [&mut *xz],
+        );
+        ssm::conv(s, &sw.conv, sw.conv_bias.as_deref(), xz, self.seqs, conv, u);
+        for (zr, xr) in z.chunks_exact_mut(d).zip(xz.chunks_exact(2 * d)) {
+            zr.copy_from_slice(&xr[d..]);
+        }
+    }
+
+    /// Mamba piece 3: `dbc (n, R + 2N) = x_proj(u)`; `dtl (n, R)` its dt columns.
+    pub(crate) fn ssm_x(&self, b: &BlockWeights, u: &[f32], dbc: &mut [f32], dtl: &mut [f32]) {
+        let Some(s) = &self.cfg.ssm else {
+            unreachable!("ssm pieces run on Mamba blocks");
+        };
+        let (r, w) = (s.dt_rank, s.dt_rank + 2 * s.state);
+        self.linears(
+            &[op(b.linears[1].as_ref(), None)],
+            u,
+            self.n,
+            &mut [&mut *dbc],
+        );
+        for (o, row) in dtl.chunks_exact_mut(r).zip(dbc.chunks_exact(w)) {
+            o.copy_from_slice(&row[..r]);
+        }
+    }
+
+    /// Mamba piece 4: `dt (n, d) = dt_proj(dtl)` (its bias added in the scan, before the
+    /// softplus, as transformers does), then the selective scan from the state `h (seqs,
+    /// d, N)` (advanced): `y (n, d) = (C . h + D u) * silu(z)`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn ssm_scan(
+        &self,
+        b: &BlockWeights,
+        dtl: &[f32],
+        dbc: &[f32],
+        u: &[f32],
+        z: &[f32],
+        h: &mut [f32],
+        dt: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let (Some(s), Some(sw)) = (&self.cfg.ssm, &b.ssm) else {
+            unreachable!("ssm pieces run on Mamba blocks");
+        };
+        self.linears(
+            &[op(b.linears[2].as_ref(), None)],
+            dtl,
+            self.n,
+            &mut [&mut *dt],
+        );
+        ssm::scan(s, &sw.a, &sw.d, &sw.dt_bias, dt, dbc, u, z, self.seqs, h, y);
+    }
+
+    /// Mamba piece 5: `x (n, hidden) += out_proj(y) (+ bias)`; `o` is `(n, hidden)`
+    /// scratch.
+    pub(crate) fn ssm_out(&self, b: &BlockWeights, y: &[f32], o: &mut [f32], x: &mut [f32]) {
+        let bias = b.ssm.as_ref().and_then(|s| s.out_bias.as_deref());
+        self.linears(
+            &[op(b.linears[3].as_ref(), bias)],
+            y,
+            self.n,
+            &mut [&mut *o],
+        );
+        x.iter_mut().zip(&*o).for_each(|(x, o)| *x += o);
     }
 
     /// `out = rms_norm(x)` with weight `w`, or a copy of `x` where the slot has no norm.

@@ -6,6 +6,12 @@
 //! embedding (scaled by `embed_scale` for Gemma), the KV cache (`(kv_heads, capacity,
 //! head_dim)` per layer for K and for V), resident or streamed blocks, the final norm and
 //! the head (tied to the embedding when configured; logits soft-capped for Gemma-2).
+//!
+//! Mamba keeps a recurrent state per layer instead of K/V ([`crate::ssm::State`]: the
+//! last `conv_kernel - 1` conv inputs and the `(d_inner, state)` SSM state), in memory
+//! also when streaming (it does not grow with the context); its KV cache has no heads and
+//! holds nothing. A forward at position 0 starts from zero state, so [`Decoder::reset`]
+//! starts a new sequence for both kinds.
 
 use crate::block::{Ctx, Work};
 use crate::kernels::math;
@@ -17,7 +23,7 @@ use crate::weights::{BlockWeights, GlobalWeights, WeightLoader};
 use crate::{Result, RuntimeError};
 use std::sync::Arc;
 use uc_model::config::ModelConfig;
-use uc_model::names::{EMBED, LM_HEAD};
+use uc_model::names::{embed, LM_HEAD};
 
 /// Which logits a forward call returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +71,8 @@ pub struct Decoder {
     rope: crate::rotary::Tables,
     /// K and V of every layer (on disk when streaming).
     cache: KvCache,
+    /// Mamba: every layer's recurrent state (one sequence); empty for attention models.
+    ssm: Vec<crate::ssm::State>,
     /// Activation buffers of the last forward call, reused when the next has as many
     /// tokens (every decode step).
     work: Option<Work>,
@@ -88,12 +96,13 @@ impl Decoder {
         if !cfg.head_dim.is_multiple_of(2) || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             return Err(RuntimeError::InvalidArgument("head layout".into()));
         }
-        let embed_by_rows = opts.stream_layers && loader.select_rows(EMBED, &[0])?.is_some();
+        let embed_by_rows =
+            opts.stream_layers && loader.select_rows(embed(cfg.family), &[0])?.is_some();
         let (globals, blocks) = if opts.stream_layers {
             loader.check_all(embed_by_rows)?;
             let head = embed_by_rows.then_some(HeadPlan {
                 name: if cfg.tie_word_embeddings {
-                    EMBED
+                    embed(cfg.family)
                 } else {
                     LM_HEAD
                 },
@@ -130,12 +139,20 @@ impl Decoder {
             opts.capacity,
             cfg.head_dim,
         );
-        let cache = if opts.stream_layers {
+        // Mamba's KV cache has no heads (zero bytes): nothing to put on disk.
+        let cache = if opts.stream_layers && cfg.ssm.is_none() {
             KvCache::on_disk(l, g, c, d)?
         } else {
             KvCache::in_memory(l, g, c, d)?
         };
+        let ssm = match &cfg.ssm {
+            Some(s) => (0..cfg.num_layers)
+                .map(|_| crate::ssm::State::new(s, 1))
+                .collect(),
+            None => Vec::new(),
+        };
         Ok(Decoder {
+            ssm,
             cfg,
             isa: Isa::detect(),
             loader,
@@ -284,7 +301,7 @@ impl Decoder {
                 uniq.dedup();
                 let e = self
                     .loader
-                    .select_rows(EMBED, &uniq)?
+                    .select_rows(embed(self.cfg.family), &uniq)?
                     .ok_or_else(|| RuntimeError::Prefetch("embedding rows unreadable".into()))?;
                 for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
                     let k = uniq.binary_search(&(id as usize)).unwrap_or(0);
@@ -298,11 +315,16 @@ impl Decoder {
             blocks,
             rope,
             cache,
+            ssm,
             pos,
             capacity,
             work: work_slot,
             ..
         } = self;
+        if *pos == 0 {
+            // A new sequence: the recurrence starts from zeros.
+            ssm.iter_mut().for_each(crate::ssm::State::clear);
+        }
         let ctx = Ctx {
             cfg,
             isa,
@@ -325,11 +347,15 @@ impl Decoder {
         };
         for l in 0..cfg.num_layers {
             let (kc, vc) = cache.layer_mut(l);
+            let mut run = |b: &BlockWeights| match ssm.get_mut(l) {
+                Some(st) => ctx.ssm_block(b, st, &mut x, &mut work),
+                None => ctx.block(b, kc, vc, &mut x, &mut work),
+            };
             match blocks {
-                Blocks::Resident(b) => ctx.block(&b[l], kc, vc, &mut x, &mut work),
+                Blocks::Resident(b) => run(&b[l]),
                 Blocks::Streamed(s) => {
                     let b = s.block(l)?;
-                    ctx.block(&b, kc, vc, &mut x, &mut work);
+                    run(&b);
                     s.give_back(Loaded::Block(b)); // evicted before the next one is taken
                 }
             }

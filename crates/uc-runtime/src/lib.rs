@@ -39,6 +39,7 @@ pub mod memory;
 pub mod moe;
 pub mod rotary;
 pub mod sampler;
+mod ssm;
 pub mod staged;
 pub mod stream;
 pub mod team;

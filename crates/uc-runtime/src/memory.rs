@@ -13,7 +13,7 @@
 use std::path::Path;
 use uc_format::memory::{MemoryEstimate, Phase, BASE_BYTES};
 use uc_model::config::ModelConfig;
-use uc_model::names::{EMBED, LM_HEAD};
+use uc_model::names::{embed, LM_HEAD};
 
 /// Vocabulary rows per streamed head chunk (as the decoder).
 const HEAD_CHUNK_ROWS: u64 = 2048;
@@ -61,7 +61,7 @@ fn weight_bytes(dir: &Path, cfg: &ModelConfig) -> Result<WeightBytes, String> {
             } else {
                 globals += held;
                 let head = if cfg.tie_word_embeddings {
-                    EMBED
+                    embed(cfg.family)
                 } else {
                     LM_HEAD
                 };
@@ -122,11 +122,18 @@ pub fn estimate(
     }
     .max(1);
     // x, normed x, q, k, v, attention output, residual; MLP in passes of MLP_TOKENS
-    // tokens (gate, up, act); the last position's logits; rotary tables.
+    // tokens (gate, up, act); the last position's logits; rotary tables; Mamba's mixer.
+    // Mamba: the mixer's buffers over the whole pass (block::SsmWork: xz, u, z, dt, y and
+    // x_proj's output), and every layer's recurrent state (conv window + SSM state).
+    let ssm = cfg.ssm.as_ref().map_or(0, |s| {
+        let (d, n, r) = (s.d_inner as u64, s.state as u64, s.dt_rank as u64);
+        4 * pass * (6 * d + 2 * r + 2 * n) + 4 * layers * d * (s.conv_kernel as u64 - 1 + n)
+    });
     let activations = 4 * pass * (4 * h + 2 * q + 2 * kv)
         + 4 * pass.min(MLP_TOKENS) * (3 * i + moe_act)
         + 4 * vocab
-        + 4 * cap * cfg.head_dim as u64;
+        + 4 * cap * cfg.head_dim as u64
+        + ssm;
     let base = ("process baseline".to_string(), BASE_BYTES);
     let act = (
         format!("activations of one {pass}-token pass + last-position logits"),

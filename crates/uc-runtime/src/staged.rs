@@ -29,6 +29,14 @@
 //! expert_intermediate)`, expert `e`'s in rows `routes.range(e)`. The whole batch is one
 //! MoE call here (the decoder runs MLPs in passes of 256 tokens), so an expert's GEMM may
 //! see more rows than in the decoder.
+//!
+//! Mamba blocks pause at the same four taps, one linear each: [`Tap::Attention`] the
+//! normed stream into in_proj `(rows, hidden)`, [`Tap::AttentionOutput`] the conv + SiLU
+//! output into x_proj `(rows, d_inner)`, [`Tap::Mlp`] the dt columns of x_proj's output
+//! into dt_proj `(rows, dt_rank)`, [`Tap::MlpDown`] the gated scan output into out_proj
+//! `(rows, d_inner)`. What a later piece needs besides the tap's input (the gate z; u, B
+//! and C for the scan) rides along in the paused state; each window's recurrence starts
+//! from zeros. The residual stays the block input until out_proj's output is added.
 
 use crate::block::{Ctx, MLP_TOKENS};
 use crate::kernels::Isa;
@@ -91,6 +99,25 @@ impl Tap {
         }
     }
 
+    /// The tap whose input linear `k` of block `b` reads (a Mamba block's four linears
+    /// read one tap each, in order).
+    pub fn of_block_linear(b: &BlockWeights, k: usize) -> Tap {
+        match b.ssm {
+            Some(_) => Tap::ALL[k.min(Tap::ALL.len() - 1)],
+            None => Tap::of_linear(k, b.experts()),
+        }
+    }
+
+    /// The linears of block `b` reading this tap's input, as indices into
+    /// [`BlockWeights::linears`] ([`Tap::linears_of`]; a Mamba block: the one at the
+    /// tap's own index).
+    pub fn linears_in(self, b: &BlockWeights) -> Vec<usize> {
+        match b.ssm {
+            Some(_) => vec![self.index()],
+            None => self.linears_of(b.experts()),
+        }
+    }
+
     /// Position in [`Tap::ALL`].
     pub fn index(self) -> usize {
         self as usize
@@ -114,6 +141,10 @@ pub struct Paused {
     cols: usize,
     /// MoE blocks at [`Tap::Mlp`] and [`Tap::MlpDown`]: the routing of the MLP input.
     routes: Option<Arc<Routes>>,
+    /// Mamba blocks: what later pieces need besides the input (at
+    /// [`Tap::AttentionOutput`]: z `(rows, d_inner)`; at [`Tap::Mlp`]: u, z `(rows,
+    /// d_inner)` and x_proj's output `(rows, dt_rank + 2 state)`); empty otherwise.
+    carry: Vec<Vec<f32>>,
 }
 
 impl Paused {
@@ -249,6 +280,7 @@ impl Stager {
             input: xn,
             cols: h,
             routes: None,
+            carry: Vec::new(),
         })
     }
 
@@ -260,6 +292,9 @@ impl Stager {
     }
 
     fn resume_in_pool(&self, b: &BlockWeights, p: Paused) -> Step {
+        if b.ssm.is_some() {
+            return self.resume_ssm(b, p);
+        }
         let cfg = &self.cfg;
         let ctx = self.ctx(p.seqs);
         let n = ctx.n;
@@ -294,6 +329,7 @@ impl Stager {
                 input,
                 cols,
                 routes,
+                carry: Vec::new(),
             })
         };
         match tap {
@@ -401,6 +437,7 @@ impl Stager {
             cols: input.len() / rows.max(1),
             input,
             routes: routes.clone(),
+            carry: Vec::new(),
         };
         let step = match tap {
             Tap::Attention => return attn_in(),
@@ -414,6 +451,95 @@ impl Stager {
             Step::Paused(p) => p.input,
             Step::Done(_) => unreachable!("a tap before the block output"),
         }
+    }
+
+    /// A Mamba block's next piece (see the module doc); a compacted input is recomputed
+    /// from the block input (the residual) with `b`.
+    fn resume_ssm(&self, b: &BlockWeights, p: Paused) -> Step {
+        let Some(s) = self.cfg.ssm.as_ref() else {
+            unreachable!("a Mamba block under a Mamba config");
+        };
+        let p = if p.input.is_empty() {
+            self.recompute_ssm(b, p.tap, p.seqs, p.resid)
+        } else {
+            p
+        };
+        let ctx = self.ctx(p.seqs);
+        let (n, d) = (ctx.n, s.d_inner);
+        let Paused {
+            tap,
+            seqs,
+            rows,
+            mut resid,
+            input,
+            mut carry,
+            ..
+        } = p;
+        let z = |k: usize| vec![0f32; n * k];
+        let paused = |tap, resid, input: Vec<f32>, carry| {
+            Step::Paused(Paused {
+                tap,
+                seqs,
+                rows,
+                resid,
+                cols: input.len() / rows.max(1),
+                input,
+                routes: None,
+                carry,
+            })
+        };
+        // Every window's recurrence starts from zeros.
+        let mut state = crate::ssm::State::new(s, seqs);
+        match tap {
+            Tap::Attention => {
+                let (mut xz, mut u, mut g) = (z(2 * d), z(d), z(d));
+                ctx.ssm_in(b, &input, &mut xz, &mut state.conv, &mut u, &mut g);
+                paused(Tap::AttentionOutput, resid, u, vec![g])
+            }
+            Tap::AttentionOutput => {
+                let (mut dbc, mut dtl) = (z(s.dt_rank + 2 * s.state), z(s.dt_rank));
+                ctx.ssm_x(b, &input, &mut dbc, &mut dtl);
+                let g = carry.pop().unwrap_or_default();
+                paused(Tap::Mlp, resid, dtl, vec![input, g, dbc])
+            }
+            Tap::Mlp => {
+                let [u, g, dbc]: [Vec<f32>; 3] = match carry.try_into() {
+                    Ok(c) => c,
+                    Err(_) => unreachable!("a Mamba dt_proj pause carries u, z, x_proj's output"),
+                };
+                let (mut dt, mut y) = (z(d), z(d));
+                ctx.ssm_scan(b, &input, &dbc, &u, &g, &mut state.h, &mut dt, &mut y);
+                paused(Tap::MlpDown, resid, y, Vec::new())
+            }
+            Tap::MlpDown => {
+                let mut o = z(self.cfg.hidden_size);
+                ctx.ssm_out(b, &input, &mut o, &mut resid);
+                Step::Done(resid)
+            }
+        }
+    }
+
+    /// A Mamba block's forward from its input `resid` up to `tap`, with `b`.
+    fn recompute_ssm(&self, b: &BlockWeights, tap: Tap, seqs: usize, resid: Vec<f32>) -> Paused {
+        let mut xn = vec![0f32; resid.len()];
+        self.ctx(seqs).attn_input(b, &resid, &mut xn);
+        let mut p = Paused {
+            tap: Tap::Attention,
+            seqs,
+            rows: resid.len() / self.cfg.hidden_size,
+            resid,
+            cols: self.cfg.hidden_size,
+            input: xn,
+            routes: None,
+            carry: Vec::new(),
+        };
+        while p.tap != tap {
+            p = match self.resume_ssm(b, p) {
+                Step::Paused(next) => next,
+                Step::Done(_) => unreachable!("a tap before the block output"),
+            };
+        }
+        p
     }
 
     /// Runs a paused forward to the block output with the weights of `b`.

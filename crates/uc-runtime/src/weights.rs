@@ -27,8 +27,8 @@ use uc_format::{Container, DenseDtype, Encoding, Pack};
 use uc_model::checkpoint::Checkpoint;
 use uc_model::config::{ModelConfig, QkNorm};
 use uc_model::names::{
-    block_linears, block_norms, block_prefix, moe_router, BLOCK_LINEARS, EMBED, FINAL_NORM,
-    LM_HEAD, QK_NORMS,
+    block_linears, block_norms, block_prefix, embed, final_norm, mamba_exact, moe_router,
+    BLOCK_LINEARS, LM_HEAD, MAMBA_NORM, QK_NORMS,
 };
 use uc_model::source::WeightSource;
 
@@ -75,6 +75,42 @@ pub struct BlockWeights {
     /// A MoE block's router `(experts, hidden)`, f32 (never quantized); `None` in a dense
     /// block.
     pub router: Option<Vec<f32>>,
+    /// A Mamba block's exact mixer tensors; `None` in the attention families. (Its norm is
+    /// `norms.attn_in`; its four linears in_proj, x_proj, dt_proj, out_proj are `linears`.)
+    pub ssm: Option<SsmWeights>,
+}
+
+/// The exact (f32, never quantized) tensors of a Mamba mixer, shapes with `d = d_inner`,
+/// `N = state`, `K = conv_kernel`.
+pub struct SsmWeights {
+    /// Depthwise causal conv taps `(d, K)` (stored `(d, 1, K)`); tap `K - 1` multiplies
+    /// the current position.
+    pub conv: Vec<f32>,
+    /// Conv bias `(d,)` (`use_conv_bias`).
+    pub conv_bias: Option<Vec<f32>>,
+    /// `A = -exp(A_log)` `(d, N)`, computed once at load in f32 as transformers does.
+    pub a: Vec<f32>,
+    /// Skip connection `D` `(d,)`.
+    pub d: Vec<f32>,
+    /// dt_proj's bias `(d,)` (added before the softplus).
+    pub dt_bias: Vec<f32>,
+    /// in_proj's bias `(2d,)` and out_proj's `(hidden,)` (`use_bias`).
+    pub in_bias: Option<Vec<f32>>,
+    /// See `in_bias`.
+    pub out_bias: Option<Vec<f32>>,
+}
+
+impl SsmWeights {
+    fn resident_bytes(&self) -> usize {
+        let o = |x: &Option<Vec<f32>>| x.as_ref().map_or(0, Vec::len);
+        4 * (self.conv.len()
+            + self.a.len()
+            + self.d.len()
+            + self.dt_bias.len()
+            + o(&self.conv_bias)
+            + o(&self.in_bias)
+            + o(&self.out_bias))
+    }
 }
 
 impl BlockWeights {
@@ -89,6 +125,7 @@ impl BlockWeights {
             + self.qk_norm.as_ref().map_or(0, |(a, b)| v(a) + v(b))
             + self.qkv_bias.as_ref().map_or(0, |b| b.iter().map(v).sum())
             + self.router.as_ref().map_or(0, v)
+            + self.ssm.as_ref().map_or(0, SsmWeights::resident_bytes)
     }
 
     /// Experts of the block's MLP: 0 for a dense MLP.
@@ -172,6 +209,11 @@ pub fn open(dir: &Path, verify: Verify) -> Result<Arc<dyn WeightLoader>> {
 /// every expert's gate, up, down in a MoE block).
 pub fn linear_shapes(cfg: &ModelConfig, layer: usize) -> Vec<(usize, usize)> {
     let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    if let Some(s) = &cfg.ssm {
+        // in_proj, x_proj, dt_proj, out_proj.
+        let (d, r) = (s.d_inner, s.dt_rank);
+        return vec![(2 * d, h), (r + 2 * s.state, d), (d, r), (h, d)];
+    }
     let (q, kv) = (
         cfg.num_heads * cfg.head_dim,
         cfg.num_kv_heads * cfg.head_dim,
@@ -198,7 +240,10 @@ trait Reader {
 }
 
 fn read_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<BlockWeights> {
-    let p = block_prefix(layer);
+    if cfg.ssm.is_some() {
+        return read_mamba_block(r, cfg, layer);
+    }
+    let p = block_prefix(cfg, layer);
     let shapes = linear_shapes(cfg, layer);
     let names = block_linears(cfg, layer);
     let mut linears = Vec::with_capacity(names.len());
@@ -257,6 +302,66 @@ fn read_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<Blo
         linears,
         qkv_bias,
         router,
+        ssm: None,
+    })
+}
+
+/// A Mamba block: its norm, the four linears, the exact mixer tensors (each checked
+/// against the shape the config implies; a missing one is an error naming it).
+fn read_mamba_block(r: &mut dyn Reader, cfg: &ModelConfig, layer: usize) -> Result<BlockWeights> {
+    let s = cfg
+        .ssm
+        .as_ref()
+        .ok_or_else(|| RuntimeError::bad("config", "a Mamba block without ssm settings"))?;
+    let p = block_prefix(cfg, layer);
+    let (h, d, n, k) = (cfg.hidden_size, s.d_inner, s.state, s.conv_kernel);
+    let mut linears = Vec::with_capacity(4);
+    for (name, (rows, cols)) in block_linears(cfg, layer)
+        .iter()
+        .zip(linear_shapes(cfg, layer))
+    {
+        linears.push(r.linear(&format!("{p}.{name}.weight"), rows, cols)?);
+    }
+    let mut exact: HashMap<&str, Vec<f32>> = HashMap::new();
+    for name in mamba_exact(cfg) {
+        let shape: &[usize] = match name {
+            "mixer.conv1d.weight" => &[d, 1, k],
+            "mixer.A_log" => &[d, n],
+            "mixer.in_proj.bias" => &[2 * d],
+            "mixer.out_proj.bias" => &[h],
+            _ => &[d],
+        };
+        exact.insert(name, r.dense(&format!("{p}.{name}"), shape)?);
+    }
+    let mut take = |n: &str| exact.remove(n);
+    let missing = || RuntimeError::bad(&p, "mixer tensor list");
+    // A = -exp(A_log) in f32, as MambaMixer computes it on every forward.
+    let a = take("mixer.A_log")
+        .ok_or_else(missing)?
+        .into_iter()
+        .map(|x| -x.exp())
+        .collect();
+    let ssm = SsmWeights {
+        conv: take("mixer.conv1d.weight").ok_or_else(missing)?,
+        conv_bias: take("mixer.conv1d.bias"),
+        a,
+        d: take("mixer.D").ok_or_else(missing)?,
+        dt_bias: take("mixer.dt_proj.bias").ok_or_else(missing)?,
+        in_bias: take("mixer.in_proj.bias"),
+        out_bias: take("mixer.out_proj.bias"),
+    };
+    let norm = read_norm(r, cfg, &format!("{p}.{MAMBA_NORM}"), h)?;
+    Ok(BlockWeights {
+        layer,
+        norms: Norms {
+            attn_in: Some(norm),
+            ..Norms::default()
+        },
+        qk_norm: None,
+        linears,
+        qkv_bias: None,
+        router: None,
+        ssm: Some(ssm),
     })
 }
 
@@ -272,8 +377,8 @@ fn read_norm(r: &mut dyn Reader, cfg: &ModelConfig, name: &str, len: usize) -> R
 
 fn read_globals(r: &mut dyn Reader, cfg: &ModelConfig) -> Result<GlobalWeights> {
     let (v, h) = (cfg.vocab_size, cfg.hidden_size);
-    let embed: Arc<dyn Linear> = Arc::from(r.linear(EMBED, v, h)?);
-    let norm = read_norm(r, cfg, FINAL_NORM, h)?;
+    let embed: Arc<dyn Linear> = Arc::from(r.linear(embed(cfg.family), v, h)?);
+    let norm = read_norm(r, cfg, final_norm(cfg.family), h)?;
     // Some checkpoints ship lm_head even when tied; the config decides (as uc-model does).
     let head = if cfg.tie_word_embeddings {
         embed.clone()
@@ -356,7 +461,7 @@ impl WeightLoader for CheckpointLoader {
         read_norm(
             &mut CheckpointReader(Checkpoint::open(&self.dir)?),
             &self.config,
-            FINAL_NORM,
+            final_norm(self.config.family),
             self.config.hidden_size,
         )
     }
@@ -930,7 +1035,7 @@ impl WeightLoader for PackLoader {
                 drop(self.block(l)?);
             }
             if globals {
-                let mut names = vec![EMBED];
+                let mut names = vec![embed(self.config.family)];
                 if !self.config.tie_word_embeddings {
                     names.push(LM_HEAD);
                 }
@@ -998,7 +1103,7 @@ impl WeightLoader for PackLoader {
         read_norm(
             &mut self.reader(slot),
             &self.config,
-            FINAL_NORM,
+            final_norm(self.config.family),
             self.config.hidden_size,
         )
     }

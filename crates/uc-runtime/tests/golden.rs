@@ -15,7 +15,7 @@ use uc_runtime::{Decoder, DecoderOptions, Logits, WeightLoader};
 /// Max |engine - transformers| over a fixture's logits (|logit| up to ~57 on tied fixtures).
 const TOLERANCE: f32 = 1e-4;
 
-const FIXTURES: [&str; 13] = [
+const FIXTURES: [&str; 14] = [
     "llama",
     "llama3",
     "mistral",
@@ -29,6 +29,7 @@ const FIXTURES: [&str; 13] = [
     "mixtral",
     "qwen3_moe",
     "olmoe",
+    "mamba",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -189,6 +190,48 @@ fn qwen3_moe_unnormalized_topk_with_a_dense_layer_decoder_matches_full_forward()
 #[test]
 fn olmoe_whole_qk_norm_moe_decoder_matches_full_forward() {
     check("olmoe", false);
+}
+
+/// Mamba: prefill runs the causal conv over the window and the selective scan in one
+/// call; chunks and token-by-token decode carry the recurrent state (conv window + SSM
+/// state) between calls instead of a KV cache.
+#[test]
+fn mamba_selective_scan_decoder_matches_full_forward() {
+    check("mamba", false);
+    check("mamba", true);
+}
+
+/// Mamba past the fixture's 24 tokens: a 600-token window at once (conv over the whole
+/// window, one scan) against decode with the recurrent state, one token at a time;
+/// resident and streamed. Both run the same scan in the same order, so only the linears'
+/// GEMM-vs-mat-vec rounding separates them.
+#[test]
+fn mamba_recurrent_decode_matches_the_whole_window() {
+    let dir = fixture_with("mamba", "vocab_size", serde_json::json!(128));
+    let ids = ids(600, 13);
+    let want = decode_logits(dir.path(), &ids);
+    for stream in [false, true] {
+        let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir.path()).unwrap());
+        let mut dec = Decoder::new(
+            loader,
+            DecoderOptions {
+                capacity: 640,
+                stream_layers: stream,
+            },
+        )
+        .unwrap();
+        let got = dec.forward(&ids, Logits::All).unwrap();
+        let d = max_diff(&got, &want);
+        if std::env::var("UC_PRINT_DIFF").is_ok() {
+            eprintln!("mamba 600 tokens stream={stream}: {d:e}");
+        }
+        assert!(d <= TOLERANCE, "stream={stream}: max |diff| {d}");
+        // The last position alone (what run / serve take) after a fresh start.
+        dec.reset();
+        let last = dec.forward(&ids, Logits::Last).unwrap();
+        let d = max_diff(&last, &want[599 * 128..]);
+        assert!(d <= TOLERANCE, "stream={stream} last: max |diff| {d}");
+    }
 }
 
 /// MoE past the fixture's 24 tokens: 600 tokens take the MLP in 256-token passes (each

@@ -57,6 +57,7 @@ fn one_window_gives_the_decoders_logits_bit_for_bit() {
         "llama3",
         "mixtral",
         "qwen3_moe",
+        "mamba",
     ] {
         let l = loader(name);
         let n = 150; // several key tiles and query blocks
@@ -88,9 +89,8 @@ fn one_window_gives_the_decoders_logits_bit_for_bit() {
 /// would swap in).
 fn scaled(l: &dyn WeightLoader, layer: usize, from: Tap, f: f32) -> BlockWeights {
     let mut b = l.block(layer).unwrap();
-    let experts = b.experts();
     for k in 0..b.linears.len() {
-        if Tap::of_linear(k, experts).index() < from.index() {
+        if Tap::of_block_linear(&b, k).index() < from.index() {
             continue;
         }
         let w = &b.linears[k];
@@ -108,8 +108,9 @@ fn scaled(l: &dyn WeightLoader, layer: usize, from: Tap, f: f32) -> BlockWeights
 
 #[test]
 fn a_paused_forward_resumed_with_changed_weights_is_the_changed_blocks_forward() {
-    // qwen3: dense; mixtral: MoE (expert weights changed from the tap on, router not).
-    for name in ["qwen3", "mixtral"] {
+    // qwen3: dense; mixtral: MoE (expert weights changed from the tap on, router not);
+    // mamba: in_proj, x_proj, dt_proj, out_proj one tap each, conv / scan state carried.
+    for name in ["qwen3", "mixtral", "mamba"] {
         paused_then_changed(name);
     }
 }
@@ -187,7 +188,8 @@ fn moe_windows_in_one_batch_match_each_window_alone() {
 
 #[test]
 fn windows_in_one_batch_are_independent() {
-    for name in ["llama", "mistral", "qwen2"] {
+    // mamba: each window's conv and scan start from zero state.
+    for name in ["llama", "mistral", "qwen2", "mamba"] {
         let l = loader(name);
         let (seqs, n) = (3, 90);
         let h = l.config().hidden_size;
@@ -209,7 +211,7 @@ fn windows_in_one_batch_are_independent() {
 
 #[test]
 fn the_bits_do_not_depend_on_the_thread_count() {
-    for (name, layer) in [("qwen2", 1), ("mixtral", 0), ("qwen3_moe", 2)] {
+    for (name, layer) in [("qwen2", 1), ("mixtral", 0), ("qwen3_moe", 2), ("mamba", 1)] {
         bits_on_1_and_2_threads(name, layer);
     }
 }

@@ -2,8 +2,10 @@
 //! of uc-model) with a character-level tokenizer, and a runner for the `uc` binary.
 #![allow(dead_code)]
 
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The uc-model fixture `name`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -94,4 +96,168 @@ pub fn logits(model: &Path) -> Vec<f32> {
     )
     .unwrap();
     dec.forward(&ids, uc_runtime::Logits::All).unwrap()
+}
+
+/// Rewrites `dir`/model.safetensors without tensor `drop` (offsets recomputed, so the
+/// file stays valid: only the tensor is missing).
+pub fn drop_tensor(dir: &Path, drop: &str) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    assert!(header.contains_key(drop), "{drop} not in the fixture");
+    let mut entries: Vec<(String, serde_json::Value)> = header
+        .into_iter()
+        .filter(|(k, _)| k != drop && k != "__metadata__")
+        .collect();
+    entries.sort_by_key(|(_, v)| v["data_offsets"][0].as_u64().unwrap());
+    let (mut out_header, mut body) = (serde_json::Map::new(), Vec::new());
+    for (k, mut v) in entries {
+        let (a, b) = (
+            v["data_offsets"][0].as_u64().unwrap() as usize,
+            v["data_offsets"][1].as_u64().unwrap() as usize,
+        );
+        let start = body.len();
+        body.extend_from_slice(&data[a..b]);
+        v["data_offsets"] = serde_json::json!([start, body.len()]);
+        out_header.insert(k, v);
+    }
+    let mut h = serde_json::to_vec(&out_header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend(h);
+    file.extend(body);
+    std::fs::write(&p, file).unwrap();
+}
+
+/// Sets `key` of `dir`/config.json to `value`; `Null` removes the key.
+pub fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    match value {
+        serde_json::Value::Null => {
+            cfg.as_object_mut().unwrap().remove(key);
+        }
+        v => cfg[key] = v,
+    }
+    std::fs::write(&p, cfg.to_string()).unwrap();
+}
+
+/// `uc compress` of a broken copy fails with exit 1, its stderr naming every string of
+/// `names`, and leaves no pack behind.
+pub fn refused(m: &Path, names: &[&str]) {
+    let text = text_file(m);
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("pack");
+    let out = uc(
+        &[
+            "compress",
+            m.to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-seqs",
+            "6",
+            "--calib-len",
+            "40",
+            "--group",
+            "32",
+        ],
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for n in names {
+        assert!(err.contains(n), "stderr does not name {n:?}: {err}");
+    }
+    assert!(
+        !pack.join("manifest.json").exists(),
+        "a pack was written: {err}"
+    );
+    // The runtime refuses it too, by the same names.
+    let r = uc(
+        &["run", m.to_str().unwrap(), "-p", "x", "--max-tokens", "2"],
+        &[],
+    );
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    for n in names {
+        assert!(err.contains(n), "run's stderr does not name {n:?}: {err}");
+    }
+}
+
+/// A running `uc serve`; killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub model: String,
+    pub fingerprint: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `uc serve PACK --port 0 --json --threads 1 EXTRA` and reads its first line.
+pub fn serve(pack: &Path, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_uc"))
+        .args(["serve", pack.to_str().unwrap(), "--port", "0", "--json"])
+        .args(["--threads", "1"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.is_empty() {
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        panic!("uc serve did not start: {err}");
+    }
+    let v: Value = serde_json::from_str(&line).unwrap();
+    Server {
+        url: v["listening"].as_str().unwrap().to_string(),
+        model: v["model"].as_str().unwrap().to_string(),
+        fingerprint: v["fingerprint"].as_str().unwrap().to_string(),
+        child,
+    }
+}
+
+/// `curl -i` a request; returns (status, headers lowercased, body).
+pub fn curl(url: &str, body: Option<&str>) -> (u16, String, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-i", "-N", "--max-time", "60", url]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    let out = cmd.output().expect("curl must be installed");
+    assert!(out.status.success(), "curl failed: {:?}", out.status);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, head.to_lowercase(), body.to_string())
+}
+
+/// POSTs `body` to `route`; (status, JSON body or null).
+pub fn post(s: &Server, route: &str, body: &Value) -> (u16, Value) {
+    let (status, _, b) = curl(&format!("{}{route}", s.url), Some(&body.to_string()));
+    (status, serde_json::from_str(&b).unwrap_or(Value::Null))
 }
