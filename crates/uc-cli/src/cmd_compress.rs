@@ -52,18 +52,20 @@ pub struct CompressArgs {
     /// Calibrate on the SOTU corpus directory's calibration split (speeches before 2000).
     #[arg(long)]
     calib_sotu: Option<PathBuf>,
-    /// How much work the calibrated encoder does: fast (16 calibration windows, no
-    /// scale refit), default (32 windows, one refit round), max (128 windows, one refit
-    /// round: ~4x the default's time and several times its memory; on SmolLM2-135M at
-    /// 4.0 bpw it cut KLD by 12-14% on two genres, docs/research-log.md).
+    /// How much work the calibrated encoder does: fast (32 calibration windows, no
+    /// scale refit), default (64 windows, one refit round), max (256 windows, one refit
+    /// round: ~4x the default's time and several times its memory; four times the
+    /// calibration tokens cut KLD by 12-14% on two genres, docs/research-log.md).
     /// --calib-seqs / --refit-rounds override.
     #[arg(long, default_value = "default", value_parser = ["fast", "default", "max"])]
     effort: String,
     /// Calibration windows (default: by --effort).
     #[arg(long)]
     calib_seqs: Option<usize>,
-    /// Tokens per calibration window.
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per calibration window (256: twice the windows of 512 for the same tokens
+    /// and time, drawn from more places in the text, lowered KLD on both evaluation
+    /// texts, docs/research-log.md 2026-12-04).
+    #[arg(long, default_value_t = 256)]
     calib_len: usize,
     /// Seed of the calibration window draw.
     #[arg(long, default_value_t = 0)]
@@ -128,8 +130,9 @@ pub struct CompressArgs {
     #[arg(long)]
     no_teacher_target: bool,
     /// Damping of the teacher-target solve, as a fraction of the mean Gram diagonal
-    /// (0.1: ten times the error-feedback damping, docs/research-log.md).
-    #[arg(long, default_value_t = 0.1)]
+    /// (0.3: thirty times the error-feedback damping; the correction is estimated from
+    /// the calibration tokens and damping limits its noise, docs/research-log.md).
+    #[arg(long, default_value_t = 0.3)]
     target_damp: f64,
     /// A hard memory budget, e.g. 2G or 1500M (K/M/G/T = 1024^k bytes): the peak
     /// resident set is estimated from the model's shapes and the settings before
@@ -163,9 +166,9 @@ fn parse_shrink(s: &str) -> Result<Shrink, String> {
 /// (calibration windows, refit rounds) of an --effort level.
 fn effort(level: &str) -> (usize, usize) {
     match level {
-        "fast" => (16, 0),
-        "max" => (128, 1),
-        _ => (32, 1),
+        "fast" => (32, 0),
+        "max" => (256, 1),
+        _ => (64, 1),
     }
 }
 

@@ -427,9 +427,9 @@ fn effort_levels_set_windows_and_refit_rounds_unless_overridden() {
             cal["gptq"]["refit_rounds"].as_u64().unwrap(),
         )
     };
-    assert_eq!(recorded("fast", &["--effort", "fast"]), (16, 0));
-    assert_eq!(recorded("default", &[]), (32, 1));
-    assert_eq!(recorded("max", &["--effort", "max"]), (128, 1));
+    assert_eq!(recorded("fast", &["--effort", "fast"]), (32, 0));
+    assert_eq!(recorded("default", &[]), (64, 1));
+    assert_eq!(recorded("max", &["--effort", "max"]), (256, 1));
     let over = [
         "--effort",
         "max",
