@@ -80,10 +80,12 @@ def main():
             y = (lambda v: v - 1) if idx == 1 else (lambda v: v)
             ax = axes[row][col]
             # Rows named "default" were measured before the rotation became the
-            # default; the rotated rows are the variant "h64" of scripts/bench_compress.sh.
+            # default; the rotated scalar rows are the variant "h64", the trellis rows
+            # with today's calibration defaults "t2" (scripts/bench_compress.sh).
             for var, method, style, label in (
-                (variant, "gptq", "o-", "uc (calibrated, unrotated)"),
-                ("h64", "gptq", "D-", "uc (calibrated, rotated: default)"),
+                (variant, "gptq", "o:", "uc (calibrated, unrotated, scalar codes)"),
+                ("h64", "gptq", "D--", "uc (calibrated, rotated, scalar codes)"),
+                ("t2", "gptq", "*-", "uc (calibrated, rotated, trellis codes: default)"),
                 (variant, "rtn", "s--", "uc round-to-nearest"),
             ):
                 pts = uc_points(acc, key, var, method)
