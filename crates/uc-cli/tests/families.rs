@@ -11,73 +11,19 @@ use std::path::{Path, PathBuf};
 
 const FAMILIES: [&str; 4] = ["olmo2", "phi3", "gemma2", "gemma3"];
 
-fn ok_stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "uc failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 /// Calibrated compress of `model` at a 5.0 bpw budget into `dir`/pack.
 fn compress(model: &Path, dir: &Path, text: &Path) -> (PathBuf, serde_json::Value) {
     let pack = dir.join("pack");
-    let out = uc(
-        &[
-            "compress",
-            model.to_str().unwrap(),
-            "-o",
-            pack.to_str().unwrap(),
-            "--calib",
-            text.to_str().unwrap(),
-            "--calib-seqs",
-            "6",
-            "--calib-len",
-            "40",
-            "--group",
-            "32",
-            "--bpw",
-            "5",
-            "--json",
-        ],
+    let out = compress_small(
+        model,
+        &pack,
+        text,
+        ("6", "40"),
+        &["--bpw", "5", "--json"],
         &[],
     );
     let j = json_of(&out);
     (pack, j)
-}
-
-fn eval(model: &Path, against: &Path, text: &Path, threads: &str) -> serde_json::Value {
-    json_of(&uc(
-        &[
-            "eval",
-            model.to_str().unwrap(),
-            "--against",
-            against.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--seq-len",
-            "32",
-            "--windows",
-            "4",
-            "--json",
-        ],
-        &[("RAYON_NUM_THREADS", threads)],
-    ))
-}
-
-fn run(model: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "The quick brown fox",
-        "--max-tokens",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    ok_stdout(&uc(&args, &[]))
 }
 
 /// compress -> verify -> eval -> run (resident and streamed) for one family.
@@ -99,18 +45,18 @@ fn end_to_end(name: &str) {
         "{name}: {}",
         String::from_utf8_lossy(&v.stdout)
     );
-    let e = eval(&pack, m.path(), &text, "2");
+    let e = eval_small(&pack, m.path(), &text, "2");
     let (kld, top1) = (
         e["against"]["kld"].as_f64().unwrap(),
         e["against"]["top1"].as_f64().unwrap(),
     );
     assert!(kld > 0.0 && kld < 0.1, "{name}: kld {kld}");
     assert!(top1 > 0.8, "{name}: top1 {top1}");
-    let from_checkpoint = run(m.path(), &[]);
+    let from_checkpoint = run_text(m.path(), &[]);
     assert!(!from_checkpoint.trim().is_empty(), "{name}: no text");
-    let resident = run(&pack, &[]);
+    let resident = run_text(&pack, &[]);
     assert!(!resident.trim().is_empty(), "{name}: no text from the pack");
-    assert_eq!(resident, run(&pack, &["--stream-layers"]), "{name}");
+    assert_eq!(resident, run_text(&pack, &["--stream-layers"]), "{name}");
 }
 
 #[test]
@@ -139,8 +85,8 @@ fn gemma2_eval_digits_are_identical_for_one_and_two_threads() {
     let text = text_file(m.path());
     let tmp = tempfile::tempdir().unwrap();
     let (pack, _) = compress(m.path(), tmp.path(), &text);
-    let one = eval(&pack, m.path(), &text, "1");
-    let two = eval(&pack, m.path(), &text, "2");
+    let one = eval_small(&pack, m.path(), &text, "1");
+    let two = eval_small(&pack, m.path(), &text, "2");
     assert_eq!(
         (one["threads"].as_u64(), two["threads"].as_u64()),
         (Some(1), Some(2))

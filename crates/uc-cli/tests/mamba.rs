@@ -11,16 +11,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-fn ok_stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "uc failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 /// Calibrated compress of `model` into `dir`/pack (`extra` flags added), with
 /// `RAYON_NUM_THREADS=threads`.
 fn compress(
@@ -31,62 +21,18 @@ fn compress(
     threads: &str,
 ) -> (PathBuf, serde_json::Value) {
     let pack = dir.join("pack");
-    let mut args = vec![
-        "compress",
-        model.to_str().unwrap(),
-        "-o",
-        pack.to_str().unwrap(),
-        "--calib",
-        text.to_str().unwrap(),
-        "--calib-seqs",
-        "6",
-        "--calib-len",
-        "40",
-        "--group",
-        "32",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let j = json_of(&uc(&args, &[("RAYON_NUM_THREADS", threads)]));
-    (pack, j)
-}
-
-fn eval(model: &Path, against: &Path, text: &Path, threads: &str) -> serde_json::Value {
-    json_of(&uc(
-        &[
-            "eval",
-            model.to_str().unwrap(),
-            "--against",
-            against.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--seq-len",
-            "32",
-            "--windows",
-            "4",
-            "--json",
-        ],
+    let mut args = extra.to_vec();
+    args.push("--json");
+    let out = compress_small(
+        model,
+        &pack,
+        text,
+        ("6", "40"),
+        &args,
         &[("RAYON_NUM_THREADS", threads)],
-    ))
-}
-
-fn run(model: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "The quick brown fox",
-        "--max-tokens",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    ok_stdout(&uc(&args, &[]))
-}
-
-fn verify_passes(pack: &Path) {
-    let v = uc(&["verify", pack.to_str().unwrap()], &[]);
-    let out = String::from_utf8_lossy(&v.stdout);
-    assert!(out.starts_with("VERIFY: PASS"), "{out}");
+    );
+    let j = json_of(&out);
+    (pack, j)
 }
 
 /// The pack's manifest tensors as (name, encoding) where encoding is the dense dtype or
@@ -159,7 +105,7 @@ fn mamba_compresses_verifies_evaluates_and_runs() {
     }
     check_layout(&pack);
     verify_passes(&pack);
-    let e = eval(&pack, m.path(), &text, "2");
+    let e = eval_small(&pack, m.path(), &text, "2");
     let (kld, top1) = (
         e["against"]["kld"].as_f64().unwrap(),
         e["against"]["top1"].as_f64().unwrap(),
@@ -167,11 +113,11 @@ fn mamba_compresses_verifies_evaluates_and_runs() {
     eprintln!("mamba 5.0 bpw pack vs checkpoint: kld {kld} top1 {top1} bpw_body {bpw}");
     assert!(kld > 0.0 && kld < 0.1, "kld {kld}");
     assert!(top1 > 0.8, "top1 {top1}");
-    let from_checkpoint = run(m.path(), &[]);
+    let from_checkpoint = run_text(m.path(), &[]);
     assert!(!from_checkpoint.trim().is_empty(), "no text");
-    let resident = run(&pack, &[]);
+    let resident = run_text(&pack, &[]);
     assert!(!resident.trim().is_empty(), "no text from the pack");
-    assert_eq!(resident, run(&pack, &["--stream-layers"]));
+    assert_eq!(resident, run_text(&pack, &["--stream-layers"]));
 }
 
 #[test]
@@ -191,9 +137,9 @@ fn mamba_rtn_pack_verifies_runs_and_stays_close_to_the_checkpoint() {
         .fold(0f32, f32::max);
     let scale = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
     assert!(worst > 0.0 && worst < 0.25 * scale, "{worst} of {scale}");
-    let resident = run(&pack, &[]);
+    let resident = run_text(&pack, &[]);
     assert!(!resident.trim().is_empty());
-    assert_eq!(resident, run(&pack, &["--stream-layers"]));
+    assert_eq!(resident, run_text(&pack, &["--stream-layers"]));
     // inspect folds backbone.layers.N. like model.layers.N.: one row per kind.
     let table = ok_stdout(&uc(&["inspect", pack.to_str().unwrap()], &[]));
     assert!(
@@ -234,8 +180,8 @@ fn mamba_pack_bytes_and_eval_digits_are_identical_for_one_and_two_threads() {
     let (pack, one) = compress(m.path(), t1.path(), &text, &[], "1");
     let (_, two) = compress(m.path(), t2.path(), &text, &[], "2");
     assert_eq!(one["fingerprint"], two["fingerprint"]);
-    let one = eval(&pack, m.path(), &text, "1");
-    let two = eval(&pack, m.path(), &text, "2");
+    let one = eval_small(&pack, m.path(), &text, "1");
+    let two = eval_small(&pack, m.path(), &text, "2");
     assert_eq!(
         (one["threads"].as_u64(), two["threads"].as_u64()),
         (Some(1), Some(2))
@@ -290,7 +236,7 @@ fn mamba_pack_serves_and_benches() {
     let m = model_with_tokenizer("mamba");
     let tmp = tempfile::tempdir().unwrap();
     let pack = rtn_pack(m.path(), tmp.path());
-    let want = run(&pack, &["--temperature", "0"]);
+    let want = run_text(&pack, &["--temperature", "0"]);
     let s = serve(&pack, &[]);
     let body = serde_json::json!({
         "model": s.model,

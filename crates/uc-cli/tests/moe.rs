@@ -10,16 +10,6 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 
-fn ok_stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "uc failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 /// Calibrated compress of `model` at a 5.0 bpw budget into `dir`/pack on `seqs` windows
 /// of `len` tokens.
 fn compress(
@@ -46,74 +36,23 @@ fn compress_env(
     env: &[(&str, &str)],
 ) -> (PathBuf, serde_json::Value) {
     let pack = dir.join("pack");
-    let out = uc(
-        &[
-            "compress",
-            model.to_str().unwrap(),
-            "-o",
-            pack.to_str().unwrap(),
-            "--calib",
-            text.to_str().unwrap(),
-            "--calib-seqs",
-            seqs,
-            "--calib-len",
-            len,
-            "--group",
-            "32",
-            "--bpw",
-            "5",
-            "--json",
-        ],
+    let out = compress_small(
+        model,
+        &pack,
+        text,
+        (seqs, len),
+        &["--bpw", "5", "--json"],
         env,
     );
     (pack, json_of(&out))
 }
 
-fn eval(model: &Path, against: &Path, text: &Path, threads: &str) -> serde_json::Value {
-    json_of(&uc(
-        &[
-            "eval",
-            model.to_str().unwrap(),
-            "--against",
-            against.to_str().unwrap(),
-            "--text",
-            text.to_str().unwrap(),
-            "--seq-len",
-            "32",
-            "--windows",
-            "4",
-            "--json",
-        ],
-        &[("RAYON_NUM_THREADS", threads)],
-    ))
-}
-
 fn run(model: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "The quick brown fox",
-        "--max-tokens",
-        "16",
-        // Seeded sampling (the same tokens every run): greedy decoding of the random
-        // mixtral fixture ends at once on its end-of-sequence id.
-        "--temperature",
-        "1",
-        "--seed",
-        "1",
-    ];
+    // Seeded sampling (the same tokens every run): greedy decoding of the random
+    // mixtral fixture ends at once on its end-of-sequence id.
+    let mut args = vec!["--temperature", "1", "--seed", "1"];
     args.extend_from_slice(extra);
-    ok_stdout(&uc(&args, &[]))
-}
-
-fn verify_passes(pack: &Path) {
-    let v = uc(&["verify", pack.to_str().unwrap()], &[]);
-    assert!(
-        String::from_utf8_lossy(&v.stdout).starts_with("VERIFY: PASS"),
-        "{}",
-        String::from_utf8_lossy(&v.stdout)
-    );
+    run_text(model, &args)
 }
 
 /// compress -> verify -> eval -> run (resident and streamed) for one family with
@@ -162,7 +101,7 @@ fn end_to_end(name: &str, layers: usize, moe: &[usize], experts: usize, min_toke
         .any(|t| t["name"].as_str().unwrap().ends_with("gate.weight")
             && !t["name"].as_str().unwrap().contains("experts")));
     verify_passes(&pack);
-    let e = eval(&pack, m.path(), &text, "2");
+    let e = eval_small(&pack, m.path(), &text, "2");
     let (kld, top1) = (
         e["against"]["kld"].as_f64().unwrap(),
         e["against"]["top1"].as_f64().unwrap(),
@@ -220,7 +159,7 @@ fn starved_experts_fall_back_to_the_layers_pooled_gram() {
         assert!(err.is_finite() && err < 1.0, "{t}");
     }
     verify_passes(&pack);
-    let e = eval(&pack, m.path(), &text, "2");
+    let e = eval_small(&pack, m.path(), &text, "2");
     let kld = e["against"]["kld"].as_f64().unwrap();
     assert!(kld.is_finite() && kld < 0.5, "kld {kld}");
 }
@@ -244,8 +183,8 @@ fn mixtral_eval_digits_and_pack_bytes_are_identical_for_one_and_two_threads() {
         &[("UC_TEST_RECOMPUTE_MLP_INPUT", "1")],
     );
     assert_eq!(c1["fingerprint"], c3["fingerprint"]);
-    let one = eval(&pack, m.path(), &text, "1");
-    let two = eval(&pack, m.path(), &text, "2");
+    let one = eval_small(&pack, m.path(), &text, "1");
+    let two = eval_small(&pack, m.path(), &text, "2");
     assert_eq!(
         (one["threads"].as_u64(), two["threads"].as_u64()),
         (Some(1), Some(2))

@@ -27,22 +27,14 @@ fn compress(
     extra: &[&str],
     threads: &str,
 ) -> std::process::Output {
-    let mut args = vec![
-        "compress",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--calib",
-        text.to_str().unwrap(),
-        "--calib-seqs",
-        "6",
-        "--calib-len",
-        "40",
-        "--group",
-        "32",
-    ];
-    args.extend(extra);
-    uc(&args, &[("RAYON_NUM_THREADS", threads)])
+    compress_small(
+        src,
+        out,
+        text,
+        ("6", "40"),
+        extra,
+        &[("RAYON_NUM_THREADS", threads)],
+    )
 }
 
 #[test]

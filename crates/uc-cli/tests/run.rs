@@ -7,16 +7,6 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-fn stdout(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "uc failed ({:?}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 fn run(model: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "run",
@@ -33,8 +23,8 @@ fn run(model: &Path, extra: &[&str]) -> std::process::Output {
 #[test]
 fn greedy_run_prints_text_and_is_deterministic_across_thread_counts() {
     let m = model_with_tokenizer("llama");
-    let a = stdout(&run(m.path(), &["--threads", "1"]));
-    let b = stdout(&run(m.path(), &["--threads", "2"]));
+    let a = ok_stdout(&run(m.path(), &["--threads", "1"]));
+    let b = ok_stdout(&run(m.path(), &["--threads", "2"]));
     assert!(
         a.trim_end_matches('\n').chars().count() > 0,
         "no text generated"
@@ -46,7 +36,7 @@ fn greedy_run_prints_text_and_is_deterministic_across_thread_counts() {
 fn same_seed_gives_the_same_text_and_another_seed_differs() {
     let m = model_with_tokenizer("qwen2");
     let s = |seed: &str| {
-        stdout(&run(
+        ok_stdout(&run(
             m.path(),
             &["--temperature", "1.0", "--top-p", "0.95", "--seed", seed],
         ))
@@ -64,10 +54,10 @@ fn a_pack_runs_and_streamed_layers_print_the_same_text() {
     let m = model_with_tokenizer("llama");
     let tmp = tempfile::tempdir().unwrap();
     let pack = rtn_pack(m.path(), tmp.path());
-    let resident = stdout(&run(&pack, &[]));
-    let streamed = stdout(&run(&pack, &["--stream-layers"]));
+    let resident = ok_stdout(&run(&pack, &[]));
+    let streamed = ok_stdout(&run(&pack, &["--stream-layers"]));
     assert_eq!(resident, streamed);
-    let files_only = stdout(&run(&pack, &["--skip-recon-check"]));
+    let files_only = ok_stdout(&run(&pack, &["--skip-recon-check"]));
     assert_eq!(resident, files_only);
 }
 

@@ -15,23 +15,16 @@ fn compress(
     extra: &[&str],
     threads: &str,
 ) -> serde_json::Value {
-    let mut args = vec![
-        "compress",
-        src.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--calib",
-        text.to_str().unwrap(),
-        "--calib-seqs",
-        "6",
-        "--calib-len",
-        "40",
-        "--group",
-        "32",
-        "--json",
-    ];
-    args.extend(extra);
-    json_of(&uc(&args, &[("RAYON_NUM_THREADS", threads)]))
+    let mut args = extra.to_vec();
+    args.push("--json");
+    json_of(&compress_small(
+        src,
+        out,
+        text,
+        ("6", "40"),
+        &args,
+        &[("RAYON_NUM_THREADS", threads)],
+    ))
 }
 
 /// Sum over blocks of the compressor's block output error.
@@ -42,21 +35,6 @@ fn block_error(c: &serde_json::Value) -> f64 {
         .iter()
         .map(|b| b["out_rel_mse"].as_f64().unwrap())
         .sum()
-}
-
-fn run(model: &Path, extra: &[&str]) -> String {
-    let mut args = vec![
-        "run",
-        model.to_str().unwrap(),
-        "-p",
-        "The quick brown fox",
-        "--max-tokens",
-        "16",
-    ];
-    args.extend_from_slice(extra);
-    let o = uc(&args, &[]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout).unwrap()
 }
 
 #[test]
@@ -99,7 +77,7 @@ fn trellis_packs_verify_match_export_and_streaming_and_beat_scalar_codes() {
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
     assert!(diff <= 1e-3, "pack vs its export: {diff}");
-    assert_eq!(run(&a, &[]), run(&a, &["--stream-layers"]));
+    assert_eq!(run_text(&a, &[]), run_text(&a, &["--stream-layers"]));
 
     // Scalar codes at the same stored bits: same bpw, more block error.
     let s = d.path().join("scalar");

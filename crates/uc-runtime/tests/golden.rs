@@ -208,30 +208,7 @@ fn mamba_selective_scan_decoder_matches_full_forward() {
 #[test]
 fn mamba_recurrent_decode_matches_the_whole_window() {
     let dir = fixture_with("mamba", "vocab_size", serde_json::json!(128));
-    let ids = ids(600, 13);
-    let want = decode_logits(dir.path(), &ids);
-    for stream in [false, true] {
-        let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir.path()).unwrap());
-        let mut dec = Decoder::new(
-            loader,
-            DecoderOptions {
-                capacity: 640,
-                stream_layers: stream,
-            },
-        )
-        .unwrap();
-        let got = dec.forward(&ids, Logits::All).unwrap();
-        let d = max_diff(&got, &want);
-        if std::env::var("UC_PRINT_DIFF").is_ok() {
-            eprintln!("mamba 600 tokens stream={stream}: {d:e}");
-        }
-        assert!(d <= TOLERANCE, "stream={stream}: max |diff| {d}");
-        // The last position alone (what run / serve take) after a fresh start.
-        dec.reset();
-        let last = dec.forward(&ids, Logits::Last).unwrap();
-        let d = max_diff(&last, &want[599 * 128..]);
-        assert!(d <= TOLERANCE, "stream={stream} last: max |diff| {d}");
-    }
+    whole_window_matches_decode(dir.path(), 13);
 }
 
 /// MoE past the fixture's 24 tokens: 600 tokens take the MLP in 256-token passes (each
@@ -466,10 +443,18 @@ fn mistral_sliding_window_matches_full_forward_past_the_window() {
 #[test]
 fn long_prompts_match_full_forward_resident_and_streamed() {
     let dir = fixture_with("qwen2", "max_position_embeddings", serde_json::json!(2048));
-    let ids = ids(600, 9);
-    let want = decode_logits(dir.path(), &ids);
+    whole_window_matches_decode(dir.path(), 9);
+}
+
+/// A 600-token window in one forward (all logits, then the last position alone after a
+/// reset: what run / serve take) against token-by-token decode of the same ids, resident
+/// and streamed.
+fn whole_window_matches_decode(dir: &Path, seed: u32) {
+    let ids = ids(600, seed);
+    let want = decode_logits(dir, &ids);
+    let vocab = want.len() / ids.len();
     for stream in [false, true] {
-        let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir.path()).unwrap());
+        let loader: Arc<dyn WeightLoader> = Arc::new(CheckpointLoader::open(dir).unwrap());
         let mut dec = Decoder::new(
             loader,
             DecoderOptions {
@@ -480,6 +465,13 @@ fn long_prompts_match_full_forward_resident_and_streamed() {
         .unwrap();
         let got = dec.forward(&ids, Logits::All).unwrap();
         let d = max_diff(&got, &want);
+        if std::env::var("UC_PRINT_DIFF").is_ok() {
+            eprintln!("{} 600 tokens stream={stream}: {d:e}", dir.display());
+        }
         assert!(d <= TOLERANCE, "stream={stream}: max |diff| {d}");
+        dec.reset();
+        let last = dec.forward(&ids, Logits::Last).unwrap();
+        let d = max_diff(&last, &want[599 * vocab..]);
+        assert!(d <= TOLERANCE, "stream={stream} last: max |diff| {d}");
     }
 }

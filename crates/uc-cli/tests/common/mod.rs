@@ -145,29 +145,95 @@ pub fn set_config(dir: &Path, key: &str, value: serde_json::Value) {
     std::fs::write(&p, cfg.to_string()).unwrap();
 }
 
+/// The stdout of a `uc` run that must have succeeded (its stderr in the failure).
+pub fn ok_stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "uc failed ({:?}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// The small calibrated compress the end-to-end tests share: `uc compress MODEL -o PACK
+/// --calib TEXT --calib-seqs SEQS --calib-len LEN --group 32` and `extra`, under `env`.
+pub fn compress_small(
+    model: &Path,
+    pack: &Path,
+    text: &Path,
+    (seqs, len): (&str, &str),
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Output {
+    let mut args = vec![
+        "compress",
+        model.to_str().unwrap(),
+        "-o",
+        pack.to_str().unwrap(),
+        "--calib",
+        text.to_str().unwrap(),
+        "--calib-seqs",
+        seqs,
+        "--calib-len",
+        len,
+        "--group",
+        "32",
+    ];
+    args.extend_from_slice(extra);
+    uc(&args, env)
+}
+
+/// `uc eval MODEL --against REF --text TEXT` on 4 windows of 32 tokens with `threads`
+/// threads: its JSON.
+pub fn eval_small(model: &Path, against: &Path, text: &Path, threads: &str) -> Value {
+    json_of(&uc(
+        &[
+            "eval",
+            model.to_str().unwrap(),
+            "--against",
+            against.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+            "--seq-len",
+            "32",
+            "--windows",
+            "4",
+            "--json",
+        ],
+        &[("RAYON_NUM_THREADS", threads)],
+    ))
+}
+
+/// `uc run MODEL -p "The quick brown fox" --max-tokens 16` and `extra`: its stdout (the
+/// run must succeed).
+pub fn run_text(model: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
+        "run",
+        model.to_str().unwrap(),
+        "-p",
+        "The quick brown fox",
+        "--max-tokens",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    ok_stdout(&uc(&args, &[]))
+}
+
+/// `uc verify PACK` prints `VERIFY: PASS`.
+pub fn verify_passes(pack: &Path) {
+    let v = uc(&["verify", pack.to_str().unwrap()], &[]);
+    let out = String::from_utf8_lossy(&v.stdout);
+    assert!(out.starts_with("VERIFY: PASS"), "{out}");
+}
+
 /// `uc compress` of a broken copy fails with exit 1, its stderr naming every string of
 /// `names`, and leaves no pack behind.
 pub fn refused(m: &Path, names: &[&str]) {
     let text = text_file(m);
     let tmp = tempfile::tempdir().unwrap();
     let pack = tmp.path().join("pack");
-    let out = uc(
-        &[
-            "compress",
-            m.to_str().unwrap(),
-            "-o",
-            pack.to_str().unwrap(),
-            "--calib",
-            text.to_str().unwrap(),
-            "--calib-seqs",
-            "6",
-            "--calib-len",
-            "40",
-            "--group",
-            "32",
-        ],
-        &[],
-    );
+    let out = compress_small(m, &pack, &text, ("6", "40"), &[], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     for n in names {
