@@ -61,7 +61,7 @@ fn main() {
                 continue;
             }
             let lut = qint::I16Lut::new(&cb, bits);
-            let px = qint::prepare_x(&x, group, bits);
+            let px = qint::prepare_x(&x, group, qint::order(isa, bits, cols));
             let t = Instant::now();
             for _ in 0..reps {
                 qint::dot_rows_i16(isa, &q, &lut, &px, &x, 0, &mut y);

@@ -8,10 +8,10 @@
 //! Strategy by batch size:
 //! - `n <= FUSED_MAX_TOKENS` (decode): mat-vec per token. Packed weights use the fused
 //!   kernel ([`crate::kernels::quant::dot_rows`]) that reads codes, scales and codebook
-//!   directly; the f32 weight is never materialised. On AVX2 ([`int_decode`]) the
-//!   integer kernel ([`crate::kernels::qint`]) runs instead, with each token's
-//!   activations rounded once per call and layout; resident 8-bit weights keep their
-//!   int16 codebook values expanded ([`qint::Expanded`]).
+//!   directly; the f32 weight is never materialised. On AVX2 and on AVX-512 with VBMI
+//!   ([`int_decode`]) the integer kernel ([`crate::kernels::qint`]) runs instead, with
+//!   each token's activations rounded once per call and layout; on AVX2, resident
+//!   8-bit weights keep their int16 codebook values expanded ([`qint::Expanded`]).
 //! - larger `n` (prefill): per block of `PREFILL_TILE` rows, packed weights are
 //!   dequantized into a thread-local tile and multiplied with the `gemm` crate.
 //! - A low-rank overlay `W += A B` is applied as `(x B^T) A^T`: `x B^T` once per call
@@ -432,7 +432,13 @@ impl PackedLinear {
         }
         let mut p = p;
         // Streamed weights (recycled buffers) are loaded every token: not worth it there.
-        if resident && p.bits == 8 && int_decode(Isa::detect()) {
+        // (AVX2 only: the AVX-512 VBMI kernel looks 8-bit codes up in four permutes.)
+        let isa = Isa::detect();
+        if resident
+            && p.bits == 8
+            && int_decode(isa)
+            && qint::order(isa, 8, p.cols) == qint::Order::Natural
+        {
             if let Some(lut) = &p.lut {
                 p.expanded = Some(Expanded::new(&p.view(), lut));
             }
@@ -738,26 +744,23 @@ pub(crate) fn forward_into_opts(
     }
     // Decode with the integer kernel: each token's activations rounded once per layout
     // (ops sharing an input mostly share one), not once per row block.
-    let mut layouts: Vec<((usize, usize, usize), Vec<PreparedX>)> = Vec::new();
+    let mut layouts: Vec<((usize, qint::Order, usize), Vec<PreparedX>)> = Vec::new();
     let mut which: Vec<Option<usize>> = vec![None; ops.len()];
     if n <= FUSED_MAX_TOKENS {
         for (i, op) in ops.iter().enumerate() {
             let Some((group, bits)) = op.w.int_layout(isa) else {
                 continue;
             };
-            // The lane order depends only on whether the width is 4 (see `prepare_x`);
-            // rotated inputs are other activations.
-            let key = (
-                group,
-                usize::from(bits == 4),
-                op.w.rotation().map_or(0, |r| r.0),
-            );
+            // Rotated inputs are other activations.
+            let c = op.w.cols();
+            let order = qint::order(isa, bits, c);
+            let key = (group, order, op.w.rotation().map_or(0, |r| r.0));
             let k = match layouts.iter().position(|(k, _)| *k == key) {
                 Some(k) => k,
                 None => {
-                    let (c, x) = (op.w.cols(), xs[i]);
+                    let x = xs[i];
                     let px = (0..n)
-                        .map(|t| qint::prepare_x(&x[t * c..(t + 1) * c], group, bits))
+                        .map(|t| qint::prepare_x(&x[t * c..(t + 1) * c], group, order))
                         .collect();
                     layouts.push((key, px));
                     layouts.len() - 1
@@ -812,12 +815,17 @@ fn add_bias(ops: &[Op], outs: &mut [&mut [f32]]) {
     }
 }
 
-/// Whether decode uses the integer kernel ([`crate::kernels::qint`]) with `isa`: on AVX2
-/// (AVX-512 keeps the f32 kernels, whose 32-entry permutes need no gathers), unless
+/// Whether decode uses the integer kernel ([`crate::kernels::qint`]) with `isa`: on AVX2,
+/// and on AVX-512 with VBMI (byte permutes); AVX-512 without VBMI keeps the f32 kernels.
 /// `UC_MATVEC=f32` asks for the f32 kernels (comparisons, the exactness baseline).
 pub fn int_decode(isa: Isa) -> bool {
     static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    isa == Isa::Avx2 && !*F32.get_or_init(|| std::env::var("UC_MATVEC").is_ok_and(|v| v == "f32"))
+    let int = match isa {
+        Isa::Avx2 => true,
+        Isa::Avx512 => qint::vbmi_available(),
+        Isa::Scalar => false,
+    };
+    int && !*F32.get_or_init(|| std::env::var("UC_MATVEC").is_ok_and(|v| v == "f32"))
 }
 
 /// Prefill strategy: per-tile reconstruction + single-threaded GEMMs, one task per tile

@@ -202,43 +202,61 @@ fn int16_matvec_matches_its_reference_and_the_f32_reference_within_named_toleran
             // Activations with an outlier channel, as real hidden states have.
             let mut x: Vec<f32> = (0..cols).map(|_| rng.sym()).collect();
             x[cols / 3] = 40.0;
-            let px = qint::prepare_x(&x, group, bits);
             let mut want = vec![0f32; rows];
             quant::dot_rows_scalar(&q, &x, 0, &mut want);
-            let mut reference = vec![0f32; rows];
-            qint::dot_rows_i16_scalar(&q, &lut, &px, &x, 0, &mut reference);
             let w = uc_codec::reconstruct_scalar(&qt).unwrap();
-            for i in 0..rows {
-                let mag: f32 = (0..cols).map(|j| (w[i * cols + j] * x[j]).abs()).sum();
-                let bound = I16_MATVEC_TOL * int_bound(&qt, i, &x) + MATVEC_REL_TOL * mag;
-                assert!(
-                    (reference[i] - want[i]).abs() <= bound,
-                    "{} cols {cols} row {i}: int16 reference {} vs f32 {} (bound {bound})",
-                    spec.name(),
-                    reference[i],
-                    want[i]
-                );
+            // Every lane order (AVX2's for this width, and AVX-512 VBMI's when the
+            // columns are whole 64-column chunks): the reference on the activations
+            // rounded in that order, and each SIMD kernel that reads it.
+            let avx2_order = if bits == 4 {
+                qint::Order::Nibble
+            } else {
+                qint::Order::Natural
+            };
+            let mut orders = vec![avx2_order];
+            if cols % 64 == 0 {
+                orders.push(qint::Order::Planes64);
             }
-            // 8-bit weights may run from values expanded at load: same numbers.
-            let expanded = (bits == 8).then(|| qint::Expanded::new(&q, &lut));
-            for isa in isas() {
-                let mut got = vec![0f32; rows - 2];
-                qint::dot_rows_i16(isa, &q, &lut, &px, &x, 2, &mut got);
-                if let Some(e) = &expanded {
-                    let mut via = vec![0f32; rows - 2];
-                    qint::dot_rows_expanded(isa, &q, &lut, e, &px, &x, 2, &mut via);
-                    got.extend(via);
-                }
-                for (r, g) in got.iter().enumerate() {
-                    let r = r % (rows - 2);
-                    let i = r + 2;
+            for order in orders {
+                let px = qint::prepare_x(&x, group, order);
+                let mut reference = vec![0f32; rows];
+                qint::dot_rows_i16_scalar(&q, &lut, &px, &x, 0, &mut reference);
+                for i in 0..rows {
                     let mag: f32 = (0..cols).map(|j| (w[i * cols + j] * x[j]).abs()).sum();
+                    let bound = I16_MATVEC_TOL * int_bound(&qt, i, &x) + MATVEC_REL_TOL * mag;
                     assert!(
-                        (g - reference[i]).abs() <= MATVEC_REL_TOL * mag,
-                        "{} cols {cols} {isa:?} row {i}: {g} vs reference {}",
+                        (reference[i] - want[i]).abs() <= bound,
+                        "{} cols {cols} {order:?} row {i}: int16 reference {} vs f32 {} (bound {bound})",
                         spec.name(),
-                        reference[i]
+                        reference[i],
+                        want[i]
                     );
+                }
+                // 8-bit weights may run from values expanded at load (AVX2's order):
+                // same numbers.
+                let expanded = (bits == 8 && order == qint::Order::Natural)
+                    .then(|| qint::Expanded::new(&q, &lut));
+                for isa in isas() {
+                    if isa != Isa::Scalar && qint::order(isa, bits, cols) != order {
+                        continue;
+                    }
+                    let mut got = vec![0f32; rows - 2];
+                    qint::dot_rows_i16(isa, &q, &lut, &px, &x, 2, &mut got);
+                    if let Some(e) = &expanded {
+                        let mut via = vec![0f32; rows - 2];
+                        qint::dot_rows_expanded(isa, &q, &lut, e, &px, &x, 2, &mut via);
+                        got.extend(via);
+                    }
+                    for (r, g) in got.iter().enumerate() {
+                        let i = r % (rows - 2) + 2;
+                        let mag: f32 = (0..cols).map(|j| (w[i * cols + j] * x[j]).abs()).sum();
+                        assert!(
+                            (g - reference[i]).abs() <= MATVEC_REL_TOL * mag,
+                            "{} cols {cols} {isa:?} {order:?} row {i}: {g} vs reference {}",
+                            spec.name(),
+                            reference[i]
+                        );
+                    }
                 }
             }
         }

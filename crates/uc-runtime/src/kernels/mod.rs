@@ -7,8 +7,8 @@
 //! - [`quant`]: the codec's fused kernels -- a mat-vec that reads codes, group scales and
 //!   codebook directly (never materialising the f32 weight), and exact row
 //!   dequantization for prefill tiles and embedding lookups.
-//! - [`qint`]: the decode mat-vec on int16 lanes (AVX2): codebook and activations
-//!   rounded to 15 bits, byte-shuffle lookups, `vpmaddwd`.
+//! - [`qint`]: the decode mat-vec on int16 lanes (AVX2, and AVX-512 with VBMI): codebook
+//!   and activations rounded to 15 bits, byte-shuffle / byte-permute lookups, `vpmaddwd`.
 //! - [`math`]: exp / softmax / SiLU / RMSNorm / rotary.
 //! - [`attention`]: causal attention of a query block, tiled with an online softmax
 //!   (flash-style; no `(queries, keys)` score matrix).

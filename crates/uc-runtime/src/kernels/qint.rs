@@ -1,6 +1,14 @@
-//! The decode mat-vec on integer lanes (AVX2): `y[r] = sum_j w(first + r, j) x_j` with the
-//! codebook and the activations rounded to 15-bit integers, so that a byte shuffle
-//! (`vpshufb`) looks the weights up and `vpmaddwd` multiplies 16 pairs per instruction.
+//! The decode mat-vec on integer lanes: `y[r] = sum_j w(first + r, j) x_j` with the
+//! codebook and the activations rounded to 15-bit integers, so that byte shuffles look
+//! the weights up and `vpmaddwd` multiplies 16 (AVX2) or 32 (AVX-512) pairs per
+//! instruction. Two kernels compute the same integer sums: AVX2 (`vpshufb` XOR chains,
+//! described below) and AVX-512 VBMI (`vpermb` over 64-entry byte planes, see
+//! `x86::dot_vbmi`), each reading activations in its own lane order ([`Order`]).
+//!
+//! Why on AVX-512: the f32 kernel's permutes handle up to 6-bit codes (7 and 8 bits
+//! gather), one 16-lane FMA per 16 weights; the byte-plane kernel handles 64 codes with
+//! one unpack and two (up to 6 bits) byte permutes, and decode from the default pack
+//! measured 1.4x faster at one thread (research log, 2026-12-04).
 //!
 //! Why: on AVX2 the f32 kernel ([`super::quant::dot_rows`]) looks up 5-, 6- and 8-bit
 //! codes with `vgatherdps`, which costs ~20 cycles per 8 weights on AMD Zen 3 (the
@@ -57,6 +65,8 @@ const SEGMENT: usize = 8;
 const CHUNK: usize = 32;
 /// Columns summed in int32 before converting (8 products per lane, see [`I16_LEVELS`]).
 const SPAN: usize = 64;
+/// Bytes ahead of the current code chunk the AVX-512 kernel prefetches.
+const PREFETCH: usize = 4096;
 
 /// A quantized matrix's codebook rounded to int16, as shuffle tables.
 pub struct I16Lut {
@@ -68,6 +78,8 @@ pub struct I16Lut {
     /// `[plane * 16 + t]`: the XOR chain's tables (plane 0 = low bytes, 1 = high bytes),
     /// each 16 bytes repeated in both 128-bit lanes.
     tables: [[u8; 32]; 32],
+    /// `[plane][c]`: byte `plane` of `cbq[c]` (the AVX-512 VBMI kernel's tables).
+    planes: [[u8; 256]; 2],
 }
 
 impl I16Lut {
@@ -106,11 +118,16 @@ impl I16Lut {
                 }
             }
         }
+        let mut planes = [[0u8; 256]; 2];
+        for (c, v) in cbq.iter().enumerate() {
+            [planes[0][c], planes[1][c]] = v.to_le_bytes();
+        }
         I16Lut {
             bits,
             scale,
             cbq,
             tables,
+            planes,
         }
     }
 
@@ -120,23 +137,100 @@ impl I16Lut {
     }
 }
 
+/// The lane order of [`PreparedX`]: which column of a chunk each rounded activation
+/// sits in, as the kernel that reads it unpacks codes (see [`prepare_x`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Order {
+    /// AVX2, widths other than 4: 32-column chunks in natural order.
+    Natural,
+    /// AVX2, 4 bits: 32-column chunks, even columns then odd per 16.
+    Nibble,
+    /// AVX-512 VBMI (any width): 64-column chunks as the byte-plane unpack leaves them.
+    Planes64,
+}
+
+impl Order {
+    /// Columns per chunk.
+    fn chunk(self) -> usize {
+        match self {
+            Order::Planes64 => 64,
+            _ => CHUNK,
+        }
+    }
+
+    /// Column `j`'s position within its chunk (inverse of the orders documented at
+    /// [`prepare_x`]).
+    fn lane_of(self, j: usize) -> usize {
+        match self {
+            Order::Natural => j,
+            Order::Nibble => {
+                let (half, k) = (j / 16, j % 16);
+                16 * half + if k % 2 == 0 { k / 2 } else { 8 + k / 2 }
+            }
+            Order::Planes64 => {
+                let (l, k) = (j / 16, j % 16);
+                if k < 8 {
+                    8 * l + k
+                } else {
+                    32 + 8 * l + k - 8
+                }
+            }
+        }
+    }
+}
+
+/// The lane order (hence kernel) the integer mat-vec uses for a weight of width `bits`
+/// and `cols` columns with `isa`: the AVX-512 VBMI kernel when the CPU has it and the
+/// columns are whole 64-column chunks, else the AVX2 kernel's.
+pub fn order(isa: Isa, bits: usize, cols: usize) -> Order {
+    if isa == Isa::Avx512 && vbmi_available() && cols.is_multiple_of(64) {
+        Order::Planes64
+    } else if bits == 4 {
+        Order::Nibble
+    } else {
+        Order::Natural
+    }
+}
+
+/// Whether this CPU has the AVX-512 VBMI byte permutes ([`Order::Planes64`]'s kernel).
+pub fn vbmi_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::Avx512.is_available() && is_x86_feature_detected!("avx512vbmi")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Activations of one token rounded for the integer mat-vec (see the module
 /// documentation), for one weight group size and lane order.
 pub struct PreparedX {
     group: usize,
-    /// Lane order of the 4-bit kernel (see [`prepare_x`]).
-    nibble: bool,
+    order: Order,
     cols: usize,
-    /// `(cols / 32) * 32` values, chunk by chunk in the kernel's lane order.
+    /// Whole chunks' values (`cols` rounded down to the chunk), chunk by chunk in the
+    /// kernel's lane order.
     xq: Vec<i16>,
     /// `xs_G` per group.
     xs: Vec<f32>,
 }
 
 impl PreparedX {
-    /// Whether this layout serves a weight with `group` and `bits`.
+    /// Whether this layout serves a weight with `group`, `bits` and `cols`.
     pub fn fits(&self, group: usize, bits: usize, cols: usize) -> bool {
-        self.group == group && self.nibble == (bits == 4) && self.cols == cols
+        let order_ok = match self.order {
+            Order::Natural => bits != 4,
+            Order::Nibble => bits == 4,
+            Order::Planes64 => cols.is_multiple_of(64),
+        };
+        self.group == group && self.cols == cols && order_ok
+    }
+
+    /// Columns summed by the integer kernel (the rest, if any, in f32).
+    fn full(&self) -> usize {
+        self.cols / self.order.chunk() * self.order.chunk()
     }
 }
 
@@ -146,15 +240,19 @@ pub fn supports(bits: usize, group: usize) -> bool {
     (2..=8).contains(&bits) && group.is_multiple_of(CHUNK)
 }
 
-/// Rounds `x` (`cols`) for weights of group `group` and width `bits`.
+/// Rounds `x` (`cols`) for weights of group `group` in lane order `order` (from
+/// [`order`]).
 ///
-/// Lane order per 32-column chunk: natural, except for 4 bits, whose kernel unpacks a
-/// 16-byte window as low nibbles (even columns) in the lower 128-bit lane and high
-/// nibbles (odd columns) in the upper, so that after the byte-to-word unpacks the two
-/// 16-value halves are `[0, 2, .., 14, 1, 3, .., 15]` and `[16, 18, .., 30, 17, .., 31]`.
-pub fn prepare_x(x: &[f32], group: usize, bits: usize) -> PreparedX {
+/// - [`Order::Natural`]: 32-column chunks in natural order.
+/// - [`Order::Nibble`] (AVX2, 4 bits): the kernel unpacks a 16-byte window as low nibbles
+///   (even columns) in the lower 128-bit lane and high nibbles (odd columns) in the
+///   upper, so that after the byte-to-word unpacks the two 16-value halves are
+///   `[0, 2, .., 14, 1, 3, .., 15]` and `[16, 18, .., 30, 17, .., 31]`.
+/// - [`Order::Planes64`] (AVX-512 VBMI): 64-column chunks; the kernel looks 64 codes up
+///   as two byte planes and interleaves them per 128-bit lane `L`, so its two int16
+///   vectors hold columns `16 L + 0..8` and `16 L + 8..16` for `L = 0..4`.
+pub fn prepare_x(x: &[f32], group: usize, order: Order) -> PreparedX {
     let cols = x.len();
-    let nibble = bits == 4;
     let n_groups = cols.div_ceil(group);
     let xs: Vec<f32> = (0..n_groups)
         .map(|g| {
@@ -168,24 +266,17 @@ pub fn prepare_x(x: &[f32], group: usize, bits: usize) -> PreparedX {
             }
         })
         .collect();
-    let full = cols / CHUNK * CHUNK;
+    let chunk = order.chunk();
+    let full = cols / chunk * chunk;
     let mut xq = vec![0i16; full];
-    for c0 in (0..full).step_by(CHUNK) {
-        let s = xs[c0 / group];
+    for (j, &v) in x[..full].iter().enumerate() {
+        let s = xs[j / group];
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        for p in 0..CHUNK {
-            let j = if nibble {
-                let (half, k) = (p / 16, p % 16);
-                16 * half + if k < 8 { 2 * k } else { 2 * (k - 8) + 1 }
-            } else {
-                p
-            };
-            xq[c0 + p] = round_i16(x[c0 + j] * inv);
-        }
+        xq[j / chunk * chunk + order.lane_of(j % chunk)] = round_i16(v * inv);
     }
     PreparedX {
         group,
-        nibble,
+        order,
         cols,
         xq,
         xs,
@@ -201,16 +292,6 @@ fn round_i16(v: f32) -> i16 {
     (v + 0.5f32.copysign(v)) as i16
 }
 
-/// Column `j`'s position within its chunk in `px`'s lane order (inverse of the order
-/// documented at [`prepare_x`]).
-fn lane_of(nibble: bool, j: usize) -> usize {
-    if !nibble {
-        return j;
-    }
-    let (half, k) = (j / 16, j % 16);
-    16 * half + if k % 2 == 0 { k / 2 } else { 8 + k / 2 }
-}
-
 /// Reference: the integer mat-vec exactly as specified in the module documentation
 /// (int32 sums exact, f32 partials summed sequentially).
 pub fn dot_rows_i16_scalar(
@@ -223,7 +304,7 @@ pub fn dot_rows_i16_scalar(
 ) {
     check(q, lut, px, x, first, y);
     let (cols, group) = (q.cols(), q.group());
-    let full = cols / CHUNK * CHUNK;
+    let (full, chunk) = (px.full(), px.order.chunk());
     for (r, out) in y.iter_mut().enumerate() {
         let i = first + r;
         let mut total = 0.0f32;
@@ -235,7 +316,7 @@ pub fn dot_rows_i16_scalar(
             let mut acc = 0i64;
             for j in s0..s1 {
                 let c = usize::from(q.code(i, j));
-                let xq = px.xq[j / CHUNK * CHUNK + lane_of(px.nibble, j % CHUNK)];
+                let xq = px.xq[j / chunk * chunk + px.order.lane_of(j % chunk)];
                 acc += i64::from(lut.cbq[c]) * i64::from(xq);
             }
             total += acc as f32 * (q.scale(i, g) * px.xs[g]);
@@ -256,8 +337,9 @@ fn check(q: &QuantRows, lut: &I16Lut, px: &PreparedX, x: &[f32], first: usize, y
     );
 }
 
-/// The integer mat-vec over rows `first .. first + y.len()` with `isa` (AVX2 when
-/// available, also on AVX-512 machines; else the reference).
+/// The integer mat-vec over rows `first .. first + y.len()` with the kernel of `px`'s
+/// lane order when `isa` and the CPU allow it (AVX-512 VBMI for [`Order::Planes64`],
+/// else AVX2), else the reference.
 pub fn dot_rows_i16(
     isa: Isa,
     q: &QuantRows,
@@ -268,12 +350,19 @@ pub fn dot_rows_i16(
     y: &mut [f32],
 ) {
     check(q, lut, px, x, first, y);
-    match isa {
+    match (isa, px.order) {
+        // SAFETY: AVX-512 F+BW+VBMI available (guard); `check` verified the operands
+        // agree, and `fits` that the columns are whole 64-column chunks; the kernel's
+        // masked loads read only each chunk's own `8 b` code bytes.
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512, Order::Planes64) if vbmi_available() => unsafe {
+            x86::dot_i16_vbmi(q, lut, px, first, y)
+        },
         // SAFETY: AVX2 + FMA available (guard); `check` verified the operands agree
         // (widths, groups, lengths); `QuantRows::new` checked the code buffer, padding
         // included, which covers every 16-byte window the kernel loads (see there).
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 if Isa::Avx2.is_available() => unsafe {
+        (Isa::Avx2 | Isa::Avx512, Order::Natural | Order::Nibble) if Isa::Avx2.is_available() => unsafe {
             x86::dot_i16_avx2(q, lut, px, x, first, y)
         },
         _ => dot_rows_i16_scalar(q, lut, px, x, first, y),
@@ -322,7 +411,7 @@ pub fn dot_rows_expanded(
 ) {
     check(q, lut, px, x, first, y);
     assert!(
-        e.cols == q.cols() && e.w.len() == q.rows() * q.cols() && !px.nibble,
+        e.cols == q.cols() && e.w.len() == q.rows() * q.cols() && px.order == Order::Natural,
         "dot_rows_expanded: inconsistent operands"
     );
     match isa {
@@ -338,7 +427,7 @@ pub fn dot_rows_expanded(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{I16Lut, PreparedX, CHUNK, SEGMENT, SPAN};
+    use super::{I16Lut, PreparedX, CHUNK, PREFETCH, SEGMENT, SPAN};
     use crate::kernels::quant::QuantRows;
     use std::arch::x86_64::*;
 
@@ -430,6 +519,120 @@ mod x86 {
                 tail += q.element(i, j) * xj;
             }
             *out = hsum(acc) * lut.scale + tail;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512 F+BW+VBMI available; operands checked by `super::check`, columns a
+    /// multiple of 64 (`px` in [`super::Order::Planes64`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn dot_i16_vbmi(
+        q: &QuantRows,
+        lut: &I16Lut,
+        px: &PreparedX,
+        first: usize,
+        y: &mut [f32],
+    ) {
+        match q.bits() {
+            2 => dot_vbmi::<2>(q, lut, px, first, y),
+            3 => dot_vbmi::<3>(q, lut, px, first, y),
+            4 => dot_vbmi::<4>(q, lut, px, first, y),
+            5 => dot_vbmi::<5>(q, lut, px, first, y),
+            6 => dot_vbmi::<6>(q, lut, px, first, y),
+            7 => dot_vbmi::<7>(q, lut, px, first, y),
+            _ => dot_vbmi::<8>(q, lut, px, first, y),
+        }
+    }
+
+    /// 64 `BITS`-bit codes per step, on byte lanes:
+    /// - unpack: the `8 BITS` code bytes (one masked load: nothing past them is read)
+    ///   are spread so that qword `k` holds bytes `k BITS .. (k + 1) BITS`, i.e. codes
+    ///   `8k .. 8k + 8` (`vpermb`), and `vpmultishiftqb` moves code `8k + m` to byte `m`
+    ///   of qword `k` (bits above the code hold its neighbour's: the lookups below read
+    ///   only the low 6, 7 or 8 index bits, of tables periodic in 2^BITS);
+    /// - lookup: the low and high bytes of `cbq[code]` from two 64/128/256-entry byte
+    ///   tables (`vpermb` up to 6 bits, `vpermi2b` for 7, two and a blend on bit 7 for 8);
+    /// - the byte unpacks interleave them to int16 per 128-bit lane, in the order
+    ///   [`super::Order::Planes64`] prepared `x` in; `vpmaddwd` and int32 adds: 4
+    ///   products per lane per chunk (exact, see `I16_LEVELS`).
+    ///
+    /// Each 64-column chunk is one `SPAN`: its int32 lanes convert to f32 and are scaled
+    /// by `scale(row, G) xs_G`. With 32-column groups, lanes 0..8 hold columns 0..32 of
+    /// the chunk (128-bit lanes 0, 1) and lanes 8..16 columns 32..64: two factors.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn dot_vbmi<const BITS: usize>(
+        q: &QuantRows,
+        lut: &I16Lut,
+        px: &PreparedX,
+        first: usize,
+        y: &mut [f32],
+    ) {
+        let (cols, group) = (q.cols(), q.group());
+        let chunks = cols / 64;
+        let t: [[__m512i; 4]; 2] = std::array::from_fn(|p| {
+            std::array::from_fn(|r| _mm512_loadu_si512(lut.planes[p][64 * r..].as_ptr().cast()))
+        });
+        let (mut spread, mut shift) = ([0u8; 64], [0u8; 64]);
+        for k in 0..8 {
+            for m in 0..8 {
+                spread[8 * k + m] = (k * BITS + m.min(BITS - 1)) as u8;
+                shift[8 * k + m] = (m * BITS) as u8;
+            }
+        }
+        let spread = _mm512_loadu_si512(spread.as_ptr().cast());
+        let shift = _mm512_loadu_si512(shift.as_ptr().cast());
+        let load: __mmask64 = if BITS == 8 {
+            !0
+        } else {
+            (1u64 << (8 * BITS)) - 1
+        };
+        let xq = px.xq.as_ptr();
+        let xs = px.xs.as_ptr();
+        for (r, out) in y.iter_mut().enumerate() {
+            let i = first + r;
+            let row = q.row_ptr(i);
+            let scales = q.row_scales(i);
+            let mut acc = _mm512_setzero_ps();
+            for c in 0..chunks {
+                let at = row.add(c * 8 * BITS);
+                // The weights stream from memory once per token; the hardware prefetcher
+                // alone left the loads waiting (research log, 2026-12-04).
+                _mm_prefetch::<_MM_HINT_T0>(at.add(PREFETCH).cast());
+                let raw = _mm512_maskz_loadu_epi8(load, at.cast());
+                let idx = if BITS == 8 {
+                    raw
+                } else {
+                    _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(spread, raw))
+                };
+                let plane = |p: usize| match BITS {
+                    0..=6 => _mm512_permutexvar_epi8(idx, t[p][0]),
+                    7 => _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
+                    _ => _mm512_mask_blend_epi8(
+                        _mm512_movepi8_mask(idx),
+                        _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
+                        _mm512_permutex2var_epi8(t[p][2], idx, t[p][3]),
+                    ),
+                };
+                let (lo, hi) = (plane(0), plane(1));
+                let w0 = _mm512_unpacklo_epi8(lo, hi);
+                let w1 = _mm512_unpackhi_epi8(lo, hi);
+                let x0 = _mm512_loadu_si512(xq.add(64 * c).cast());
+                let x1 = _mm512_loadu_si512(xq.add(64 * c + 32).cast());
+                let isum = _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
+                let f = if group == 32 {
+                    let (g0, g1) = (2 * c, 2 * c + 1);
+                    _mm512_mask_blend_ps(
+                        0xff00,
+                        _mm512_set1_ps(*scales.add(g0) * *xs.add(g0)),
+                        _mm512_set1_ps(*scales.add(g1) * *xs.add(g1)),
+                    )
+                } else {
+                    let g = 64 * c / group;
+                    _mm512_set1_ps(*scales.add(g) * *xs.add(g))
+                };
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), f, acc);
+            }
+            *out = _mm512_reduce_add_ps(acc) * lut.scale;
         }
     }
 
