@@ -1,4 +1,4 @@
-//! How far the integer decode kernel (AVX2, `kernels::qint`) moves a real model's logits
+//! How far the integer decode kernel (`kernels::qint`: AVX2, or AVX-512 VBMI) moves a real model's logits
 //! from the f32 fused kernel: prefill a seeded prompt, then decode greedily with each
 //! path on its own decoder and report, per step, max |logit difference|, the logits'
 //! standard deviation and whether the argmax agrees. The f32 path is chosen by

@@ -52,7 +52,7 @@
 //!   sequence `s` owns `kc[s * kv_heads * capacity * head_dim ..]` (likewise `vc`).
 
 use crate::kernels::attention;
-use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
+use crate::kernels::dense::{split_columns, ColBlock, Mat};
 use crate::kernels::math;
 use crate::kernels::Isa;
 use crate::linear::{self, Linear, Op, Par};
@@ -71,6 +71,8 @@ pub(crate) const MLP_TOKENS: usize = 256;
 thread_local! {
     /// Tiles of the flash attention, reused across tasks on this thread.
     static FLASH: std::cell::RefCell<attention::Scratch> = std::cell::RefCell::new(attention::Scratch::default());
+    /// Scores of a decode query, reused across heads on this thread.
+    static DECODE_SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn op<'a>(w: &'a dyn Linear, bias: Option<&'a [f32]>) -> Op<'a> {
@@ -595,16 +597,20 @@ impl Ctx<'_> {
                 let qv = &q[head * hd..(head + 1) * hd];
                 let keys = &kc[g * cap * hd..];
                 let vals = &vc[g * cap * hd..];
-                let mut s: Vec<f32> = (lo..end)
-                    .map(|j| dense::dot(isa, qv, &keys[j * hd..(j + 1) * hd]) * scale)
-                    .collect();
-                if let Some(c) = softcap {
-                    s.iter_mut().for_each(|v| *v = attention::softcap(*v, c));
-                }
-                math::softmax(isa, &mut s);
-                for (j, p) in (lo..end).zip(&s) {
-                    dense::axpy(isa, *p, &vals[j * hd..(j + 1) * hd], &mut out);
-                }
+                DECODE_SCORES.with(|s| {
+                    let mut s = s.borrow_mut();
+                    attention::decode(
+                        isa,
+                        qv,
+                        keys,
+                        vals,
+                        (lo, end),
+                        scale,
+                        softcap,
+                        &mut s,
+                        &mut out,
+                    );
+                });
             });
             return;
         }
