@@ -16,6 +16,7 @@ pub mod alloc;
 mod calib;
 pub mod memory;
 mod pipeline;
+mod spill;
 mod target;
 
 pub use alloc::Sensitivity;
@@ -24,6 +25,7 @@ pub use pipeline::{
     compress, BlockSummary, BudgetScope, Event, Method, Options, Summary, TensorSummary,
     BUDGET_BITS,
 };
+pub use spill::SPILL_DIR;
 
 /// Everything that can stop a compression.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,15 @@ pub enum CompressError {
     /// Settings that cannot work.
     #[error("invalid settings: {0}")]
     Settings(String),
+    /// Writing or reading calibration activations spilled to disk
+    /// ([`Options::spill_activations`]): the file and the error.
+    #[error("calibration activations spilled to {path}: {source}")]
+    Spill {
+        /// The spill file (or directory).
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// An I/O error outside the pack writer (reading a source file to hash it).
     #[error("{path}: {source}")]
     Io {
