@@ -451,6 +451,13 @@ fn memory_plan(a: &CompressArgs, opts: &mut uc_compress::Options) -> Result<serd
         .as_ref()
         .map_or(0, |c| c.sources.iter().map(|s| s.tokens.len() as u64).sum());
     let mut est = uc_compress::memory::estimate(&cfg, opts, tokens);
+    // Every plan tried, as (what, estimated peak bytes): in the JSON and a refusal.
+    let plan_name = |o: &uc_compress::Options| match (o.spill_activations, o.recompute_mlp_input) {
+        (true, _) => "activations spilled to disk",
+        (false, true) => "down_proj's input recomputed",
+        (false, false) => "activations held",
+    };
+    let mut tried = vec![(plan_name(opts), est.peak_bytes)];
     if let Some(budget) = a.max_memory {
         if opts.method == uc_compress::Method::Gptq {
             let lean = uc_compress::Options {
@@ -471,13 +478,20 @@ fn memory_plan(a: &CompressArgs, opts: &mut uc_compress::Options) -> Result<serd
                 }
                 *opts = o;
                 est = uc_compress::memory::estimate(&cfg, opts, tokens);
+                tried.push((plan_name(opts), est.peak_bytes));
             }
         }
         if let Err(msg) = est.check(budget) {
-            let how = if opts.spill_activations {
-                " (planned with calibration activations spilled to disk)"
-            } else {
-                ""
+            let how = match &tried[..] {
+                [_] => String::new(),
+                plans => format!(
+                    " (the last of these plans: {})",
+                    plans
+                        .iter()
+                        .map(|(what, b)| format!("{what}, {}", uc_format::memory::human(*b)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
             };
             anyhow::bail!("--max-memory: compressing {} {msg}{how}", a.src.display());
         }
@@ -488,6 +502,10 @@ fn memory_plan(a: &CompressArgs, opts: &mut uc_compress::Options) -> Result<serd
         "estimate_phase": est.peak_phase,
         "recompute_mlp_input": opts.recompute_mlp_input,
         "spill_activations": opts.spill_activations,
+        "plans_tried": tried
+            .iter()
+            .map(|(what, b)| serde_json::json!({"plan": what, "estimate_peak_bytes": b}))
+            .collect::<Vec<_>>(),
         "estimate": est,
     }))
 }

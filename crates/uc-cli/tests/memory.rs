@@ -211,6 +211,9 @@ fn a_budget_that_needs_spilling_spills_and_gives_the_same_pack() {
     let j = json_of(&o);
     assert_eq!(j["memory"]["spill_activations"], true, "{}", j["memory"]);
     assert_eq!(j["memory"]["recompute_mlp_input"], true);
+    let tried = j["memory"]["plans_tried"].as_array().unwrap();
+    assert_eq!(tried.len(), 3, "{tried:?}");
+    assert_eq!(tried[2]["estimate_peak_bytes"], spilled);
     assert_eq!(j["fingerprint"], json_of(&held_o)["fingerprint"]);
     assert!(uc(&["verify", pack.to_str().unwrap()], &[])
         .status
@@ -222,6 +225,10 @@ fn a_budget_that_needs_spilling_spills_and_gives_the_same_pack() {
     let e = stderr(&o);
     assert!(
         e.contains("does not fit") && e.contains("spilled to disk"),
+        "{e}"
+    );
+    assert!(
+        e.contains("activations held") && e.contains("input recomputed"),
         "{e}"
     );
     assert!(!pack.exists());
