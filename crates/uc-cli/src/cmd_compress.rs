@@ -146,8 +146,10 @@ pub struct CompressArgs {
     /// Keep the calibration hidden states carried between blocks in files under
     /// PACK/.spill (removed when the run ends) instead of memory, and recompute each
     /// block's forward from them stage by stage: only a chunk of 4 windows is resident.
-    /// The same pack, more compute and some disk I/O (2 x tokens x hidden x 4 bytes per
-    /// block, twice). --max-memory turns it on when it needs it; this forces it.
+    /// The same pack, for more compute (each stage recomputes the block's forward up to
+    /// its input) and disk I/O (per block, 2 x tokens x hidden x 4 bytes written and
+    /// five times that read). --max-memory turns it on when it needs it; this forces it.
+    /// Not for mixture-of-experts models.
     #[arg(long)]
     spill_activations: bool,
     /// Print the summary as JSON.

@@ -7,7 +7,8 @@
 //! source weights are resident at a time. Calibrated runs take their activation
 //! statistics from the runtime's engine: [`uc_runtime::staged::Stager`] runs each block
 //! on the calibration windows (plain `Vec<f32>` activations), paused at every linear's
-//! input. An interrupted run resumes from the journal: completed containers (re-hashed)
+//! input; under a tight memory budget the activations carried between blocks live in
+//! files instead ([`Options::spill_activations`], module `spill`). An interrupted run resumes from the journal: completed containers (re-hashed)
 //! are kept, the rest recomputed, and since encoding is deterministic the final pack is
 //! byte-identical to an uninterrupted run's.
 #![deny(missing_docs)]
