@@ -94,12 +94,12 @@ pub struct Options {
     /// teacher's and the quantized model's, `(n_seqs * seq_len, hidden)` f32 each) in
     /// files under `PACK/.spill/` instead of memory ([`crate::spill`]), and hold no
     /// paused forwards between a block's stages: each stage reads the block's inputs
-    /// back one chunk of windows at a time and recomputes the forward to its tap. The
-    /// same bits (the recomputation runs the same weights on the same inputs in the same
-    /// chunks; stage after stage the teacher's forward is recomputed once more and the
-    /// quantized one's up to four times). Not built for mixture-of-experts blocks, whose
-    /// experts read their held inputs once per expert. The memory plan sets it when a
-    /// `--max-memory` budget needs it ([`crate::memory`]).
+    /// back one chunk of windows at a time and recomputes both forwards from the block
+    /// input to the stage's tap (and the quantized one's to the block output at the
+    /// end). The same bits: the recomputation runs the same weights on the same inputs
+    /// in the same chunks. Not built for mixture-of-experts blocks, whose experts read
+    /// their held inputs once per expert. The memory plan sets it when a `--max-memory`
+    /// budget needs it ([`crate::memory`]).
     pub spill_activations: bool,
 }
 
@@ -1006,10 +1006,10 @@ impl Forwards {
 const CHUNK: usize = 4;
 
 /// Mean over hidden channels of each channel's MSE relative to its mean square in `b`
-/// (`a`, `b`: (rows, hidden) row-major). Unlike the block's output error (the MSE of
-/// all values relative to their mean square), a few channels of huge
-/// magnitude (the "massive activations" that appear in the residual stream a few blocks
-/// in) do not swamp the measure, so errors in different blocks are comparable.
+/// (`a`, `b`: (rows, hidden) row-major). Unlike the block's output error (the MSE of all
+/// values relative to their mean square), a few channels of huge magnitude (the "massive
+/// activations" that appear in the residual stream a few blocks in) do not swamp the
+/// measure, so errors in different blocks are comparable.
 fn channel_rel_mse(a: &[f32], b: &[f32], hidden: usize) -> f64 {
     let (mut err, mut ms) = (vec![0f64; hidden], vec![0f64; hidden]);
     for (ra, rb) in a.chunks_exact(hidden).zip(b.chunks_exact(hidden)) {
