@@ -15,7 +15,7 @@
 //! between its stages) are planned three ways, which `uc compress --max-memory` tries in
 //! this order: held as they are; held with down_proj's input recomputed
 //! ([`Options::recompute_mlp_input`]); spilled to disk ([`Options::spill_activations`],
-//! [`crate::spill`]), where only the chunk of windows being computed is resident. A run
+//! module `spill`), where only the chunk of windows being computed is resident. A run
 //! that does not fit even spilled is refused, naming the terms of the spilled plan.
 //! Spilling is not planned for mixture-of-experts models (not built for them).
 

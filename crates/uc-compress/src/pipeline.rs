@@ -92,7 +92,7 @@ pub struct Options {
     pub recompute_mlp_input: bool,
     /// Calibrated runs: keep the calibration hidden states carried between blocks (the
     /// teacher's and the quantized model's, `(n_seqs * seq_len, hidden)` f32 each) in
-    /// files under `PACK/.spill/` instead of memory ([`crate::spill`]), and hold no
+    /// files under `PACK/.spill/` instead of memory (module `spill`), and hold no
     /// paused forwards between a block's stages: each stage reads the block's inputs
     /// back one chunk of windows at a time and recomputes both forwards from the block
     /// input to the stage's tap (and the quantized one's to the block output at the
