@@ -24,6 +24,11 @@
 #   gen1b_l2  uc-synth llama-3.2-1b --layers 2: the same blocks, embedding and tokenizer,
 #             2 of 16 blocks (memory is flat in depth: one block's peak in 1/8 the time)
 #   calib1b_l2  calib1b's command on the 2-block model
+#   calib1b_l2_spill  calib1b_l2 with --max-memory ${SPILL_MAX_MEMORY:-2600M}: below the
+#             held and recomputed plans (3.37 / 2.77 GiB), above the spilled one (2.47
+#             GiB), so the plan spills the calibration activations to disk
+#   calib1b_l2_nospill  calib1b_l2 at 3G (recomputed, not spilled) into another pack; its
+#             fingerprint is compared with calib1b_l2_spill's (must be equal)
 #   verify1b  uc verify of the 1B RTN pack (rtn1b); verify1b_base the same with the binary
 #             BASE_UC (e.g. main's) for a before/after of the resident set
 #   plan      the --max-memory estimates alone (refusal messages) for the runs above
@@ -118,6 +123,26 @@ stage_calib1b_l2() {
     # shellcheck disable=SC2086
     timed calib1b_l2 "$UC" compress "$M1L2" -o "$SCRATCH/p1b-l2-calib" --calib-sotu assets/sotu \
         --max-memory "${CALIB1B_MAX_MEMORY:-3G}" --json ${CALIB1B_ARGS:-}
+}
+
+stage_calib1b_l2_spill() {
+    rm -rf "$SCRATCH/p1b-l2-spill"
+    timed calib1b_l2_spill "$UC" compress "$M1L2" -o "$SCRATCH/p1b-l2-spill" \
+        --calib-sotu assets/sotu --max-memory "${SPILL_MAX_MEMORY:-2600M}" --json
+}
+
+stage_calib1b_l2_nospill() {
+    rm -rf "$SCRATCH/p1b-l2-nospill"
+    timed calib1b_l2_nospill "$UC" compress "$M1L2" -o "$SCRATCH/p1b-l2-nospill" \
+        --calib-sotu assets/sotu --max-memory 3G --json
+    python3 - "$OUTDIR" <<'EOF3'
+import json, sys
+d = sys.argv[1]
+a = json.load(open(f"{d}/calib1b_l2_spill.json"))["stdout"]["fingerprint"]
+b = json.load(open(f"{d}/calib1b_l2_nospill.json"))["stdout"]["fingerprint"]
+print(f"spilled {a}\nheld    {b}\n" + ("identical" if a == b else "DIFFERENT"))
+sys.exit(0 if a == b else 1)
+EOF3
 }
 
 stage_verify1b() {

@@ -136,11 +136,22 @@ pub struct CompressArgs {
     target_damp: f64,
     /// A hard memory budget, e.g. 2G or 1500M (K/M/G/T = 1024^k bytes): the peak
     /// resident set is estimated from the model's shapes and the settings before
-    /// anything is written, and a run whose estimate exceeds SIZE is refused, naming
-    /// what does not fit. Not built yet: spilling calibration activations to disk (a
-    /// calibrated run that does not fit needs fewer --calib-seqs or a shorter --calib-len).
+    /// anything is written. A calibrated run that does not fit as planned recomputes
+    /// down_proj's input instead of holding it, and if that does not fit either, spills
+    /// its calibration activations to disk (as --spill-activations; not for
+    /// mixture-of-experts models). A run that does not fit even so is refused, naming
+    /// what does not fit.
     #[arg(long, value_name = "SIZE", value_parser = uc_format::memory::parse_size)]
     max_memory: Option<u64>,
+    /// Keep the calibration hidden states carried between blocks in files under
+    /// PACK/.spill (removed when the run ends) instead of memory, and recompute each
+    /// block's forward from them stage by stage: only a chunk of 4 windows is resident.
+    /// The same pack, for more compute (each stage recomputes the block's forward up to
+    /// its input) and disk I/O (per block, 2 x tokens x hidden x 4 bytes written and
+    /// five times that read). --max-memory turns it on when it needs it; this forces it.
+    /// Not for mixture-of-experts models.
+    #[arg(long)]
+    spill_activations: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -290,6 +301,11 @@ pub fn run(a: CompressArgs) -> Result<()> {
         _ => Some(calibration(&a)?),
     };
     let calibration_seconds = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        !a.spill_activations || method == Method::Gptq,
+        "--spill-activations: only the calibrated encoder (--method gptq) holds calibration \
+         activations"
+    );
     let mut opts = Options {
         method,
         body,
@@ -315,6 +331,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         auto_shrink: a.shrink == Shrink::Auto,
         // Test hook: what a tight --max-memory plan chooses, on a model too small to need it.
         recompute_mlp_input: std::env::var_os("UC_TEST_RECOMPUTE_MLP_INPUT").is_some(),
+        spill_activations: a.spill_activations,
     };
     let memory = memory_plan(&a, &mut opts)?;
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks
@@ -422,9 +439,12 @@ pub fn run(a: CompressArgs) -> Result<()> {
 
 /// The memory plan of this run: the estimate, checked against `--max-memory` (a run
 /// that does not fit is refused here, before the pack directory is created or touched).
-/// A calibrated run that does not fit as planned but fits with down_proj's input
-/// recomputed ([`uc_compress::Options::recompute_mlp_input`]: the same pack, a little
-/// more compute) runs that way.
+/// A calibrated run that does not fit as planned runs the leanest way that fits, trying
+/// in turn: down_proj's input recomputed ([`uc_compress::Options::recompute_mlp_input`]),
+/// then the calibration activations spilled to disk as well
+/// ([`uc_compress::Options::spill_activations`]; not for mixture-of-experts models). Both
+/// give the same pack, for more compute (and disk I/O). Refused, the message lists the
+/// terms of the leanest plan tried.
 fn memory_plan(a: &CompressArgs, opts: &mut uc_compress::Options) -> Result<serde_json::Value> {
     let cfg = uc_model::config::ModelConfig::from_file(&a.src.join("config.json"))
         .with_context(|| format!("reading {}", a.src.display()))?;
@@ -433,20 +453,49 @@ fn memory_plan(a: &CompressArgs, opts: &mut uc_compress::Options) -> Result<serd
         .as_ref()
         .map_or(0, |c| c.sources.iter().map(|s| s.tokens.len() as u64).sum());
     let mut est = uc_compress::memory::estimate(&cfg, opts, tokens);
+    // Every plan tried, as (what, estimated peak bytes): in the JSON and a refusal.
+    let plan_name = |o: &uc_compress::Options| match (o.spill_activations, o.recompute_mlp_input) {
+        (true, _) => "activations spilled to disk",
+        (false, true) => "down_proj's input recomputed",
+        (false, false) => "activations held",
+    };
+    let mut tried = vec![(plan_name(opts), est.peak_bytes)];
     if let Some(budget) = a.max_memory {
-        if est.check(budget).is_err() && opts.method == uc_compress::Method::Gptq {
+        if opts.method == uc_compress::Method::Gptq {
             let lean = uc_compress::Options {
                 recompute_mlp_input: true,
                 ..opts.clone()
             };
-            let lean_est = uc_compress::memory::estimate(&cfg, &lean, tokens);
-            if lean_est.check(budget).is_ok() {
-                *opts = lean;
-                est = lean_est;
+            let spilled = uc_compress::Options {
+                spill_activations: true,
+                ..lean.clone()
+            };
+            let mut leaner = vec![lean];
+            if cfg.moe.is_none() {
+                leaner.push(spilled);
+            }
+            for o in leaner {
+                if est.check(budget).is_ok() {
+                    break;
+                }
+                *opts = o;
+                est = uc_compress::memory::estimate(&cfg, opts, tokens);
+                tried.push((plan_name(opts), est.peak_bytes));
             }
         }
         if let Err(msg) = est.check(budget) {
-            anyhow::bail!("--max-memory: compressing {} {msg}", a.src.display());
+            let how = match &tried[..] {
+                [_] => String::new(),
+                plans => format!(
+                    " (the last of these plans: {})",
+                    plans
+                        .iter()
+                        .map(|(what, b)| format!("{what}, {}", uc_format::memory::human(*b)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            };
+            anyhow::bail!("--max-memory: compressing {} {msg}{how}", a.src.display());
         }
     }
     Ok(serde_json::json!({
@@ -454,6 +503,11 @@ fn memory_plan(a: &CompressArgs, opts: &mut uc_compress::Options) -> Result<serd
         "estimate_peak_bytes": est.peak_bytes,
         "estimate_phase": est.peak_phase,
         "recompute_mlp_input": opts.recompute_mlp_input,
+        "spill_activations": opts.spill_activations,
+        "plans_tried": tried
+            .iter()
+            .map(|(what, b)| serde_json::json!({"plan": what, "estimate_peak_bytes": b}))
+            .collect::<Vec<_>>(),
         "estimate": est,
     }))
 }

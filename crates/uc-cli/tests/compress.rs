@@ -164,6 +164,99 @@ fn recomputing_the_mlp_input_gives_the_same_bytes() {
     assert_eq!(tree(&a), tree(&b));
 }
 
+/// Spilling the calibration activations to disk (what a tight `--max-memory` plan
+/// chooses last; forced here) gives the same pack as holding them, on a dense family,
+/// a family with q/k norms and biases, and Mamba; 6 windows make a short last chunk.
+/// The spill directory is gone when the run ends.
+#[test]
+fn spilling_the_activations_gives_the_same_bytes() {
+    for family in ["llama", "qwen2", "mamba"] {
+        let m = model_with_tokenizer(family);
+        let text = text_file(m.path());
+        let out = tempfile::tempdir().unwrap();
+        let (a, b) = (out.path().join("a"), out.path().join("b"));
+        assert!(compress(m.path(), &a, &text, &[], &[]).status.success());
+        let o = compress(m.path(), &b, &text, &["--spill-activations", "--json"], &[]);
+        assert!(
+            o.status.success(),
+            "{family}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(json_of(&o)["memory"]["spill_activations"], true);
+        assert!(!b.join(uc_compress::SPILL_DIR).exists(), "{family}");
+        assert_eq!(tree(&a), tree(&b), "{family}");
+    }
+}
+
+/// A spilled run killed after a block leaves its spill files; the same command again
+/// discards them, recomputes the streams and ends with the uninterrupted run's bytes.
+#[test]
+fn a_killed_spilled_run_resumes_to_the_same_bytes() {
+    let m = model_with_tokenizer("llama");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let (whole, resumed) = (out.path().join("whole"), out.path().join("resumed"));
+    assert!(compress(m.path(), &whole, &text, &[], &[]).status.success());
+    let spill = ["--spill-activations"];
+    let killed = compress(
+        m.path(),
+        &resumed,
+        &text,
+        &spill,
+        &[("UC_TEST_ABORT_AFTER_BLOCKS", "1")],
+    );
+    assert!(!killed.status.success());
+    let left: Vec<String> = std::fs::read_dir(resumed.join(uc_compress::SPILL_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.iter().any(|n| n == "block_0001.teacher.f32"),
+        "the killed run's spill files: {left:?}"
+    );
+    let again = compress(
+        m.path(),
+        &resumed,
+        &text,
+        &["--spill-activations", "--json"],
+        &[],
+    );
+    assert_eq!(json_of(&again)["resumed_blocks"], 1);
+    assert_eq!(tree(&whole), tree(&resumed));
+}
+
+/// Spilling is refused by name where it is not built or means nothing.
+#[test]
+fn spilling_is_refused_for_moe_and_rtn() {
+    let m = model_with_tokenizer("mixtral");
+    let text = text_file(m.path());
+    let out = tempfile::tempdir().unwrap();
+    let o = compress(
+        m.path(),
+        &out.path().join("moe"),
+        &text,
+        &["--spill-activations"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("mixture-of-experts"), "{e}");
+    let o = uc(
+        &[
+            "compress",
+            m.path().to_str().unwrap(),
+            "-o",
+            out.path().join("rtn").to_str().unwrap(),
+            "--method",
+            "rtn",
+            "--spill-activations",
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--spill-activations"));
+}
+
 #[test]
 fn a_killed_run_resumes_to_the_same_bytes() {
     let m = model_with_tokenizer("llama");

@@ -162,3 +162,74 @@ fn a_budget_that_fits_is_reported_with_the_estimate() {
     assert_eq!(j["memory"]["max_memory_bytes"], 1u64 << 30);
     assert!(j["memory"]["estimate_peak_bytes"].as_u64().unwrap() > 0);
 }
+
+/// The third fallback: a calibrated run whose plan fits neither as held nor with
+/// down_proj's input recomputed, but fits with its activations spilled, runs spilled
+/// (reported in the JSON) and writes the same pack; a budget below even the spilled
+/// plan is refused naming it. 64 windows of 40 tokens make the held activations larger
+/// than one spilled chunk on the tiny model.
+#[test]
+fn a_budget_that_needs_spilling_spills_and_gives_the_same_pack() {
+    let m = model_with_tokenizer("llama");
+    let out = tempfile::tempdir().unwrap();
+    let text = text_file(out.path());
+    let run = |pack: &str, extra: &[&str], env: &[(&str, &str)]| {
+        let pack = out.path().join(pack);
+        let mut args = vec![
+            "compress",
+            m.path().to_str().unwrap(),
+            "-o",
+            pack.to_str().unwrap(),
+            "--calib",
+            text.to_str().unwrap(),
+            "--calib-seqs",
+            "64",
+            "--calib-len",
+            "40",
+            "--group",
+            "32",
+            "--bits",
+            "4",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        (uc(&args, env), pack)
+    };
+    let peak = |o: &std::process::Output| {
+        json_of(o)["memory"]["estimate_peak_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let (held_o, _) = run("held", &[], &[]);
+    let (lean, _) = run("lean", &[], &[("UC_TEST_RECOMPUTE_MLP_INPUT", "1")]);
+    let (spilled, _) = run("spilled", &["--spill-activations"], &[]);
+    let (held, lean, spilled) = (peak(&held_o), peak(&lean), peak(&spilled));
+    assert!(spilled < lean && lean <= held, "{spilled} {lean} {held}");
+
+    let budget = ((spilled + lean) / 2).to_string();
+    let (o, pack) = run("tight", &["--max-memory", &budget], &[]);
+    let j = json_of(&o);
+    assert_eq!(j["memory"]["spill_activations"], true, "{}", j["memory"]);
+    assert_eq!(j["memory"]["recompute_mlp_input"], true);
+    let tried = j["memory"]["plans_tried"].as_array().unwrap();
+    assert_eq!(tried.len(), 3, "{tried:?}");
+    assert_eq!(tried[2]["estimate_peak_bytes"], spilled);
+    assert_eq!(j["fingerprint"], json_of(&held_o)["fingerprint"]);
+    assert!(uc(&["verify", pack.to_str().unwrap()], &[])
+        .status
+        .success());
+
+    let budget = (spilled - 1).to_string();
+    let (o, pack) = run("refused", &["--max-memory", &budget], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("does not fit") && e.contains("spilled to disk"),
+        "{e}"
+    );
+    assert!(
+        e.contains("activations held") && e.contains("input recomputed"),
+        "{e}"
+    );
+    assert!(!pack.exists());
+}

@@ -7,7 +7,8 @@
 //! source weights are resident at a time. Calibrated runs take their activation
 //! statistics from the runtime's engine: [`uc_runtime::staged::Stager`] runs each block
 //! on the calibration windows (plain `Vec<f32>` activations), paused at every linear's
-//! input. An interrupted run resumes from the journal: completed containers (re-hashed)
+//! input; under a tight memory budget the activations carried between blocks live in
+//! files instead ([`Options::spill_activations`], module `spill`). An interrupted run resumes from the journal: completed containers (re-hashed)
 //! are kept, the rest recomputed, and since encoding is deterministic the final pack is
 //! byte-identical to an uninterrupted run's.
 #![deny(missing_docs)]
@@ -16,6 +17,7 @@ pub mod alloc;
 mod calib;
 pub mod memory;
 mod pipeline;
+mod spill;
 mod target;
 
 pub use alloc::Sensitivity;
@@ -24,6 +26,7 @@ pub use pipeline::{
     compress, BlockSummary, BudgetScope, Event, Method, Options, Summary, TensorSummary,
     BUDGET_BITS,
 };
+pub use spill::SPILL_DIR;
 
 /// Everything that can stop a compression.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +52,15 @@ pub enum CompressError {
     /// Settings that cannot work.
     #[error("invalid settings: {0}")]
     Settings(String),
+    /// Writing or reading calibration activations spilled to disk
+    /// ([`Options::spill_activations`]): the file and the error.
+    #[error("calibration activations spilled to {path}: {source}")]
+    Spill {
+        /// The spill file (or directory).
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// An I/O error outside the pack writer (reading a source file to hash it).
     #[error("{path}: {source}")]
     Io {

@@ -18,6 +18,7 @@
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Cross, Gram};
+use crate::spill::{self, SpillDir, SpillWriter, Spilled};
 use crate::{CompressError, Result};
 use serde::Serialize;
 use std::borrow::Cow;
@@ -89,6 +90,17 @@ pub struct Options {
     /// quantized stream per block. The memory plan sets it when a `--max-memory` budget
     /// needs it ([`crate::memory`]).
     pub recompute_mlp_input: bool,
+    /// Calibrated runs: keep the calibration hidden states carried between blocks (the
+    /// teacher's and the quantized model's, `(n_seqs * seq_len, hidden)` f32 each) in
+    /// files under `PACK/.spill/` instead of memory (module `spill`), and hold no
+    /// paused forwards between a block's stages: each stage reads the block's inputs
+    /// back one chunk of windows at a time and recomputes both forwards from the block
+    /// input to the stage's tap (and the quantized one's to the block output at the
+    /// end). The same bits: the recomputation runs the same weights on the same inputs
+    /// in the same chunks. Not built for mixture-of-experts blocks, whose experts read
+    /// their held inputs once per expert. The memory plan sets it when a `--max-memory`
+    /// budget needs it ([`crate::memory`]).
+    pub spill_activations: bool,
 }
 
 /// Where a bit budget may move bits.
@@ -436,11 +448,21 @@ pub fn compress(
         .map_err(codec_err("(embedding codec)"))?;
     let ck = Checkpoint::open(src)?;
     let cfg = ck.config().clone();
+    if opts.spill_activations && cfg.moe.is_some() {
+        return Err(CompressError::Settings(
+            "spilling calibration activations to disk is not built for mixture-of-experts \
+             models (each expert reads the held inputs of its tokens)"
+                .into(),
+        ));
+    }
     let mut writer = if out.join(uc_format::JOURNAL_FILE).is_file() {
         PackWriter::resume(out)?
     } else {
         PackWriter::create(out, source_info(&ck)?)?
     };
+    // A killed run's spill files: never reused (the streams are recomputed through the
+    // completed blocks, as on every resume), so they go now.
+    spill::remove_stale(out)?;
     let done =
         |w: &PackWriter, file: &str| w.is_complete(&format!("{}/{file}", uc_format::TENSORS_DIR));
     let resumed = (0..cfg.num_layers)
@@ -530,7 +552,14 @@ pub fn compress(
     }
     let spec_of = |name: &str| *specs.get(name).unwrap_or(&opts.body);
     let mut stream = match (opts.method, &windows) {
-        (Method::Gptq, Some((ids, record))) => Some(Stream::new(&ck, ids, record.seq_len)?),
+        (Method::Gptq, Some((ids, record))) => {
+            let spill = if opts.spill_activations {
+                Some(SpillDir::create(out)?)
+            } else {
+                None
+            };
+            Some(Stream::new(&ck, ids, record.seq_len, spill)?)
+        }
         _ => None,
     };
     drop(windows);
@@ -628,7 +657,9 @@ pub fn compress(
         });
     }
 
-    drop(stream); // the streams' memory, before the embedding is read and encoded
+    // The streams' memory, before the embedding is read and encoded; the spill files,
+    // before the manifest lists the pack's files.
+    stream.map_or(Ok(()), Stream::close)?;
     if !done(&writer, GLOBALS_CONTAINER) {
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
         tensors.push(quantize_from(
@@ -816,31 +847,169 @@ fn expert_gram(stud: &[Option<Paused>], tap: Tap, e: usize, g: &mut Gram) -> Res
 }
 
 /// Hidden states of the calibration windows through the teacher and through the
-/// quantized model so far, `(n_seqs * seq_len, hidden)` row-major each.
+/// quantized model so far, `(n_seqs * seq_len, hidden)` row-major each: in memory, or
+/// spilled to disk ([`Options::spill_activations`]).
 struct Stream {
-    teacher: Vec<f32>,
-    student: Vec<f32>,
+    teacher: Held,
+    student: Held,
     stager: Stager,
+    /// With spilling: the directory of the files.
+    spill: Option<SpillDir>,
+}
+
+/// Where one stream's hidden states live between blocks.
+enum Held {
+    /// In memory.
+    Ram(Vec<f32>),
+    /// In a file under the spill directory.
+    Disk(Spilled),
+}
+
+impl Held {
+    /// Values held.
+    fn len(&self) -> usize {
+        match self {
+            Held::Ram(x) => x.len(),
+            Held::Disk(f) => f.len(),
+        }
+    }
+}
+
+/// Where a block's outputs of one stream go, chunk by chunk, in order.
+enum Sink {
+    /// Into memory.
+    Ram(Vec<f32>),
+    /// Into the next block's spill file.
+    Disk(SpillWriter),
+}
+
+impl Sink {
+    fn push(&mut self, y: Vec<f32>) -> Result<()> {
+        match self {
+            Sink::Ram(v) => {
+                v.extend(y);
+                Ok(())
+            }
+            Sink::Disk(w) => w.push(&y),
+        }
+    }
+
+    /// The outputs as the next block's input (a file renamed into place).
+    fn done(self) -> Result<Held> {
+        Ok(match self {
+            Sink::Ram(v) => Held::Ram(v),
+            Sink::Disk(w) => Held::Disk(w.commit()?),
+        })
+    }
+}
+
+/// A block's forwards of one stream, by chunk of [`CHUNK`] windows.
+enum Forwards {
+    /// One paused forward per chunk, held between stages at the last stage's tap.
+    Held(Vec<Option<Paused>>),
+    /// The block input on disk: each stage recomputes a chunk's forward from it.
+    Spilled(Spilled),
+}
+
+impl Forwards {
+    /// The forwards of `x` through block `b`, chunks of `len` values: held (begun here)
+    /// or left on disk.
+    fn new(st: &Stager, b: &BlockWeights, x: Held, len: usize) -> Result<Self> {
+        Ok(match x {
+            Held::Ram(x) => Forwards::Held(
+                chunks_of(x, len)
+                    .into_iter()
+                    .map(|x| st.begin(b, x).map(Some))
+                    .collect::<std::result::Result<_, _>>()?,
+            ),
+            Held::Disk(f) => Forwards::Spilled(f),
+        })
+    }
+
+    /// Chunk `i`'s forward through `b`, paused at the tap of stage `stage`: the held one
+    /// (taken out) resumed from the previous stage's tap, or recomputed from the block
+    /// input. The same bits either way: `b`'s linears before the tap are the ones the
+    /// held forward ran through ([`uc_runtime::staged`]).
+    fn take(
+        &mut self,
+        st: &Stager,
+        b: &BlockWeights,
+        i: usize,
+        stage: usize,
+        len: usize,
+    ) -> Result<Paused> {
+        match self {
+            Forwards::Held(v) => {
+                let p = v
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .ok_or_else(|| CompressError::Settings("lost a paused forward".into()))?;
+                if stage == 0 {
+                    Ok(p)
+                } else {
+                    paused(st.resume(b, p))
+                }
+            }
+            Forwards::Spilled(f) => {
+                let mut p = st.begin(b, f.read(i * len, len)?)?;
+                for _ in 0..stage {
+                    p = paused(st.resume(b, p))?;
+                }
+                Ok(p)
+            }
+        }
+    }
+
+    /// Keeps chunk `i`'s paused forward for the next stage (a spilled stream recomputes
+    /// it instead).
+    fn put(&mut self, i: usize, p: Paused) {
+        if let Forwards::Held(v) = self {
+            v[i] = Some(p);
+        }
+    }
+
+    /// Chunk `i`'s block output through `b`.
+    fn finish(&mut self, st: &Stager, b: &BlockWeights, i: usize, len: usize) -> Result<Vec<f32>> {
+        match self {
+            Forwards::Held(v) => {
+                let p = v
+                    .get_mut(i)
+                    .and_then(Option::take)
+                    .ok_or_else(|| CompressError::Settings("lost a paused forward".into()))?;
+                Ok(st.finish(b, p))
+            }
+            Forwards::Spilled(f) => Ok(st.finish(b, st.begin(b, f.read(i * len, len)?)?)),
+        }
+    }
+
+    /// The held paused forwards (a mixture-of-experts stage reads them once per expert).
+    fn held(&mut self) -> Result<&mut [Option<Paused>]> {
+        match self {
+            Forwards::Held(v) => Ok(v),
+            Forwards::Spilled(_) => Err(CompressError::Settings(
+                "spilled calibration activations with a mixture-of-experts block".into(),
+            )),
+        }
+    }
+
+    /// Deletes a spilled block input once every stage has read it.
+    fn remove(self) -> Result<()> {
+        match self {
+            Forwards::Held(_) => Ok(()),
+            Forwards::Spilled(f) => f.remove(),
+        }
+    }
 }
 
 /// Windows per forward chunk: one chunk is one call of the stager (its activations) and
 /// one term of the Gram matrices' chunk-to-chunk spread ([`Gram::shrinkage`]).
 const CHUNK: usize = 4;
 
-/// Mean squared error of `a` against `b`, relative to the mean square of `b`.
-fn rel_mse(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        num += f64::from(x - y).powi(2);
-        den += f64::from(y).powi(2);
-    }
-    num / den.max(f64::MIN_POSITIVE)
-}
-
 /// Mean over hidden channels of each channel's MSE relative to its mean square in `b`
-/// (`a`, `b`: (rows, hidden) row-major). Unlike [`rel_mse`], a few channels of huge
-/// magnitude (the "massive activations" that appear in the residual stream a few blocks
-/// in) do not swamp the measure, so errors in different blocks are comparable.
+/// (`a`, `b`: (rows, hidden) row-major). Unlike the block's output error (the MSE of all
+/// values relative to their mean square), a few channels of huge magnitude (the "massive
+/// activations" that appear in the residual stream a few blocks in) do not swamp the
+/// measure, so errors in different blocks are comparable.
 fn channel_rel_mse(a: &[f32], b: &[f32], hidden: usize) -> f64 {
     let (mut err, mut ms) = (vec![0f64; hidden], vec![0f64; hidden]);
     for (ra, rb) in a.chunks_exact(hidden).zip(b.chunks_exact(hidden)) {
@@ -875,14 +1044,30 @@ fn paused(step: Step) -> Result<Paused> {
 }
 
 impl Stream {
-    /// Both streams at the teacher's embedding of `ids` (`(n_seqs, seq_len)`).
-    fn new(ck: &Checkpoint, ids: &[u32], seq_len: usize) -> Result<Self> {
+    /// Both streams at the teacher's embedding of `ids` (`(n_seqs, seq_len)`); with
+    /// `spill`, in its files (the embedding is held once, while it is written).
+    fn new(ck: &Checkpoint, ids: &[u32], seq_len: usize, spill: Option<SpillDir>) -> Result<Self> {
         let x = embed(ck, ids)?;
+        let stager = Stager::new(ck.config(), seq_len)?;
+        let (teacher, student) = match &spill {
+            None => (Held::Ram(x.clone()), Held::Ram(x)),
+            Some(d) => (
+                Held::Disk(spill::spill(d.path(0, "teacher"), &x)?),
+                Held::Disk(spill::spill(d.path(0, "student"), &x)?),
+            ),
+        };
         Ok(Stream {
-            teacher: x.clone(),
-            student: x,
-            stager: Stager::new(ck.config(), seq_len)?,
+            teacher,
+            student,
+            stager,
+            spill,
         })
+    }
+
+    /// Done with the streams: their memory released, the spill directory removed.
+    fn close(self) -> Result<()> {
+        let Stream { spill, .. } = self;
+        spill.map_or(Ok(()), SpillDir::remove)
     }
 
     /// Quantizes block `layer` into `c`, advances both streams, returns the tensor
@@ -899,7 +1084,10 @@ impl Stream {
     /// Memory: per chunk of [`CHUNK`] windows, one paused forward of each stream, both
     /// advanced to the stage being encoded chunk by chunk while its statistics are
     /// summed (so no stage's inputs are held for more than the paused state needs); the
-    /// teacher's forward is finished as soon as its last tap has been read.
+    /// teacher's forward is finished as soon as its last tap has been read. Spilled
+    /// ([`Options::spill_activations`]): no paused forward is held between stages; each
+    /// stage recomputes one chunk at a time from the block inputs on disk, and the
+    /// outputs go to the next block's files chunk by chunk.
     fn block(
         &mut self,
         loader: &CheckpointLoader,
@@ -919,17 +1107,21 @@ impl Stream {
         let len = CHUNK * st.seq_len() * loader.config().hidden_size;
         let keep = opts.teacher_target;
         let total = self.student.len();
-        // Paused forwards per chunk, at the previous stage's tap (both start at the first).
-        let mut teach: Vec<Option<Paused>> = Vec::new();
+        let n_chunks = total.div_ceil(len);
+        // The forwards per chunk: paused at the previous stage's tap (both start at the
+        // first), or recomputed from the spilled block inputs.
         let teacher = teacher_block.as_ref().ok_or_else(released)?;
-        for x in chunks_of(std::mem::take(&mut self.teacher), len) {
-            teach.push(Some(st.begin(teacher, x)?));
-        }
-        let mut stud: Vec<Option<Paused>> = Vec::new();
-        for x in chunks_of(std::mem::take(&mut self.student), len) {
-            stud.push(Some(st.begin(&student, x)?));
-        }
-        let mut next_teacher = Vec::with_capacity(total);
+        let take_held = |h: &mut Held| std::mem::replace(h, Held::Ram(Vec::new()));
+        let mut teach = Forwards::new(st, teacher, take_held(&mut self.teacher), len)?;
+        let mut stud = Forwards::new(st, &student, take_held(&mut self.student), len)?;
+        // Where the block outputs go: memory, or the next block's spill files.
+        let sink = |stream: &str| -> Result<Sink> {
+            Ok(match &self.spill {
+                None => Sink::Ram(Vec::with_capacity(total)),
+                Some(d) => Sink::Disk(SpillWriter::create(d.path(layer + 1, stream))?),
+            })
+        };
+        let mut next_teacher = sink("teacher")?;
         let p = block_prefix(loader.config(), layer);
         let names = block_linears(loader.config(), layer);
         let mut summaries = Vec::with_capacity(names.len());
@@ -952,19 +1144,10 @@ impl Stream {
             // loop, one expert at a time.
             let mut h: Option<Gram> = None;
             let mut cross: Option<Cross> = None;
-            for (ts, ss) in teach.iter_mut().zip(stud.iter_mut()) {
-                let (Some(t), Some(s)) = (ts.take(), ss.take()) else {
-                    return Err(CompressError::Settings("lost a paused forward".into()));
-                };
+            for i in 0..n_chunks {
                 // Both to this stage's tap: the student with the stages encoded so far.
-                let (t, s) = if stage == 0 {
-                    (t, s)
-                } else {
-                    (
-                        paused(st.resume(teacher, t))?,
-                        paused(st.resume(&student, s))?,
-                    )
-                };
+                let t = teach.take(st, teacher, i, stage, len)?;
+                let s = stud.take(st, &student, i, stage, len)?;
                 // H = X_s^T X_s and C = X_s^T X_t of this stage's input.
                 let cols = s.cols();
                 let h = h.get_or_insert_with(|| new_gram(cols));
@@ -997,11 +1180,11 @@ impl Stream {
                 }
                 if tap == Tap::MlpDown {
                     // The teacher's last tap is read: finish its forward now.
-                    next_teacher.extend(st.finish(teacher, t));
+                    next_teacher.push(st.finish(teacher, t))?;
                 } else {
-                    *ts = Some(t);
+                    teach.put(i, t);
                 }
-                *ss = Some(s);
+                stud.put(i, s);
             }
             let Some(mut h) = h else {
                 return Err(CompressError::Settings("no calibration chunks".into()));
@@ -1017,7 +1200,7 @@ impl Stream {
                     // held only while its linears are encoded; too few tokens: the pooled.
                     let own = if routed[e] >= min_tokens {
                         let mut g = new_gram(h.cols);
-                        expert_gram(&stud, tap, e, &mut g)?;
+                        expert_gram(stud.held()?, tap, e, &mut g)?;
                         Some(g)
                     } else {
                         None
@@ -1062,7 +1245,7 @@ impl Stream {
                 }
                 // Every expert has read its rows: the held inputs go (recomputed when
                 // resumed, as in a dense stage).
-                for s in stud.iter_mut().flatten() {
+                for s in stud.held()?.iter_mut().flatten() {
                     if tap == Tap::Mlp || opts.recompute_mlp_input {
                         s.compact();
                     }
@@ -1123,16 +1306,25 @@ impl Stream {
                 summaries.push(summary);
             }
         }
-        // Past the last stage, now quantized: the student's block output.
-        let mut next_student = Vec::with_capacity(total);
-        for s in stud.iter_mut() {
-            if let Some(s) = s.take() {
-                next_student.extend(st.finish(&student, s));
-            }
+        // Past the last stage, now quantized: the student's block output, and its error
+        // against the teacher's, summed chunk by chunk in value order.
+        let mut next_teacher = next_teacher.done()?;
+        teach.remove()?;
+        let mut next_student = sink("student")?;
+        let mut sums = (0f64, 0f64);
+        for i in 0..n_chunks {
+            let y = stud.finish(st, &student, i, len)?;
+            let yt = match &mut next_teacher {
+                Held::Ram(x) => Cow::Borrowed(&x[i * len..(i * len + len).min(x.len())]),
+                Held::Disk(f) => Cow::Owned(f.read(i * len, len)?),
+            };
+            err_sums(&yt, &y, &mut sums);
+            next_student.push(y)?;
         }
-        let mse = rel_mse(&next_student, &next_teacher);
+        stud.remove()?;
+        let mse = sums.0 / sums.1.max(f64::MIN_POSITIVE);
         self.teacher = next_teacher;
-        self.student = next_student;
+        self.student = next_student.done()?;
         let experts = routed
             .into_iter()
             .enumerate()
