@@ -911,6 +911,13 @@ enum Forwards {
     Spilled(Spilled),
 }
 
+/// Chunk `i`'s held paused forward, taken out.
+fn take_held(v: &mut [Option<Paused>], i: usize) -> Result<Paused> {
+    v.get_mut(i)
+        .and_then(Option::take)
+        .ok_or_else(|| CompressError::Settings("lost a paused forward".into()))
+}
+
 impl Forwards {
     /// The forwards of `x` through block `b`, chunks of `len` values: held (begun here)
     /// or left on disk.
@@ -940,10 +947,7 @@ impl Forwards {
     ) -> Result<Paused> {
         match self {
             Forwards::Held(v) => {
-                let p = v
-                    .get_mut(i)
-                    .and_then(Option::take)
-                    .ok_or_else(|| CompressError::Settings("lost a paused forward".into()))?;
+                let p = take_held(v, i)?;
                 if stage == 0 {
                     Ok(p)
                 } else {
@@ -971,13 +975,7 @@ impl Forwards {
     /// Chunk `i`'s block output through `b`.
     fn finish(&mut self, st: &Stager, b: &BlockWeights, i: usize, len: usize) -> Result<Vec<f32>> {
         match self {
-            Forwards::Held(v) => {
-                let p = v
-                    .get_mut(i)
-                    .and_then(Option::take)
-                    .ok_or_else(|| CompressError::Settings("lost a paused forward".into()))?;
-                Ok(st.finish(b, p))
-            }
+            Forwards::Held(v) => Ok(st.finish(b, take_held(v, i)?)),
             Forwards::Spilled(f) => Ok(st.finish(b, st.begin(b, f.read(i * len, len)?)?)),
         }
     }
