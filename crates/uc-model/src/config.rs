@@ -387,7 +387,14 @@ impl ModelConfig {
             path: path.to_path_buf(),
             reason,
         };
-        let raw: Raw = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        // serde_path_to_error: a value of the wrong type names its key ("expand: invalid
+        // type: floating point `2.5`, expected usize"), not only a line and column.
+        let raw: Raw =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| match e.path().to_string() {
+                    p if p == "." => bad(e.inner().to_string()),
+                    p => bad(format!("key {p}: {}", e.inner())),
+                })?;
         // Keys whose absence means transformers' class default but whose explicit null
         // means "off" (Gemma's soft-caps and window): looked up in the JSON itself.
         let json: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
@@ -1007,6 +1014,17 @@ mod tests {
     fn rejects_missing_key_naming_it() {
         let e = parse(r#"{"model_type":"llama","hidden_size":64}"#).unwrap_err();
         assert!(e.to_string().contains("intermediate_size"), "{e}");
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_names_its_key() {
+        let e = parse(
+            &format!(r#"{BASE},"num_hidden_layers":2.5}}"#)
+                .replace(r#""num_hidden_layers":2,"#, ""),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("key num_hidden_layers"), "{e}");
+        assert!(e.to_string().contains("config.json"), "{e}");
     }
 
     #[test]
