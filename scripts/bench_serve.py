@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Aggregate generated tokens/s and time to first token of `uc serve` with 1, 4 and 8
 concurrent clients, and of llama.cpp's llama-server on a GGUF when one is given, in one
-invocation; writes JSON (default results/bench_serve.json).
+invocation, with each server's peak RSS; writes JSON (default results/bench_serve.json).
 
     python3 scripts/bench_serve.py --pack packs/smollm2-135m-default
     python3 scripts/bench_serve.py --pack packs/smollm2-135m-default \
@@ -103,16 +103,30 @@ def wait_health(port, proc, seconds=300):
 
 
 def bench(name, cmd, port, model, a):
+    load = open("/proc/loadavg").read().split()[0] if os.path.exists("/proc/loadavg") else None
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         wait_health(port, proc)
         run_level("127.0.0.1", port, model, 1, 1, 8)  # warm-up, not recorded
         levels = [run_level("127.0.0.1", port, model, c, a.requests, a.max_tokens)
                   for c in a.clients]
+        peak = peak_rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait()
-    return {"server": name, "command": " ".join(cmd), "levels": levels}
+    return {"server": name, "command": " ".join(cmd), "peak_rss_mib": peak,
+            "loadavg_before": load, "levels": levels}
+
+
+def peak_rss_mib(pid):
+    """The server's resident high-water mark (VmHWM), MiB; None where /proc is missing."""
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def main():

@@ -50,13 +50,14 @@ const HEAD_CHUNK_ROWS: usize = 2048;
 
 /// Embedding, final norm and head: in memory, or (streaming a pack) only the norm, with
 /// embedding rows read on demand and the head streamed in chunks.
+/// Resident weights are shared (`Arc`) between a decoder and its [`Decoder::fork`]s.
 enum Globals {
-    Resident(GlobalWeights),
+    Resident(Arc<GlobalWeights>),
     Streamed { norm: Vec<f32> },
 }
 
 enum Blocks {
-    Resident(Vec<BlockWeights>),
+    Resident(Arc<Vec<BlockWeights>>),
     Streamed(Streamer),
 }
 
@@ -88,11 +89,6 @@ impl Decoder {
     /// streams embedding and head too if the loader can read them by rows (packs).
     pub fn new(loader: Arc<dyn WeightLoader>, opts: DecoderOptions) -> Result<Self> {
         let cfg = loader.config().clone();
-        if opts.capacity == 0 {
-            return Err(RuntimeError::InvalidArgument(
-                "decoder capacity must be at least one position".into(),
-            ));
-        }
         if !cfg.head_dim.is_multiple_of(2) || !cfg.num_heads.is_multiple_of(cfg.num_kv_heads) {
             return Err(RuntimeError::InvalidArgument("head layout".into()));
         }
@@ -114,7 +110,7 @@ impl Decoder {
                     norm: loader.final_norm()?,
                 }
             } else {
-                Globals::Resident(loader.globals()?)
+                Globals::Resident(Arc::new(loader.globals()?))
             };
             (
                 globals,
@@ -122,16 +118,63 @@ impl Decoder {
             )
         } else {
             loader.prepare_resident()?;
-            let globals = Globals::Resident(loader.globals()?);
+            let globals = Globals::Resident(Arc::new(loader.globals()?));
             (
                 globals,
-                Blocks::Resident(
+                Blocks::Resident(Arc::new(
                     (0..cfg.num_layers)
                         .map(|l| loader.block(l))
                         .collect::<Result<_>>()?,
-                ),
+                )),
             )
         };
+        Self::with_weights(loader, cfg, globals, blocks, opts)
+    }
+
+    /// A new decoder over the same model with its own empty KV cache (and recurrent
+    /// state) of `capacity` positions: resident weights are shared, not loaded again, so
+    /// `uc serve`'s slots hold one copy of the model between them. A streaming decoder
+    /// is re-created (its streamer owns buffers per decoder).
+    pub fn fork(&self, capacity: usize) -> Result<Self> {
+        let opts = DecoderOptions {
+            capacity,
+            stream_layers: self.is_streaming(),
+        };
+        match (&self.globals, &self.blocks) {
+            (Globals::Resident(g), Blocks::Resident(b)) => {
+                let (globals, blocks) = (Globals::Resident(g.clone()), Blocks::Resident(b.clone()));
+                let mut d = Self::with_weights(
+                    self.loader.clone(),
+                    self.cfg.clone(),
+                    globals,
+                    blocks,
+                    opts,
+                )?;
+                d.isa = self.isa;
+                Ok(d)
+            }
+            _ => {
+                let mut d = Self::new(self.loader.clone(), opts)?;
+                d.isa = self.isa;
+                Ok(d)
+            }
+        }
+    }
+
+    /// The per-sequence state (rotary tables, KV cache, recurrent state) around loaded
+    /// weights.
+    fn with_weights(
+        loader: Arc<dyn WeightLoader>,
+        cfg: ModelConfig,
+        globals: Globals,
+        blocks: Blocks,
+        opts: DecoderOptions,
+    ) -> Result<Self> {
+        if opts.capacity == 0 {
+            return Err(RuntimeError::InvalidArgument(
+                "decoder capacity must be at least one position".into(),
+            ));
+        }
         let rope = crate::rotary::Tables::new(&cfg, opts.capacity);
         let (l, g, c, d) = (
             cfg.num_layers,

@@ -316,3 +316,34 @@ fn a_pack_with_a_wrong_reconstruction_digest_fails_the_full_check_only() {
     )
     .is_ok());
 }
+
+/// A fork (what `uc serve` gives each slot) shares the weights and starts from an empty
+/// cache: its logits are the original decoder's bit for bit, whatever state the original
+/// is in, and running the fork does not move the original.
+#[test]
+fn a_fork_shares_weights_and_computes_what_a_fresh_decoder_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("pack");
+    write_pack("llama", &pack);
+    let p: Arc<dyn WeightLoader> = Arc::new(PackLoader::open(&pack, Verify::Full).unwrap());
+    let opts = DecoderOptions {
+        capacity: 32,
+        stream_layers: false,
+    };
+    let mut a = Decoder::new(p.clone(), opts).unwrap();
+    let want = Decoder::new(p, opts)
+        .unwrap()
+        .forward(&PROMPT, Logits::All)
+        .unwrap();
+    a.forward(&PROMPT[..3], Logits::Last).unwrap();
+    let mut f = a.fork(32).unwrap();
+    assert_eq!(f.position(), 0);
+    assert_eq!(f.resident_weight_bytes(), a.resident_weight_bytes());
+    let got = f.forward(&PROMPT, Logits::All).unwrap();
+    assert!(
+        got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "a fork's logits differ from a fresh decoder's"
+    );
+    assert_eq!(a.position(), 3, "the fork moved the original");
+    assert!(a.fork(0).is_err(), "a zero-capacity fork must be refused");
+}

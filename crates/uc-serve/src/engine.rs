@@ -96,16 +96,19 @@ impl Engine {
         capacity: usize,
         max_batch: usize,
     ) -> Result<Engine, EngineError> {
+        // One copy of the weights: every slot after the first is a fork of it.
+        let first = Decoder::new(
+            loader.clone(),
+            DecoderOptions {
+                capacity,
+                stream_layers: false,
+            },
+        )?;
         let mut decoders = Vec::with_capacity(max_batch.max(1));
-        for _ in 0..max_batch.max(1) {
-            decoders.push(Decoder::new(
-                loader.clone(),
-                DecoderOptions {
-                    capacity,
-                    stream_layers: false,
-                },
-            )?);
+        for _ in 1..max_batch.max(1) {
+            decoders.push(first.fork(capacity)?);
         }
+        decoders.insert(0, first);
         let (tx, rx) = mpsc::channel::<Job>();
         let load = Arc::new(Load::default());
         let l = load.clone();
