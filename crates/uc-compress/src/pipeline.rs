@@ -12,7 +12,12 @@
 //! time: the stage's pass over the calibration chunks sums only the pooled matrix and
 //! counts tokens; then each expert's matrix is built from the held student inputs,
 //! used for its linears and freed, so one expert's statistics and weights are held at
-//! once (the same bits as summing all experts in that pass). The router stays dense f32.
+//! once (the same bits as summing all experts in that pass). The experts' weights are
+//! read from the checkpoint only then: the teacher and student blocks leave them in the
+//! mapped checkpoint (`CheckpointLoader::block_lazy_experts`, a row tile converted per
+//! forward call), and an encoded expert is held by the student as its codes
+//! (`crate::expert`), not as an f32 reconstruction: the same bits, a fraction of the
+//! memory. The router stays dense f32.
 //! The teacher target ([`Options::teacher_target`]) is not applied to experts: the
 //! teacher may route a token elsewhere, so there is no paired teacher input per expert.
 

@@ -6,7 +6,10 @@
 //! Neither loader keeps a file mapped between calls: each `block` / `globals` call maps
 //! the files it needs, copies (and, for packs, decodes) the tensors into owned memory,
 //! and unmaps them. So a streamed model's resident set holds only the blocks the decoder
-//! holds, never the page-cache pages of the rest of the file.
+//! holds, never the page-cache pages of the rest of the file. (The exception is the
+//! compressor's [`CheckpointLoader::block_lazy_experts`]: its block keeps the checkpoint
+//! mapped and reads a mixture-of-experts block's experts a row tile at a time,
+//! releasing the pages it read.)
 //!
 //! Packs are verified before they run: [`PackLoader::open`] checks the manifest and every
 //! file's size and SHA-256 (always), and with [`Verify::Full`] every tensor's
