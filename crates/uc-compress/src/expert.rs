@@ -4,7 +4,7 @@
 //! Why codes: the forward that carries the calibration windows to the next block runs
 //! every expert (each token goes to `top_k` of them), after all of them are encoded. A
 //! dense block could hold its reconstructions as f32, but a MoE block's experts are most
-//! of its weights (Mixtral-8x7B: 8 x 176M params, 5.6 GiB f32 per block, ~1 GiB as 5-bit
+//! of its weights (Mixtral-8x7B: 8 x 176M params, 5.6 GB f32 per block, ~1.2 GB as 5-bit
 //! codes with f32 scales), so the student keeps the encoded [`QuantTensor`] and each call
 //! reconstructs the rows it multiplies (a 128-row tile in prefill) with the same
 //! reconstruction as `model_recon` (exact, un-rotated), then runs [`DenseLinear`]'s
