@@ -31,6 +31,15 @@
 #             fingerprint is compared with calib1b_l2_spill's (must be equal)
 #   verify1b  uc verify of the 1B RTN pack (rtn1b); verify1b_base the same with the binary
 #             BASE_UC (e.g. main's) for a before/after of the resident set
+#   gen_moe_l2  uc-synth olmoe-1b-7b --layers 2 (OLMoE-1B-7B's shapes: 64 experts x 1024
+#             per block, 2 of 16 blocks; SmolLM2's tokenizer.json: its ids fit the 50304)
+#   gen_moe_l1  the same with 1 block (the calibrated runs: ~10 min each here)
+#   rtn_moe_l2  RTN compress of the 2-block model; calib_moe_l1 calibrated compress of the
+#             1-block one (${MOE_CALIB_ARGS:---calib-sotu assets/sotu --effort fast
+#             --calib-seqs 4 --calib-len 128}: the default pipeline -- probe, 5.0 budget,
+#             rotation, trellis codes, teacher target -- without the refit round, on 512
+#             tokens); rtn_moe_l2_base, calib_moe_l1_base the same with the binary BASE_UC
+#             (a before/after of the resident set)
 #   plan      the --max-memory estimates alone (refusal messages) for the runs above
 #   report    results/big_7b.json and results/big_1b.json from the stage files
 #   clean     deletes the scratch directory
@@ -117,6 +126,36 @@ stage_gen1b_l2() {
     [ -f "$M1L2/config.json" ] || timed gen_1b_l2 "$SYNTH" llama-3.2-1b --layers 2 -o "$M1L2" \
         --tokenizer assets/smollm2-135m/tokenizer.json
 }
+
+MOE="$SCRATCH/olmoe-1b-7b-l2"
+MOE1="$SCRATCH/olmoe-1b-7b-l1"
+
+stage_gen_moe_l2() {
+    [ -f "$MOE/config.json" ] || timed gen_moe_l2 "$SYNTH" olmoe-1b-7b --layers 2 -o "$MOE" \
+        --tokenizer assets/smollm2-135m/tokenizer.json
+}
+
+stage_gen_moe_l1() {
+    [ -f "$MOE1/config.json" ] || timed gen_moe_l1 "$SYNTH" olmoe-1b-7b --layers 1 -o "$MOE1" \
+        --tokenizer assets/smollm2-135m/tokenizer.json
+}
+
+# moe_compress NAME BINARY MODEL ARGS...: compress of a MoE stand-in into a scratch pack.
+moe_compress() {
+    local name=$1 bin=$2 model=$3
+    shift 3
+    rm -rf "$SCRATCH/p-$name"
+    timed "$name" nice -n 10 "$bin" compress "$model" -o "$SCRATCH/p-$name" --json "$@"
+}
+
+BASE_MSG="set BASE_UC to the binary to compare with"
+MOE_CALIB=${MOE_CALIB_ARGS:---calib-sotu assets/sotu --effort fast --calib-seqs 4 --calib-len 128}
+stage_rtn_moe_l2() { moe_compress rtn_moe_l2 "$UC" "$MOE" --method rtn; }
+stage_rtn_moe_l2_base() { moe_compress rtn_moe_l2_base "${BASE_UC:?$BASE_MSG}" "$MOE" --method rtn; }
+# shellcheck disable=SC2086
+stage_calib_moe_l1() { moe_compress calib_moe_l1 "$UC" "$MOE1" $MOE_CALIB; }
+# shellcheck disable=SC2086
+stage_calib_moe_l1_base() { moe_compress calib_moe_l1_base "${BASE_UC:?$BASE_MSG}" "$MOE1" $MOE_CALIB; }
 
 stage_calib1b_l2() {
     rm -rf "$SCRATCH/p1b-l2-calib"

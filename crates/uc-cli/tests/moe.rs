@@ -316,3 +316,41 @@ fn an_f32_safetensors_export_of_a_moe_pack_gives_the_packs_logits() {
         assert!(d <= 1e-4, "{name}: export vs pack max |diff| {d}");
     }
 }
+
+#[test]
+fn moe_pack_fingerprints_are_pinned_on_the_scalar_kernels() {
+    // Experts are read from the checkpoint one at a time while a block is compressed
+    // (2026-12-04, issue 12); these are the packs compressed before that change, on the
+    // scalar kernels (`UC_FORCE_SCALAR=1`: the same bits on every machine), which the
+    // change must not move by a byte.
+    let pinned = [
+        (
+            "mixtral",
+            "8b138915cda43de0251ddf805a9a5d3a0c628600b7258efc502f98b655081dca",
+        ),
+        (
+            "qwen3_moe",
+            "cb2250e0556258cd0a4dc4d7c186a9ca8747e4d1c3907041751f57dc4a2a3f86",
+        ),
+        (
+            "olmoe",
+            "5636ecd100a7d136fe69283612724ce4f18b35dd063f7eba3f3dd8e1ca3b426b",
+        ),
+    ];
+    let mut got = Vec::new();
+    for (name, _) in pinned {
+        let m = model_with_tokenizer(name);
+        let text = text_file(m.path());
+        let tmp = tempfile::tempdir().unwrap();
+        let (_, c) = compress_env(
+            m.path(),
+            tmp.path(),
+            &text,
+            ("6", "40"),
+            &[("RAYON_NUM_THREADS", "2"), ("UC_FORCE_SCALAR", "1")],
+        );
+        got.push((name, c["fingerprint"].as_str().unwrap().to_string()));
+    }
+    let want: Vec<(&str, String)> = pinned.iter().map(|(n, f)| (*n, f.to_string())).collect();
+    assert_eq!(got, want);
+}

@@ -15,6 +15,7 @@
 
 pub mod alloc;
 mod calib;
+mod expert;
 pub mod memory;
 mod pipeline;
 mod spill;

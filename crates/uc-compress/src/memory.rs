@@ -18,14 +18,23 @@
 //! module `spill`), where only the chunk of windows being computed is resident. A run
 //! that does not fit even spilled is refused, naming the terms of the spilled plan.
 //! Spilling is not planned for mixture-of-experts models (not built for them).
+//!
+//! Mixture-of-experts blocks: the compressor reads experts from the checkpoint one at a
+//! time (the teacher's and the unencoded student's experts stay in the mapped checkpoint,
+//! a row tile read per forward call), so a block's f32 weights are its attention, router
+//! and one expert's gate/up/down; the experts already encoded are held as codes (the
+//! student's forward runs them, crate `expert`), planned at the widest codes a budget
+//! allows.
 
 use crate::{Method, Options};
 use uc_codec::CodecSpec;
 use uc_format::memory::{MemoryEstimate, Phase, BASE_BYTES};
 use uc_model::config::ModelConfig;
 
-/// The linears of the largest block: name, rows, cols. A MoE block (Mixtral,
-/// Qwen3-MoE) holds every expert's gate/up/down; a Mamba block its mixer's four.
+/// The linears of the largest block that are resident as f32 at once: name, rows, cols.
+/// A MoE block (Mixtral, Qwen3-MoE, OLMoE) counts one expert's gate/up/down (experts
+/// are read one at a time; [`moe_experts`] counts the rest as codes); a Mamba block its
+/// mixer's four.
 fn block_linears(cfg: &ModelConfig) -> Vec<(&'static str, u64, u64)> {
     let (h, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     if let Some(s) = &cfg.ssm {
@@ -47,20 +56,23 @@ fn block_linears(cfg: &ModelConfig) -> Vec<(&'static str, u64, u64)> {
         ("o_proj", h, q),
     ];
     let dense = [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)];
-    match &cfg.moe {
-        Some(m) if 3 * m.num_experts * m.expert_intermediate >= 3 * cfg.intermediate_size => {
-            let mi = m.expert_intermediate as u64;
-            for _ in 0..m.num_experts {
-                lin.extend([
-                    ("expert gate", mi, h),
-                    ("expert up", mi, h),
-                    ("expert down", h, mi),
-                ]);
-            }
-        }
+    match moe_experts(cfg) {
+        Some((_, mi)) if mi >= i => lin.extend([
+            ("expert gate", mi, h),
+            ("expert up", mi, h),
+            ("expert down", h, mi),
+        ]),
         _ => lin.extend(dense),
     }
     lin
+}
+
+/// A MoE model's experts per block and expert width, when its MoE blocks outweigh its
+/// dense ones (Qwen3-MoE may mix both; the plan takes the larger block).
+fn moe_experts(cfg: &ModelConfig) -> Option<(u64, u64)> {
+    let m = cfg.moe.as_ref()?;
+    (m.num_experts * m.expert_intermediate >= cfg.intermediate_size)
+        .then(|| (m.num_experts as u64, m.expert_intermediate as u64))
 }
 
 /// Stored bytes of a rows x cols tensor under `spec` (codes, scales, codebook).
@@ -102,6 +114,12 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
     let kv = (cfg.num_kv_heads * cfg.head_dim) as u64;
     let lin = block_linears(cfg);
     let block_params: u64 = lin.iter().map(|(_, r, c)| r * c).sum();
+    // What `block_params` covers, for the plan's terms.
+    let params_what = if moe_experts(cfg).is_some() {
+        format!("{block_params} params: attention and the one expert read at a time")
+    } else {
+        format!("{block_params} params")
+    };
     // With a budget any tensor may get the widest codes; plan for them.
     let body = match opts.budget_bpw {
         Some(_) => CodecSpec {
@@ -110,7 +128,24 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
         },
         None => opts.body,
     };
-    let block_packed: u64 = lin.iter().map(|(_, r, c)| stored(&body, *r, *c)).sum();
+    // A MoE block's container holds every expert's entries, and its quantized student
+    // every encoded expert's codes (crate `expert`: codes, the f32 copies of the scales
+    // and, for trellis codes, one bit more per weight).
+    let (block_packed, experts_held) = match moe_experts(cfg) {
+        Some((n, mi)) => {
+            let one: u64 = [(mi, h), (mi, h), (h, mi)]
+                .iter()
+                .map(|(r, c)| stored(&body, *r, *c))
+                .sum();
+            let attn: u64 = lin[..4].iter().map(|(_, r, c)| stored(&body, *r, *c)).sum();
+            let weights = 3 * mi * h;
+            let group = u64::from(body.group.max(1));
+            // codes one bit wider (trellis expanded), plus f32 copies of the scales
+            let held = n * (one + weights / 8 + 4 * weights / group);
+            (attn + n * one, held)
+        }
+        None => (lin.iter().map(|(_, r, c)| stored(&body, *r, *c)).sum(), 0),
+    };
     let (widest_name, wr, wc) = *lin
         .iter()
         .max_by_key(|(_, r, c)| r * c)
@@ -253,7 +288,7 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
             base.clone(),
             tokens.clone(),
             (
-                format!("one block's weights, teacher + quantized copy ({block_params} params, f32)"),
+                format!("one block's weights, teacher + quantized copy ({params_what}, f32)"),
                 2 * 4 * block_params,
             ),
             streams.clone(),
@@ -272,6 +307,10 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
             (
                 "MoE: the Gram matrix of the expert being encoded (widest expert input^2, f64)".into(),
                 expert_grams,
+            ),
+            (
+                "MoE: the encoded experts' codes, run by the quantized forward".into(),
+                experts_held,
             ),
             packed.clone(),
         ],
@@ -298,7 +337,7 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
             base,
             tokens,
             (
-                format!("one block's quantized copy ({block_params} params, f32)"),
+                format!("one block's quantized copy ({params_what}, f32)"),
                 4 * block_params,
             ),
             // Spilled: while a linear is solved no chunk is being computed.
@@ -311,6 +350,10 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
             (
                 "MoE: the Gram matrix of the expert being encoded".into(),
                 expert_grams,
+            ),
+            (
+                "MoE: the encoded experts' codes".into(),
+                experts_held,
             ),
             (
                 format!("solver workspace for {widest_name} (the larger of: teacher target's C - H and two f64 copies of the weight; error feedback's Cholesky factor and inverse, 2 x {cols} x {cols} f64{})", if rotated > 0 { "; plus the rotated H" } else { "" }),
@@ -362,6 +405,39 @@ mod tests {
             recompute_mlp_input: recompute,
             spill_activations: spill,
         }
+    }
+
+    /// OLMoE-1B-7B's shapes (uc-synth's olmoe-1b-7b): 64 experts 1024 wide per block.
+    const OLMOE: &str = r#"{"model_type": "olmoe", "hidden_size": 2048,
+        "intermediate_size": 1024, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "num_hidden_layers": 16, "vocab_size": 50304, "num_experts": 64,
+        "num_experts_per_tok": 8, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
+
+    #[test]
+    fn a_moe_block_counts_one_experts_f32_weights_and_the_others_as_codes() {
+        let cfg = ModelConfig::from_json_str(OLMOE, std::path::Path::new("config.json")).unwrap();
+        let e = estimate(&cfg, &opts(16, false, false), 1000);
+        let stats = e
+            .phases
+            .iter()
+            .find(|p| p.name == "block statistics")
+            .unwrap();
+        let term = |what: &str| {
+            stats
+                .terms
+                .iter()
+                .find(|t| t.what.contains(what))
+                .unwrap_or_else(|| panic!("{what}: {stats:?}"))
+        };
+        // Attention (4 x 2048^2) and one expert (3 x 1024 x 2048), teacher + student.
+        let one_expert = 3 * 1024 * 2048;
+        let weights = term("one block's weights");
+        assert_eq!(weights.bytes, 2 * 4 * (4 * 2048 * 2048 + one_expert));
+        assert!(weights.what.contains("one expert"), "{}", weights.what);
+        // The 64 encoded experts as codes: well under their f32 size (1.6 GB).
+        let codes = term("encoded experts' codes").bytes;
+        assert!(codes > 0 && codes < 64 * 4 * one_expert / 3, "{codes}");
     }
 
     #[test]

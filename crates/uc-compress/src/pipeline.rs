@@ -12,12 +12,18 @@
 //! time: the stage's pass over the calibration chunks sums only the pooled matrix and
 //! counts tokens; then each expert's matrix is built from the held student inputs,
 //! used for its linears and freed, so one expert's statistics and weights are held at
-//! once (the same bits as summing all experts in that pass). The router stays dense f32.
+//! once (the same bits as summing all experts in that pass). The experts' weights are
+//! read from the checkpoint only then: the teacher and student blocks leave them in the
+//! mapped checkpoint (`CheckpointLoader::block_lazy_experts`, a row tile converted per
+//! forward call), and an encoded expert is held by the student as its codes
+//! (`crate::expert`), not as an f32 reconstruction: the same bits, a fraction of the
+//! memory. The router stays dense f32.
 //! The teacher target ([`Options::teacher_target`]) is not applied to experts: the
 //! teacher may route a token elsewhere, so there is no paired teacher input per expert.
 
 use crate::alloc::{allocate, Sensitivity, PROBE_BITS};
 use crate::calib::{Calibration, Cross, Gram};
+use crate::expert::PackedExpert;
 use crate::spill::{self, SpillDir, SpillWriter, Spilled};
 use crate::{CompressError, Result};
 use serde::Serialize;
@@ -267,7 +273,7 @@ fn source_info(ck: &Checkpoint) -> Result<SourceInfo> {
     })
 }
 
-fn codec_err(tensor: &str) -> impl FnOnce(uc_codec::CodecError) -> CompressError + '_ {
+pub(crate) fn codec_err(tensor: &str) -> impl FnOnce(uc_codec::CodecError) -> CompressError + '_ {
     move |error| CompressError::Codec {
         tensor: tensor.to_string(),
         error,
@@ -332,7 +338,7 @@ fn quantize_into(
     spec: &CodecSpec,
     gram: Option<(Cow<'_, [f64]>, GptqOptions)>,
     keep_recon: bool,
-) -> Result<(TensorSummary, Option<Vec<f32>>)> {
+) -> Result<(TensorSummary, Option<Vec<f32>>, QuantTensor)> {
     let [rows, cols] = shape[..] else {
         return Err(CompressError::Settings(format!(
             "{name}: expected a 2-D weight, got {shape:?}"
@@ -400,7 +406,7 @@ fn quantize_into(
         rel_err: err,
         shrink,
     };
-    Ok((summary, recon))
+    Ok((summary, recon, qt))
 }
 
 /// The model-basis weight a quantized tensor stands for: its exact reconstruction,
@@ -588,7 +594,7 @@ pub fn compress(
             Some(st) => {
                 // A resumed block is recomputed (deterministically: the same codes) so
                 // the quantized stream can be carried forward; its file is kept.
-                let (ts, mse, experts) = st.block(&loader, layer, &mut c, opts, &spec_of)?;
+                let (ts, mse, experts) = st.block(&ck, &loader, layer, &mut c, opts, &spec_of)?;
                 expert_tokens = experts.iter().map(|e| e.tokens).collect();
                 let bits: f64 = ts.iter().map(|t| t.bpw * t.elements as f64).sum();
                 let elements: u64 = ts.iter().map(|t| t.elements).sum();
@@ -742,6 +748,23 @@ fn weight_of(b: &BlockWeights, k: usize) -> (Vec<f32>, usize, usize) {
     (v, w.rows(), w.cols())
 }
 
+/// Linear `k` of teacher block `b` (named `name`) as f32 `(rows, cols)`: a MoE expert,
+/// which the block leaves in the checkpoint, read whole from `ck` (a read error names
+/// the tensor); anything else copied out of the block.
+fn teacher_weight(
+    ck: &Checkpoint,
+    b: &BlockWeights,
+    k: usize,
+    name: &str,
+) -> Result<(Vec<f32>, usize, usize)> {
+    if b.experts() == 0 || k < 4 {
+        return Ok(weight_of(b, k));
+    }
+    let (rows, cols) = (b.linears[k].rows(), b.linears[k].cols());
+    let (w, _) = ck.tensor_f32(name)?;
+    Ok((w, rows, cols))
+}
+
 /// `recon (rows, cols)` as a linear to swap into a block.
 fn dense(name: &str, recon: Vec<f32>, rows: usize, cols: usize) -> Result<Box<dyn Linear>> {
     Ok(Box::new(DenseLinear::new(name, recon, rows, cols)?))
@@ -777,7 +800,8 @@ fn probe(
     };
     let mut out = Vec::new();
     for layer in 0..cfg.num_layers {
-        let mut block = loader.block(layer)?;
+        // Experts left in the checkpoint, as in the main pass.
+        let mut block = loader.block_lazy_experts(layer)?;
         // The teacher's forward paused before each stage: a probed linear's block
         // output is computed from its own stage on (bit-identical to a whole forward,
         // since everything before it is the teacher's).
@@ -793,7 +817,7 @@ fn probe(
         let p = block_prefix(cfg, layer);
         for (k, lin) in block_linears(cfg, layer).iter().enumerate() {
             let name = format!("{p}.{lin}.weight");
-            let (w, rows, cols) = weight_of(&block, k);
+            let (w, rows, cols) = teacher_weight(ck, &block, k, &name)?;
             let spec = crate::alloc::per_tensor(&spec, rows, cols);
             let qt = uc_codec::encode_rtn(&w, rows, cols, &spec, None).map_err(codec_err(&name))?;
             let recon = model_recon(&name, &qt)?;
@@ -1088,19 +1112,23 @@ impl Stream {
     /// outputs go to the next block's files chunk by chunk.
     fn block(
         &mut self,
+        ck: &Checkpoint,
         loader: &CheckpointLoader,
         layer: usize,
         c: &mut ContainerBuilder,
         opts: &Options,
         spec_of: &dyn Fn(&str) -> CodecSpec,
     ) -> Result<(Vec<TensorSummary>, f64, Vec<ExpertSummary>)> {
-        // `None` once the last stage has read the teacher's weights.
-        let mut teacher_block = Some(loader.block(layer)?);
+        // `None` once the last stage has read the teacher's weights. A MoE block's experts
+        // stay in the checkpoint, read a row tile per forward call and whole only while
+        // that expert is encoded (`CheckpointLoader::block_lazy_experts`).
+        let mut teacher_block = Some(loader.block_lazy_experts(layer)?);
         let released =
             || CompressError::Settings("teacher block released before its last stage".into());
         // The student: the teacher's norms, its linears swapped for their
-        // reconstructions stage by stage.
-        let mut student = loader.block(layer)?;
+        // reconstructions stage by stage (a MoE block's experts: their codes, see
+        // crate::expert; before that, never run, left in the checkpoint).
+        let mut student = loader.block_lazy_experts(layer)?;
         let st = &self.stager;
         let len = CHUNK * st.seq_len() * loader.config().hidden_size;
         let keep = opts.teacher_target;
@@ -1218,10 +1246,15 @@ impl Stream {
                         _ => &[6 + 3 * e],
                     };
                     for &k in ks {
-                        let (w, rows, cols) = weight_of(teacher, k);
+                        // The teacher's weights of this expert linear: read from the
+                        // checkpoint now, freed after its encode (the teacher block
+                        // leaves its experts in the checkpoint).
                         let name = format!("{p}.{}.weight", names[k]);
+                        let (w, rows, cols) = teacher_weight(ck, teacher, k, &name)?;
                         let spec = spec_of(&name);
-                        let (mut summary, recon) = quantize_into(
+                        // The error is measured on the reconstruction a few rows at a
+                        // time (the same bits as on the whole one).
+                        let (summary, _, qt) = quantize_into(
                             c,
                             &name,
                             &w,
@@ -1229,15 +1262,10 @@ impl Stream {
                             Role::Body,
                             &spec,
                             Some((Cow::Borrowed(&gram.h), gptq)),
-                            true,
+                            false,
                         )?;
-                        let Some(recon) = recon else {
-                            return Err(CompressError::Settings(format!(
-                                "{name}: no reconstruction"
-                            )));
-                        };
-                        summary.rel_err = rel_err(&w, &recon);
-                        student.linears[k] = dense(&name, recon, rows, cols)?;
+                        // The student keeps the codes, not an f32 copy (crate::expert).
+                        student.linears[k] = Box::new(PackedExpert::new(&name, qt)?);
                         summaries.push(summary);
                     }
                 }
@@ -1283,7 +1311,7 @@ impl Stream {
                 } else {
                     Cow::Borrowed(&h.h[..])
                 };
-                let (mut summary, recon) = quantize_into(
+                let (mut summary, recon, _) = quantize_into(
                     c,
                     &name,
                     target.as_deref().unwrap_or(&w),

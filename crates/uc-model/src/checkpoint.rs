@@ -180,6 +180,68 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// Rows `rows` of the 2-D tensor `name` as f32 into `out` (resized to
+    /// `rows.len() * cols`): the same values as those rows of [`Self::tensor_f32`], read
+    /// without converting the rest. The compressor reads a mixture-of-experts block's
+    /// experts this way, a tile of rows per forward call, so no expert stays resident as
+    /// f32 ([`uc_format::release_pages`] drops the pages read).
+    pub fn tensor_rows_f32(
+        &self,
+        name: &str,
+        rows: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })?;
+        let shard = &self.shards[info.shard];
+        let bad = |reason: String| ModelError::BadSafetensors {
+            path: shard.path.clone(),
+            reason,
+        };
+        let [n_rows, cols] = info.shape[..] else {
+            return Err(bad(format!(
+                "tensor {name}: rows read from a tensor of shape {:?}",
+                info.shape
+            )));
+        };
+        if rows.start > rows.end || rows.end > n_rows {
+            return Err(bad(format!("tensor {name}: rows {rows:?} of {n_rows}")));
+        }
+        let size = info.dtype.bitsize() / 8;
+        let range =
+            info.range.start + rows.start * cols * size..info.range.start + rows.end * cols * size;
+        let bytes = shard
+            .map
+            .get(range.clone())
+            .ok_or_else(|| bad(format!("tensor {name}: data outside the file")))?;
+        let values = to_f32(bytes, info.dtype).ok_or_else(|| ModelError::UnsupportedDtype {
+            name: name.to_string(),
+            path: shard.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        uc_format::release_pages(&shard.map, range);
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(ModelError::NonFinite {
+                name: name.to_string(),
+                index: rows.start * cols + index,
+            });
+        }
+        *out = values;
+        Ok(())
+    }
+
+    /// The shape of tensor `name`, if present.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+}
+
 /// Replaces every block's fused projections by their row blocks (see the module doc):
 /// `qkv_proj` -> `q_proj`, `k_proj`, `v_proj`; `gate_up_proj` -> `gate_proj`, `up_proj`.
 /// A missing fused tensor or one of the wrong shape is an error naming it and its file.

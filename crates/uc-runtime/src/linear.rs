@@ -135,14 +135,20 @@ impl Linear for DenseLinear {
         _scratch: &mut Vec<f32>,
     ) {
         let (c, r0, len) = (self.cols, out.first(), out.len());
-        let w = &self.w[r0 * c..(r0 + len) * c];
-        if out.n() <= FUSED_MAX_TOKENS {
-            for t in 0..out.n() {
-                dense::matvec(isa, w, c, &x[t * c..(t + 1) * c], out.row_mut(t));
-            }
-        } else {
-            out.gemm(c, Mat::rows(x, c), Mat::rows_t(w, c), false);
+        dense_rows(isa, &self.w[r0 * c..(r0 + len) * c], c, x, out);
+    }
+}
+
+/// `out (n, len) = x (n, cols) . w^T` for `w` the f32 rows of `out`'s row block
+/// (`(len, cols)`): [`DenseLinear`]'s arithmetic, for weights that materialize their rows
+/// per call (the compressor's mixture-of-experts experts) and must give its bits.
+pub fn dense_rows(isa: Isa, w: &[f32], cols: usize, x: &[f32], out: &mut ColBlock) {
+    if out.n() <= FUSED_MAX_TOKENS {
+        for t in 0..out.n() {
+            dense::matvec(isa, w, cols, &x[t * cols..(t + 1) * cols], out.row_mut(t));
         }
+    } else {
+        out.gemm(cols, Mat::rows(x, cols), Mat::rows_t(w, cols), false);
     }
 }
 

@@ -6,7 +6,10 @@
 //! Neither loader keeps a file mapped between calls: each `block` / `globals` call maps
 //! the files it needs, copies (and, for packs, decodes) the tensors into owned memory,
 //! and unmaps them. So a streamed model's resident set holds only the blocks the decoder
-//! holds, never the page-cache pages of the rest of the file.
+//! holds, never the page-cache pages of the rest of the file. (The exception is the
+//! compressor's [`CheckpointLoader::block_lazy_experts`]: its block keeps the checkpoint
+//! mapped and reads a mixture-of-experts block's experts a row tile at a time,
+//! releasing the pages it read.)
 //!
 //! Packs are verified before they run: [`PackLoader::open`] checks the manifest and every
 //! file's size and SHA-256 (always), and with [`Verify::Full`] every tensor's
@@ -409,25 +412,136 @@ impl CheckpointLoader {
     }
 }
 
-struct CheckpointReader(Checkpoint);
+/// Reads a checkpoint's tensors as f32; with `lazy_experts`, a mixture-of-experts
+/// block's experts become [`CheckpointExpert`]s (checked, not read).
+struct CheckpointReader {
+    ck: Arc<Checkpoint>,
+    lazy_experts: bool,
+}
+
+impl CheckpointReader {
+    fn new(ck: Checkpoint) -> Self {
+        CheckpointReader {
+            ck: Arc::new(ck),
+            lazy_experts: false,
+        }
+    }
+
+    /// `name`'s stored shape is `shape`, else the error naming its file.
+    fn check_shape(&self, name: &str, found: &[usize], shape: &[usize]) -> Result<()> {
+        if found == shape {
+            return Ok(());
+        }
+        Err(uc_model::ModelError::ShapeMismatch {
+            name: name.into(),
+            file: self.ck.file_of(name).unwrap_or(self.ck.dir()).to_path_buf(),
+            found: found.to_vec(),
+            expected: shape.to_vec(),
+        }
+        .into())
+    }
+}
 
 impl Reader for CheckpointReader {
     fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let (v, s) = self.0.tensor_f32(name)?;
-        if s != shape {
-            return Err(uc_model::ModelError::ShapeMismatch {
-                name: name.into(),
-                file: self.0.file_of(name).unwrap_or(self.0.dir()).to_path_buf(),
-                found: s,
-                expected: shape.to_vec(),
-            }
-            .into());
-        }
+        let (v, s) = self.ck.tensor_f32(name)?;
+        self.check_shape(name, &s, shape)?;
         Ok(v)
     }
     fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Box<dyn Linear>> {
+        if self.lazy_experts && name.contains(".experts.") {
+            let found = self.ck.shape_of(name).ok_or_else(|| {
+                RuntimeError::from(uc_model::ModelError::MissingTensor {
+                    name: name.to_string(),
+                    dir: self.ck.dir().to_path_buf(),
+                })
+            })?;
+            self.check_shape(name, found, &[rows, cols])?;
+            return Ok(Box::new(CheckpointExpert {
+                ck: self.ck.clone(),
+                name: name.to_string(),
+                rows,
+                cols,
+            }));
+        }
         let v = self.dense(name, &[rows, cols])?;
         Ok(Box::new(DenseLinear::new(name, v, rows, cols)?))
+    }
+}
+
+/// A mixture-of-experts expert's weight left in the (mapped) checkpoint: each call
+/// converts the rows it multiplies to f32 and runs [`DenseLinear`]'s arithmetic on them
+/// ([`crate::linear::dense_rows`]), so a forward gives a resident block's bits while at
+/// most one row tile per thread (128 rows in prefill) is held as f32. The compressor's
+/// teacher block holds its experts this way (one expert's f32 at a time instead of
+/// all). A read that fails (a dtype other than f32/f16/bf16, a non-finite value) gives
+/// NaN outputs here; the compressor reads every expert whole before encoding it, which
+/// reports the error by name.
+pub struct CheckpointExpert {
+    ck: Arc<Checkpoint>,
+    name: String,
+    rows: usize,
+    cols: usize,
+}
+
+impl CheckpointExpert {
+    /// Rows `r` into `buf`, NaN where they cannot be read (see the type's doc).
+    fn rows_into(&self, r: std::ops::Range<usize>, buf: &mut Vec<f32>) {
+        let n = r.len() * self.cols;
+        if self.ck.tensor_rows_f32(&self.name, r, buf).is_err() || buf.len() != n {
+            buf.clear();
+            buf.resize(n, f32::NAN);
+        }
+    }
+}
+
+impl Linear for CheckpointExpert {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn resident_bytes(&self) -> usize {
+        0
+    }
+    fn kind(&self) -> String {
+        "dense_f32".into()
+    }
+    fn row_into(&self, _isa: crate::kernels::Isa, i: usize, out: &mut [f32]) {
+        let mut buf = Vec::new();
+        self.rows_into(i..i + 1, &mut buf);
+        out.copy_from_slice(&buf);
+    }
+    fn weight_f32<'s>(&'s self, _isa: crate::kernels::Isa, buf: &'s mut Vec<f32>) -> &'s [f32] {
+        self.rows_into(0..self.rows, buf);
+        buf
+    }
+    fn block(
+        &self,
+        isa: crate::kernels::Isa,
+        x: &[f32],
+        _aux: &[f32],
+        _px: Option<&[crate::kernels::qint::PreparedX]>,
+        out: &mut crate::kernels::dense::ColBlock,
+        scratch: &mut Vec<f32>,
+    ) {
+        let r0 = out.first();
+        self.rows_into(r0..r0 + out.len(), scratch);
+        crate::linear::dense_rows(isa, scratch, self.cols, x, out);
+    }
+}
+
+impl CheckpointLoader {
+    /// Block `layer` with a mixture-of-experts block's experts left in the checkpoint
+    /// ([`CheckpointExpert`]: shapes checked, no weights read; the checkpoint stays
+    /// mapped while the block lives). The rest of the block is read as by
+    /// [`WeightLoader::block`], and forwards give the same bits. A dense block is the same
+    /// as [`WeightLoader::block`]'s.
+    pub fn block_lazy_experts(&self, layer: usize) -> Result<BlockWeights> {
+        let mut r = CheckpointReader::new(Checkpoint::open(&self.dir)?);
+        r.lazy_experts = true;
+        read_block(&mut r, &self.config, layer)
     }
 }
 
@@ -443,13 +557,13 @@ impl WeightLoader for CheckpointLoader {
     }
     fn globals(&self) -> Result<GlobalWeights> {
         read_globals(
-            &mut CheckpointReader(Checkpoint::open(&self.dir)?),
+            &mut CheckpointReader::new(Checkpoint::open(&self.dir)?),
             &self.config,
         )
     }
     fn block(&self, layer: usize) -> Result<BlockWeights> {
         read_block(
-            &mut CheckpointReader(Checkpoint::open(&self.dir)?),
+            &mut CheckpointReader::new(Checkpoint::open(&self.dir)?),
             &self.config,
             layer,
         )
@@ -459,7 +573,7 @@ impl WeightLoader for CheckpointLoader {
     }
     fn final_norm(&self) -> Result<Vec<f32>> {
         read_norm(
-            &mut CheckpointReader(Checkpoint::open(&self.dir)?),
+            &mut CheckpointReader::new(Checkpoint::open(&self.dir)?),
             &self.config,
             final_norm(self.config.family),
             self.config.hidden_size,

@@ -62,6 +62,10 @@ pub struct Shape {
     pub tied: bool,
     /// Shard size limit; `None` writes one `model.safetensors`.
     pub max_shard_bytes: Option<u64>,
+    /// Mixture of experts (OLMoE's layout): experts per block, each `intermediate` wide,
+    /// with a router `mlp.gate` and q/k norms over the whole projection; 0 for a dense
+    /// Llama/Mistral MLP.
+    pub experts: usize,
     /// The config.json written beside the weights.
     pub config: serde_json::Value,
 }
@@ -113,6 +117,7 @@ impl Shape {
             vocab: 32000,
             tied: false,
             max_shard_bytes: Some(HF_MAX_SHARD_BYTES),
+            experts: 0,
             config: serde_json::json!({
                 "architectures": ["MistralForCausalLM"],
                 "bos_token_id": 1,
@@ -152,6 +157,7 @@ impl Shape {
             vocab: 128256,
             tied: true,
             max_shard_bytes: None,
+            experts: 0,
             config: serde_json::json!({
                 "architectures": ["LlamaForCausalLM"],
                 "attention_bias": false,
@@ -188,6 +194,53 @@ impl Shape {
         }
     }
 
+    /// OLMoE-1B-7B (config.json of `allenai/OLMoE-1B-7B-0924`: 64 experts 1024 wide per
+    /// block, 8 per token; q/k norms over the whole projection; untied head). Written as
+    /// one `model.safetensors` (the hub shards it; the sharding does not matter to the
+    /// compressor's memory). Use `--layers` for a short stand-in: one block is 1.6 GB of
+    /// f32 experts.
+    pub fn olmoe_1b_7b() -> Self {
+        Shape {
+            name: "olmoe-1b-7b",
+            hidden: 2048,
+            intermediate: 1024,
+            layers: 16,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 128,
+            vocab: 50304,
+            tied: false,
+            max_shard_bytes: None,
+            experts: 64,
+            config: serde_json::json!({
+                "architectures": ["OlmoeForCausalLM"],
+                "attention_bias": false,
+                "attention_dropout": 0.0,
+                "bos_token_id": null,
+                "clip_qkv": null,
+                "eos_token_id": 50279,
+                "hidden_act": "silu",
+                "hidden_size": 2048,
+                "initializer_range": 0.02,
+                "intermediate_size": 1024,
+                "max_position_embeddings": 4096,
+                "model_type": "olmoe",
+                "norm_topk_prob": false,
+                "num_attention_heads": 16,
+                "num_experts": 64,
+                "num_experts_per_tok": 8,
+                "num_hidden_layers": 16,
+                "num_key_value_heads": 16,
+                "pad_token_id": 1,
+                "rms_norm_eps": 1e-05,
+                "rope_theta": 10000.0,
+                "tie_word_embeddings": false,
+                "torch_dtype": "bfloat16",
+                "vocab_size": 50304
+            }),
+        }
+    }
+
     /// A tiny Mistral-like shape for tests (hidden 64, 3 blocks, untied head), sharded at
     /// `max_shard_bytes`.
     pub fn tiny(max_shard_bytes: Option<u64>) -> Self {
@@ -202,6 +255,7 @@ impl Shape {
             vocab: 128,
             tied: false,
             max_shard_bytes,
+            experts: 0,
             config: serde_json::json!({
                 "architectures": ["MistralForCausalLM"],
                 "hidden_size": 64,
@@ -235,12 +289,13 @@ impl Shape {
         Some(self)
     }
 
-    /// The shape named `name` (`mistral-7b`, `llama-3.2-1b`, `tiny`).
+    /// The shape named `name` (`mistral-7b`, `llama-3.2-1b`, `olmoe-1b-7b`, `tiny`).
     pub fn by_name(name: &str) -> Option<Self> {
         match name {
             "mistral-7b" => Some(Self::mistral_7b()),
             "llama-3.2-1b" => Some(Self::llama32_1b()),
             "tiny" => Some(Self::tiny(None)),
+            "olmoe-1b-7b" => Some(Self::olmoe_1b_7b()),
             _ => None,
         }
     }
@@ -279,21 +334,21 @@ impl Shape {
                 vec![h, q],
                 Kind::Weight,
             ));
-            out.push(t(
-                format!("{p}.mlp.gate_proj.weight"),
-                vec![i, h],
-                Kind::Weight,
-            ));
-            out.push(t(
-                format!("{p}.mlp.up_proj.weight"),
-                vec![i, h],
-                Kind::Weight,
-            ));
-            out.push(t(
-                format!("{p}.mlp.down_proj.weight"),
-                vec![h, i],
-                Kind::Weight,
-            ));
+            if self.experts > 0 {
+                self.moe_tensors(&p, &mut out);
+            } else {
+                for (name, shape) in [
+                    ("gate_proj", [i, h]),
+                    ("up_proj", [i, h]),
+                    ("down_proj", [h, i]),
+                ] {
+                    out.push(t(
+                        format!("{p}.mlp.{name}.weight"),
+                        shape.to_vec(),
+                        Kind::Weight,
+                    ));
+                }
+            }
             out.push(t(
                 format!("{p}.input_layernorm.weight"),
                 vec![h],
@@ -314,6 +369,35 @@ impl Shape {
             ));
         }
         out
+    }
+
+    /// A MoE block's q/k norms, router and experts (OLMoE's state-dict order: the norms
+    /// after o_proj, then `mlp.gate`, then each expert's gate, up, down).
+    fn moe_tensors(&self, p: &str, out: &mut Vec<TensorSpec>) {
+        let (h, i) = (self.hidden, self.intermediate);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let mut push =
+            |name: String, shape: Vec<usize>, kind| out.push(TensorSpec { name, shape, kind });
+        push(format!("{p}.self_attn.q_norm.weight"), vec![q], Kind::Norm);
+        push(format!("{p}.self_attn.k_norm.weight"), vec![kv], Kind::Norm);
+        push(
+            format!("{p}.mlp.gate.weight"),
+            vec![self.experts, h],
+            Kind::Weight,
+        );
+        for e in 0..self.experts {
+            for (name, shape) in [
+                ("gate_proj", [i, h]),
+                ("up_proj", [i, h]),
+                ("down_proj", [h, i]),
+            ] {
+                push(
+                    format!("{p}.mlp.experts.{e}.{name}.weight"),
+                    shape.to_vec(),
+                    Kind::Weight,
+                );
+            }
+        }
     }
 
     /// Parameters.

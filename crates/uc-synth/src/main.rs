@@ -14,7 +14,7 @@ Examples:
   uc-synth mistral-7b -o /work/scratch/big/mistral-7b
   uc-synth llama-3.2-1b -o /work/scratch/big/llama-1b --tokenizer assets/smollm2-135m/tokenizer.json")]
 struct Args {
-    /// mistral-7b, llama-3.2-1b or tiny.
+    /// mistral-7b, llama-3.2-1b, olmoe-1b-7b or tiny.
     shape: String,
     /// Output directory.
     #[arg(short, long)]
@@ -33,8 +33,12 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let shape = uc_synth::Shape::by_name(&a.shape)
-        .with_context(|| format!("unknown shape {} (mistral-7b, llama-3.2-1b, tiny)", a.shape))?;
+    let shape = uc_synth::Shape::by_name(&a.shape).with_context(|| {
+        format!(
+            "unknown shape {} (mistral-7b, llama-3.2-1b, olmoe-1b-7b, tiny)",
+            a.shape
+        )
+    })?;
     let shape = match a.layers {
         None => shape,
         Some(n) => {
