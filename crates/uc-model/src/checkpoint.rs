@@ -147,13 +147,7 @@ impl Checkpoint {
 
     /// The tensor `name` converted to f32 values, row-major.
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            })?;
+        let info = self.info(name)?;
         let shard = &self.shards[info.shard];
         let bytes =
             shard
@@ -181,6 +175,16 @@ impl Checkpoint {
 }
 
 impl Checkpoint {
+    /// The index entry of tensor `name`, or the error naming it and the directory.
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                dir: self.dir.clone(),
+            })
+    }
+
     /// Rows `rows` of the 2-D tensor `name` as f32 into `out` (resized to
     /// `rows.len() * cols`): the same values as those rows of [`Self::tensor_f32`], read
     /// without converting the rest. The compressor reads a mixture-of-experts block's
@@ -192,13 +196,7 @@ impl Checkpoint {
         rows: std::ops::Range<usize>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let info = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                dir: self.dir.clone(),
-            })?;
+        let info = self.info(name)?;
         let shard = &self.shards[info.shard];
         let bad = |reason: String| ModelError::BadSafetensors {
             path: shard.path.clone(),

@@ -341,7 +341,9 @@ fn a_fork_shares_weights_and_computes_what_a_fresh_decoder_does() {
     assert_eq!(f.resident_weight_bytes(), a.resident_weight_bytes());
     let got = f.forward(&PROMPT, Logits::All).unwrap();
     assert!(
-        got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()),
+        got.iter()
+            .zip(&want)
+            .all(|(x, y)| x.to_bits() == y.to_bits()),
         "a fork's logits differ from a fresh decoder's"
     );
     assert_eq!(a.position(), 3, "the fork moved the original");
