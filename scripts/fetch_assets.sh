@@ -31,6 +31,10 @@ DOCUTILS_SDIST=docutils-0.21.2.tar.gz
 DOCUTILS_SHA=3a6b18732edf182daa3cd12775bbb338cf5691468f91eeeb109deff6ebfa986f
 DEVIL_DEB=dict-devil_1.0-13.1_all.deb
 DEVIL_SHA=6a535684def2a1f70cd42da16d12d43f0e9dc3e54e4a329178eebab3170e3154
+FORTUNES_DEB=fortunes_1%3a1.99.1-7.3_all.deb
+FORTUNES_SHA=41d0551dc0ff52f875a2ecef7c39da2f672ab468c37e170119f7e0245a9d63c5
+FORTUNES_MIN_DEB=fortunes-min_1%3a1.99.1-7.3_all.deb
+FORTUNES_MIN_SHA=9eed5b45064e41133dae0967cf3a17588ad77c014fcc7bf1527fa3ea48e44d07
 
 sha256() {
     if command -v sha256sum >/dev/null; then sha256sum "$1" | cut -d' ' -f1
@@ -59,6 +63,21 @@ fetch_wheel() {
         exit 1
     fi
     echo "ok     $path (sha256 verified)"
+}
+
+# fetch_deb PACKAGE=VERSION DEB SHA: apt-get download a Debian package into the wheels
+# folder unless a file with that hash is already there.
+fetch_deb() {
+    local spec=$1 deb="$ASSETS/wheels/$2" want=$3
+    if [[ -f $deb && $(sha256 "$deb") == "$want" ]]; then
+        return
+    fi
+    echo "fetch  $2 (Debian)"
+    (cd "$ASSETS/wheels" && { apt-get download -q "$spec" >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get download -q "$spec" >/dev/null; }; })
+    local got
+    got=$(sha256 "$deb")
+    [[ $got == "$want" ]] || { echo "error: $deb has SHA-256 $got, expected $want" >&2; exit 1; }
 }
 
 # extract WHEEL DEST PREFIX: unzip the wheel's files under PREFIX flat into DEST.
@@ -149,13 +168,7 @@ if [[ -f $DEVIL ]]; then
     echo "ok     $DEVIL"
 elif command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
     deb="$ASSETS/wheels/$DEVIL_DEB"
-    if [[ ! -f $deb || $(sha256 "$deb") != "$DEVIL_SHA" ]]; then
-        echo "fetch  $DEVIL_DEB (Debian)"
-        (cd "$ASSETS/wheels" && { apt-get download -q dict-devil=1.0-13.1 >/dev/null 2>&1 \
-            || { apt-get update -q >/dev/null && apt-get download -q dict-devil=1.0-13.1 >/dev/null; }; })
-        got=$(sha256 "$deb")
-        [[ $got == "$DEVIL_SHA" ]] || { echo "error: $deb has SHA-256 $got, expected $DEVIL_SHA" >&2; exit 1; }
-    fi
+    fetch_deb dict-devil=1.0-13.1 "$DEVIL_DEB" "$DEVIL_SHA"
     mkdir -p "$ASSETS/devil"
     # The dictd data file is gzip; drop dictd's own header lines (00-database-*, URL).
     dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/share/dictd/devil.dict.dz | gzip -dc \
@@ -164,6 +177,64 @@ elif command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
     echo "ok     $DEVIL (extracted)"
 else
     echo "skip   $DEVIL: needs apt-get and dpkg-deb (Debian's dict-devil package)"
+fi
+
+# The genre-mixed calibration set (assets/calib): one folder per genre, windows drawn
+# from each in turn (--calib-dir). Speeches (SOTU before 2000, as calib-mix), docutils'
+# Python source (as calib-mix) and quotations, verse, jokes and aphorisms: the fortune
+# files of Debian's fortunes and fortunes-min, without the "definitions" file and
+# without any fortune that names Bierce or his Devil's Dictionary, so that the second
+# evaluation text stays unseen. docutils' documentation (the third evaluation text) is
+# not in it either.
+CAL="$ASSETS/calib"
+# The marker names what the set was built from (one hash of the inputs' hashes).
+CAL_MARK=".from-$(printf '%s' "$SOTU_SHA$DOCUTILS_SHA$FORTUNES_SHA$FORTUNES_MIN_SHA" \
+    | { sha256sum 2>/dev/null || shasum -a 256; } | cut -c1-16)"
+if [[ -f $CAL/$CAL_MARK ]]; then
+    echo "ok     $CAL"
+elif command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null; then
+    fetch_deb fortunes=1:1.99.1-7.3 "$FORTUNES_DEB" "$FORTUNES_SHA"
+    fetch_deb fortunes-min=1:1.99.1-7.3 "$FORTUNES_MIN_DEB" "$FORTUNES_MIN_SHA"
+    tmp="$CAL.tmp-$$"
+    rm -rf "$tmp"
+    mkdir -p "$tmp/debs"
+    for deb in "$FORTUNES_DEB" "$FORTUNES_MIN_DEB"; do
+        dpkg-deb -x "$ASSETS/wheels/$deb" "$tmp/debs"
+    done
+    cp -r "$MIX/speeches" "$MIX/code" "$tmp/"
+    python3 - "$tmp/debs/usr/share/games/fortunes" "$tmp/fortunes" <<'PY'
+import os, re, sys
+src, out = sys.argv[1:]
+os.makedirs(out)
+kept = dropped = 0
+for name in sorted(os.listdir(src)):
+    path = os.path.join(src, name)
+    # The .dat indexes and .u8 links are not text; "definitions" is dictionary entries,
+    # the genre of the second evaluation text; the rest of the skipped are ASCII art.
+    if os.path.islink(path) or name.endswith(".dat") or name in ("definitions", "art", "ascii-art", "translate-me"):
+        continue
+    text = open(path, encoding="utf-8", errors="replace").read()
+    items = []
+    for item in re.split(r"^%\n", text, flags=re.M):
+        item = item.strip("\n")
+        if not item.strip():
+            continue
+        if re.search(r"bierce|devil'?s dictionary", item, re.I):
+            dropped += 1
+            continue
+        items.append(item)
+    kept += len(items)
+    with open(os.path.join(out, name), "w") as f:
+        f.write("\n\n".join(items) + "\n")
+print(f"       calib/fortunes: {kept} fortunes kept, {dropped} naming Bierce dropped", file=sys.stderr)
+PY
+    rm -rf "$tmp/debs"
+    touch "$tmp/$CAL_MARK"
+    rm -rf "$CAL"
+    mv "$tmp" "$CAL"
+    echo "ok     $CAL (built)"
+else
+    echo "skip   $CAL: needs apt-get and dpkg-deb (Debian's fortunes packages)"
 fi
 
 OUT="$ASSETS/smollm2-135m"

