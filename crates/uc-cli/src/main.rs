@@ -51,6 +51,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Convert another checkpoint format to a Hugging Face directory.
     #[command(subcommand)]

@@ -83,7 +83,7 @@ fn sse_payloads(body: &str) -> Vec<String> {
 #[test]
 fn curl_chat_and_completions_report_usage_fingerprint_and_models() {
     let d = tempfile::tempdir().unwrap();
-    let s = serve(&pack(&d.path()), &[]);
+    let s = serve(&pack(d.path()), &[]);
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(d.path().join("pack/manifest.json")).unwrap())
             .unwrap();
@@ -164,7 +164,7 @@ fn curl_chat_and_completions_report_usage_fingerprint_and_models() {
 #[test]
 fn streaming_is_sse_framed_ends_with_done_and_equals_the_whole_answer() {
     let d = tempfile::tempdir().unwrap();
-    let s = serve(&pack(&d.path()), &[]);
+    let s = serve(&pack(d.path()), &[]);
     let (_, whole) = post(
         &s,
         "/v1/chat/completions",
@@ -232,7 +232,7 @@ fn streaming_is_sse_framed_ends_with_done_and_equals_the_whole_answer() {
 #[test]
 fn same_seed_gives_the_same_text_and_stop_sequences_cut_it() {
     let d = tempfile::tempdir().unwrap();
-    let s = serve(&pack(&d.path()), &[]);
+    let s = serve(&pack(d.path()), &[]);
     let sampled = |seed: u64| {
         let (st, v) = post(
             &s,
@@ -299,7 +299,7 @@ fn same_seed_gives_the_same_text_and_stop_sequences_cut_it() {
 fn concurrent_requests_get_the_answers_they_get_alone() {
     let d = tempfile::tempdir().unwrap();
     // Two slots for eight requests: some interleave, the rest wait in the queue.
-    let s = serve(&pack(&d.path()), &["--max-batch", "2"]);
+    let s = serve(&pack(d.path()), &["--max-batch", "2"]);
     let bodies: Vec<Value> = (0..8)
         .map(|i| {
             let extra = if i % 3 == 2 {
@@ -335,6 +335,52 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
     }
 }
 
+/// Continuous batching: eight requests with prompts of different lengths (so their
+/// sequences sit at different positions) generate together in batched decode steps,
+/// and each answer is the one the same request gets alone (greedy and seeded).
+#[test]
+fn eight_concurrent_requests_batched_together_get_the_answers_they_get_alone() {
+    let d = tempfile::tempdir().unwrap();
+    let s = serve(&pack(d.path()), &["--max-batch", "8"]);
+    let bodies: Vec<Value> = (0..8)
+        .map(|i| {
+            let n = 120 + 10 * i;
+            let extra = if i % 2 == 1 {
+                json!({"temperature": 0.9, "top_k": 20, "seed": 100 + i, "max_tokens": n})
+            } else {
+                json!({"max_tokens": n})
+            };
+            chat_body(&s, &"ab cd ".repeat(1 + 5 * i), extra)
+        })
+        .collect();
+    // Alone: one request at a time, so every step is that request's own forward.
+    let alone: Vec<Value> = bodies
+        .iter()
+        .map(|b| post(&s, "/v1/chat/completions", b).1)
+        .collect();
+    assert_eq!(health(&s)["peak_batch"], 0, "nothing ran batched yet");
+    let together: Vec<Value> = std::thread::scope(|sc| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| sc.spawn(|| post(&s, "/v1/chat/completions", b).1))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let peak = health(&s)["peak_batch"].as_u64().unwrap();
+    assert!(
+        peak >= 2,
+        "the concurrent requests never shared a batched step (largest batch {peak})"
+    );
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert!(a["choices"][0]["message"]["content"].is_string(), "{a}");
+        assert_eq!(
+            a["choices"][0]["message"], t["choices"][0]["message"],
+            "request {i}"
+        );
+        assert_eq!(a["usage"], t["usage"], "request {i}");
+    }
+}
+
 fn error_of(s: &Server, route: &str, body: &str) -> (u16, Value) {
     let (st, _, b) = curl(&format!("{}{route}", s.url), Some(body));
     let v: Value = serde_json::from_str(&b).unwrap_or_else(|_| panic!("not JSON: {b}"));
@@ -348,7 +394,7 @@ fn error_of(s: &Server, route: &str, body: &str) -> (u16, Value) {
 #[test]
 fn bad_requests_get_openai_error_json_with_4xx_and_the_server_keeps_serving() {
     let d = tempfile::tempdir().unwrap();
-    let s = serve(&pack(&d.path()), &["--ctx-size", "64"]);
+    let s = serve(&pack(d.path()), &["--ctx-size", "64"]);
     let chat = "/v1/chat/completions";
     let (st, _) = error_of(&s, chat, "{\"model\": ");
     assert_eq!(st, 400);
@@ -440,10 +486,7 @@ fn health(s: &Server) -> Value {
 #[test]
 fn a_client_disconnecting_mid_stream_frees_its_slot_and_disturbs_no_one() {
     let d = tempfile::tempdir().unwrap();
-    let s = serve(
-        &pack(&d.path()),
-        &["--max-batch", "2", "--ctx-size", "2048"],
-    );
+    let s = serve(&pack(d.path()), &["--max-batch", "2", "--ctx-size", "2048"]);
     let other = chat_body(&s, "I stay connected", json!({"max_tokens": 40}));
     let (_, alone) = post(&s, "/v1/chat/completions", &other);
     // Long generations that would run ~2000 steps if nobody noticed the client left.
@@ -477,7 +520,7 @@ fn a_client_disconnecting_mid_stream_frees_its_slot_and_disturbs_no_one() {
 #[test]
 fn refuses_to_serve_a_corrupted_pack_or_a_checkpoint() {
     let d = tempfile::tempdir().unwrap();
-    let p = pack(&d.path());
+    let p = pack(d.path());
     // Flip one byte in the largest container.
     let big = std::fs::read_dir(p.join("tensors"))
         .unwrap()
@@ -520,7 +563,7 @@ fn the_official_openai_python_client_gets_consistent_answers() {
         String::from_utf8_lossy(&probe.stderr)
     );
     let d = tempfile::tempdir().unwrap();
-    let s = serve(&pack(&d.path()), &[]);
+    let s = serve(&pack(d.path()), &[]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/serve_openai_check.py");
     let out = Command::new(&py)
         .arg(script)

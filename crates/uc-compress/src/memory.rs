@@ -72,7 +72,7 @@ fn block_linears(cfg: &ModelConfig) -> Vec<(&'static str, u64, u64)> {
 fn moe_experts(cfg: &ModelConfig) -> Option<(u64, u64)> {
     let m = cfg.moe.as_ref()?;
     (m.num_experts * m.expert_intermediate >= cfg.intermediate_size)
-        .then(|| (m.num_experts as u64, m.expert_intermediate as u64))
+        .then_some((m.num_experts as u64, m.expert_intermediate as u64))
 }
 
 /// Stored bytes of a rows x cols tensor under `spec` (codes, scales, codebook).

@@ -329,6 +329,7 @@ fn rel_err_streamed(w: &[f32], qt: &QuantTensor, cols: usize) -> uc_codec::Resul
 /// (else the error is measured a few rows at a time). A Gram matrix handed over
 /// (`Cow::Owned`) is consumed by the encoder in its own storage
 /// ([`uc_codec::encode_gptq`]).
+#[allow(clippy::too_many_arguments)]
 fn quantize_into(
     c: &mut ContainerBuilder,
     name: &str,
@@ -1221,6 +1222,7 @@ impl Stream {
             };
             if moe_stage {
                 let teacher = teacher_block.as_ref().ok_or_else(released)?;
+                #[allow(clippy::needless_range_loop)] // e also names the expert
                 for e in 0..experts {
                     // Expert e's Gram matrix from its rows of every chunk (in chunk order),
                     // held only while its linears are encoded; too few tokens: the pooled.

@@ -64,6 +64,9 @@ fn special_text(v: Option<&Json>) -> Option<String> {
     }
 }
 
+/// GGUF metadata key-value pairs, and warnings for the user.
+type MetaAndWarnings = (Vec<(String, Value)>, Vec<String>);
+
 /// The metadata key-values, and warnings about what GGUF will not carry exactly.
 pub fn metadata(
     pack: &Path,
@@ -71,7 +74,7 @@ pub fn metadata(
     arch: Arch,
     dtype: Dtype,
     fingerprint: &str,
-) -> Result<(Vec<(String, Value)>, Vec<String>), ExportError> {
+) -> Result<MetaAndWarnings, ExportError> {
     let mut warnings = Vec::new();
     let a = arch.name();
     let u32v = |n: usize| Value::U32(u32::try_from(n).unwrap_or(u32::MAX));

@@ -852,7 +852,7 @@ fn rotary_dim(raw: &Raw, head_dim: usize) -> std::result::Result<usize, String> 
         return Err(format!("partial_rotary_factor {factor} must be in (0, 1]"));
     }
     let dim = (head_dim as f64 * factor) as usize;
-    if dim < 2 || dim % 2 != 0 {
+    if dim < 2 || !dim.is_multiple_of(2) {
         return Err(format!(
             "partial_rotary_factor {factor} gives {dim} rotated dimensions of head_dim {head_dim}; \
              it must be even and at least 2"

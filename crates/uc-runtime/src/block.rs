@@ -44,12 +44,20 @@
 //! sliding window (mistral, phi3; alternate layers for gemma).
 //!
 //! Buffers (n = tokens in this call over `seqs` independent sequences of `n / seqs`
-//! tokens each, every sequence at positions `pos ..`):
+//! tokens each, sequence `s` at positions `pos.of(s) ..`):
 //! - `x`: residual stream `(n, hidden)`
 //! - `q`: `(n, heads * head_dim)`; `k`, `v`: `(n, kv_heads * head_dim)`
-//! - K/V cache per sequence: `(kv_heads, capacity, head_dim)` for K and for V, so one KV
-//!   head's keys are a contiguous `(positions, head_dim)` matrix (a GEMM operand);
-//!   sequence `s` owns `kc[s * kv_heads * capacity * head_dim ..]` (likewise `vc`).
+//! - K/V cache per sequence ([`SeqKv`], one per sequence of the call): `(kv_heads,
+//!   capacity, head_dim)` for K and for V, so one KV head's keys are a contiguous
+//!   `(positions, head_dim)` matrix (a GEMM operand). The sequences' caches may be
+//!   slabs of one buffer (the stager's windows) or belong to different decoders (a
+//!   batched decode step, [`crate::Decoder::forward_batch`]).
+//!
+//! A batched decode step is this same block with one token per sequence, each at its
+//! own position (`Positions::Each`) and `per_token` set: every linear runs its decode
+//! kernel token by token on each weight block (read once for all tokens) and attention
+//! runs the decode kernel per (sequence, head), so each sequence gets the bits it gets
+//! when decoded alone.
 
 use crate::kernels::attention;
 use crate::kernels::dense::{split_columns, ColBlock, Mat};
@@ -170,6 +178,41 @@ impl Work {
     }
 }
 
+/// Where each sequence of a call starts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Positions<'a> {
+    /// Every sequence at the same position.
+    Same(usize),
+    /// Sequence `s` at `p[s]` (one entry per sequence).
+    Each(&'a [usize]),
+}
+
+impl Positions<'_> {
+    /// Position of sequence `s`'s first token in this call.
+    pub(crate) fn of(&self, s: usize) -> usize {
+        match self {
+            Positions::Same(p) => *p,
+            Positions::Each(p) => p.get(s).copied().unwrap_or(0),
+        }
+    }
+}
+
+/// One sequence's K and V cache in one layer, `(kv_heads, capacity, head_dim)` each.
+pub(crate) struct SeqKv<'c> {
+    pub(crate) k: &'c mut [f32],
+    pub(crate) v: &'c mut [f32],
+}
+
+impl<'c> SeqKv<'c> {
+    /// `kc` and `vc` cut into consecutive per-sequence slabs of `slab` floats.
+    pub(crate) fn slabs(kc: &'c mut [f32], vc: &'c mut [f32], slab: usize) -> Vec<Self> {
+        kc.chunks_mut(slab.max(1))
+            .zip(vc.chunks_mut(slab.max(1)))
+            .map(|(k, v)| SeqKv { k, v })
+            .collect()
+    }
+}
+
 /// What one forward call's blocks share.
 pub(crate) struct Ctx<'a> {
     pub(crate) cfg: &'a ModelConfig,
@@ -181,20 +224,32 @@ pub(crate) struct Ctx<'a> {
     pub(crate) whole: bool,
     /// Rotary tables `(positions, rotary_dim / 2)`, per layer kind.
     pub(crate) rope: &'a Tables,
-    /// Position of every sequence's first token in this call.
-    pub(crate) pos: usize,
+    /// Position of each sequence's first token in this call.
+    pub(crate) pos: Positions<'a>,
     /// Positions per sequence in the K/V cache.
     pub(crate) capacity: usize,
     /// Tokens in this call (all sequences).
     pub(crate) n: usize,
     /// Independent sequences in this call (`n / seqs` tokens each, no shared keys).
     pub(crate) seqs: usize,
+    /// Decode kernels for every token whatever `n` (a batched decode step): each token's
+    /// bits are those of a one-token call.
+    pub(crate) per_token: bool,
 }
 
 impl Ctx<'_> {
     /// `outs[i] (m, rows_i) = x (m, cols) . W_i^T (+ b_i)`.
     fn linears(&self, ops: &[Op], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
-        linear::forward_into_opts(self.par, self.whole, self.isa, ops, x, m, outs);
+        linear::forward_into_opts(
+            self.par,
+            self.whole,
+            self.per_token,
+            self.isa,
+            ops,
+            x,
+            m,
+            outs,
+        );
     }
 
     /// Tokens per sequence.
@@ -203,22 +258,16 @@ impl Ctx<'_> {
     }
 
     /// Elements of one sequence's K (or V) cache.
-    fn slab(&self) -> usize {
+    pub(crate) fn slab(&self) -> usize {
         self.cfg.num_kv_heads * self.capacity * self.cfg.head_dim
     }
 
-    /// Pieces 1-5 on `x (n, hidden)` in place; appends this call's K/V to the cache.
-    pub(crate) fn block(
-        &self,
-        b: &BlockWeights,
-        kc: &mut [f32],
-        vc: &mut [f32],
-        x: &mut [f32],
-        w: &mut Work,
-    ) {
+    /// Pieces 1-5 on `x (n, hidden)` in place; appends this call's K/V to each
+    /// sequence's cache (`kv`, one per sequence).
+    pub(crate) fn block(&self, b: &BlockWeights, kv: &mut [SeqKv], x: &mut [f32], w: &mut Work) {
         let (n, h, inter) = (self.n, self.cfg.hidden_size, self.cfg.intermediate_size);
         self.attn_input(b, x, &mut w.xn);
-        self.attend(b, &w.xn, kc, vc, &mut w.q, &mut w.k, &mut w.v, &mut w.ctx);
+        self.attend(b, &w.xn, kv, &mut w.q, &mut w.k, &mut w.v, &mut w.ctx);
         self.attn_out(b, &w.ctx, &mut w.o, x);
         self.mlp_input(b, x, &mut w.xn);
         // At most MLP_TOKENS rows at a time, so the (tokens, intermediate) buffers stay
@@ -377,14 +426,13 @@ impl Ctx<'_> {
 
     /// Piece 2: `ctx (n, heads * hd)` = attention of this call's tokens given their
     /// normed residual `xn (n, hidden)`; their K/V are appended to the cache. `q`, `k`,
-    /// `v` are scratch of their projections' widths.
+    /// `v` are scratch of their projections' widths; `kv` holds one cache per sequence.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attend(
         &self,
         b: &BlockWeights,
         xn: &[f32],
-        kc: &mut [f32],
-        vc: &mut [f32],
+        kv: &mut [SeqKv],
         q: &mut [f32],
         k: &mut [f32],
         v: &mut [f32],
@@ -409,9 +457,12 @@ impl Ctx<'_> {
         // Rotary on the first `rot` dimensions of each head (all unless partial).
         let (cos, sin) = self.rope.of_layer(cfg, b.layer);
         let rot = cfg.rotary_dim;
-        let (half, len, slab) = (rot / 2, self.seq_len(), self.slab());
+        let (half, len) = (rot / 2, self.seq_len());
         for t in 0..n {
-            let (s, p) = (t / len, self.pos + t % len);
+            let (s, p) = (t / len, self.pos.of(t / len) + t % len);
+            let Some(SeqKv { k: kc, v: vc }) = kv.get_mut(s) else {
+                unreachable!("one cache per sequence");
+            };
             let (c, sn) = (
                 &cos[p * half..(p + 1) * half],
                 &sin[p * half..(p + 1) * half],
@@ -423,13 +474,13 @@ impl Ctx<'_> {
                 .chunks_exact_mut(hd)
                 .for_each(|head| math::rope(&mut head[..rot], c, sn));
             for g in 0..nkv {
-                let dst = s * slab + (g * self.capacity + p) * hd;
+                let dst = (g * self.capacity + p) * hd;
                 let src = (t * nkv + g) * hd;
                 kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
                 vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
             }
         }
-        self.attention(q, kc, vc, ctx, cfg.window(b.layer));
+        self.attention(q, kv, ctx, cfg.window(b.layer));
     }
 
     /// Piece 3: `x (n, hidden) += norm(o_proj(ctx))` (the attention output norm where the
@@ -465,6 +516,20 @@ impl Ctx<'_> {
         ];
         self.linears(&ops, xn, m, &mut [&mut *act, &mut *up]);
         let isa = self.isa;
+        if self.per_token {
+            // Token by token, each row cut into the same chunks as a one-token call's
+            // (the SIMD kernels round their tails differently).
+            let width = b.linears[k].rows();
+            for (g, u) in act.chunks_mut(width).zip(up.chunks(width)) {
+                for (g, u) in g.chunks_mut(4096).zip(u.chunks(4096)) {
+                    match self.cfg.activation {
+                        Activation::Silu => math::silu_mul(isa, g, u),
+                        Activation::GeluTanh => math::gelu_tanh_mul(g, u),
+                    }
+                }
+            }
+            return;
+        }
         match self.cfg.activation {
             Activation::Silu => act
                 .par_chunks_mut(4096)
@@ -565,38 +630,41 @@ impl Ctx<'_> {
         self.cfg.moe.as_ref().map_or(0, |m| m.expert_intermediate)
     }
 
-    /// The keys query `t` of a sequence (its index in this call's part of that
+    /// The keys query `t` of sequence `s` (its index in this call's part of that
     /// sequence) may see: `lo ..= pos + t` (causal, and within the layer's sliding
     /// `window` when it has one: the `window` newest keys).
-    fn key_range(&self, window: Option<usize>, t: usize) -> (usize, usize) {
-        let p = self.pos + t;
+    fn key_range(&self, window: Option<usize>, s: usize, t: usize) -> (usize, usize) {
+        let p = self.pos.of(s) + t;
         let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
         (lo, p + 1)
     }
 
-    /// Scaled dot-product attention of `q (n, heads * hd)` against the cache into
-    /// `ctx (n, heads * hd)`; scores `q.k / sqrt(attn_scalar)`, soft-capped when
+    /// Scaled dot-product attention of `q (n, heads * hd)` against each sequence's cache
+    /// into `ctx (n, heads * hd)`; scores `q.k / sqrt(attn_scalar)`, soft-capped when
     /// configured, keys within `window`.
-    fn attention(&self, q: &[f32], kc: &[f32], vc: &[f32], ctx: &mut [f32], window: Option<usize>) {
+    fn attention(&self, q: &[f32], kv: &[SeqKv], ctx: &mut [f32], window: Option<usize>) {
         let cfg = self.cfg;
         let (n, nh, hd, isa, cap) = (self.n, cfg.num_heads, cfg.head_dim, self.isa, self.capacity);
         let group = nh / cfg.num_kv_heads;
         let scale = (1.0 / cfg.attn_scalar.sqrt()) as f32;
         let softcap = cfg.attn_softcap.map(|c| c as f32);
-        if n == 1 {
-            // Decode: one query per head; heads in parallel.
-            let (lo, end) = self.key_range(window, 0);
+        if self.seq_len() == 1 {
+            // Decode: one query per (sequence, head), all in parallel; output chunk `i`
+            // of ctx is sequence `i / heads`'s head `i % heads`.
             ctx.fill(0.0);
             let heads: Vec<std::sync::Mutex<&mut [f32]>> =
                 ctx.chunks_mut(hd).map(std::sync::Mutex::new).collect();
-            linear::par_for_each(self.par, nh, &|head| {
-                let Ok(mut out) = heads[head].lock() else {
+            linear::par_for_each(self.par, n * nh, &|i| {
+                let (s, head) = (i / nh, i % nh);
+                let (Some(Ok(mut out)), Some(c)) = (heads.get(i).map(|h| h.lock()), kv.get(s))
+                else {
                     return;
                 };
+                let (lo, end) = self.key_range(window, s, 0);
                 let g = head / group;
-                let qv = &q[head * hd..(head + 1) * hd];
-                let keys = &kc[g * cap * hd..];
-                let vals = &vc[g * cap * hd..];
+                let qv = &q[i * hd..(i + 1) * hd];
+                let keys = &c.k[g * cap * hd..];
+                let vals = &c.v[g * cap * hd..];
                 DECODE_SCORES.with(|s| {
                     let mut s = s.borrow_mut();
                     attention::decode(
@@ -617,7 +685,7 @@ impl Ctx<'_> {
         // Prefill: per (sequence, head, block of queries), flash-style attention over
         // key tiles (kernels::attention; no (queries, keys) score matrix), context
         // written into the block's rows and head columns of ctx (n, heads * hd).
-        let (len, slab) = (self.seq_len(), self.slab());
+        let len = self.seq_len();
         let bounds: Vec<usize> = (0..=nh).map(|h| h * hd).collect();
         let tasks: Vec<(usize, usize, usize, ColBlock)> = split_columns(ctx, n, nh * hd, &bounds)
             .into_iter()
@@ -632,8 +700,11 @@ impl Ctx<'_> {
             .collect();
         tasks.into_par_iter().for_each(|(s, head, t0, mut out)| {
             let g = head / group;
-            let range = |r: usize| self.key_range(window, t0 + r);
-            let kv = s * slab + g * cap * hd..s * slab + (g + 1) * cap * hd;
+            let range = |r: usize| self.key_range(window, s, t0 + r);
+            let Some(c) = kv.get(s) else {
+                return;
+            };
+            let span = g * cap * hd..(g + 1) * cap * hd;
             let prob = attention::Problem {
                 rows: out.n(),
                 head_dim: hd,
@@ -642,8 +713,8 @@ impl Ctx<'_> {
                     rs: nh * hd,
                     cs: 1,
                 },
-                keys: &kc[kv.clone()],
-                vals: &vc[kv],
+                keys: &c.k[span.clone()],
+                vals: &c.v[span],
                 scale,
                 softcap,
                 range: &range,

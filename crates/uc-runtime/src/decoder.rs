@@ -12,8 +12,15 @@
 //! also when streaming (it does not grow with the context); its KV cache has no heads and
 //! holds nothing. A forward at position 0 starts from zero state, so [`Decoder::reset`]
 //! starts a new sequence for both kinds.
+//!
+//! [`Decoder::forward_batch`] advances several decoders that share one model's weights
+//! (a decoder and its [`Decoder::fork`]s) by one token each in a single pass over the
+//! weights: each sequence at its own position, against its own KV cache, with exactly
+//! the logits it would get from its own one-token [`Decoder::forward`] (the block runs
+//! its per-token decode kernels for every sequence; see [`crate::block`]). `uc serve`
+//! steps all its generating requests this way.
 
-use crate::block::{Ctx, Work};
+use crate::block::{Ctx, Positions, SeqKv, Work};
 use crate::kernels::math;
 use crate::kernels::Isa;
 use crate::kv::KvCache;
@@ -379,20 +386,21 @@ impl Decoder {
             },
             whole: linear::whole_weight_prefill(),
             rope,
-            pos: *pos,
+            pos: Positions::Same(*pos),
             capacity: *capacity,
             n,
             seqs: 1,
+            per_token: false,
         };
         let mut work = match work_slot.take() {
             Some(w) if w.n == n => w,
             _ => Work::new(cfg, n),
         };
         for l in 0..cfg.num_layers {
-            let (kc, vc) = cache.layer_mut(l);
+            let (k, v) = cache.layer_mut(l);
             let mut run = |b: &BlockWeights| match ssm.get_mut(l) {
                 Some(st) => ctx.ssm_block(b, st, &mut x, &mut work),
-                None => ctx.block(b, kc, vc, &mut x, &mut work),
+                None => ctx.block(b, &mut [SeqKv { k, v }], &mut x, &mut work),
             };
             match blocks {
                 Blocks::Resident(b) => run(&b[l]),
@@ -420,6 +428,153 @@ impl Decoder {
             logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
         }
         Ok(logits)
+    }
+
+    /// Whether [`Decoder::forward_batch`] can step this decoder: resident weights and an
+    /// attention model (streamed decoders and Mamba's recurrent state are refused).
+    pub fn can_batch(&self) -> bool {
+        matches!(
+            (&self.globals, &self.blocks),
+            (Globals::Resident(_), Blocks::Resident(_))
+        ) && self.cfg.ssm.is_none()
+    }
+
+    /// One decode step of several sequences at once: `ids[i]` is the next token of
+    /// `slots[i]`, run at that decoder's own position against its own KV cache; returns
+    /// each one's `(vocab,)` logits, bit-identical to `slots[i].forward(&[ids[i]],
+    /// Logits::Last)` (on any thread count). Each weight block is read from memory once
+    /// for all the tokens.
+    ///
+    /// The decoders must share their weights (one is a [`Decoder::fork`] of another),
+    /// be resident attention models ([`Decoder::can_batch`]) and have the same capacity
+    /// and instruction set, else [`RuntimeError::Unbatchable`]. Nothing is changed when
+    /// an error is returned (a token out of the vocabulary, a full context).
+    pub fn forward_batch(slots: &mut [&mut Decoder], ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let Some(first) = slots.first() else {
+            return Err(RuntimeError::Empty(
+                "forward_batch needs at least one decoder",
+            ));
+        };
+        if ids.len() != slots.len() {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "forward_batch: {} tokens for {} decoders",
+                ids.len(),
+                slots.len()
+            )));
+        }
+        let unbatchable = |why: &str| Err(RuntimeError::Unbatchable(why.into()));
+        let (Globals::Resident(globals), Blocks::Resident(blocks)) =
+            (&first.globals, &first.blocks)
+        else {
+            return unbatchable("streamed decoders are stepped one at a time");
+        };
+        let (globals, blocks) = (globals.clone(), blocks.clone());
+        if first.cfg.ssm.is_some() {
+            return unbatchable(
+                "a state-space (Mamba) model keeps one recurrent state per decoder",
+            );
+        }
+        let (isa, capacity, vocab) = (first.isa, first.capacity, first.cfg.vocab_size);
+        for (i, (d, &id)) in slots.iter().zip(ids).enumerate() {
+            let shared = match (&d.globals, &d.blocks) {
+                (Globals::Resident(g), Blocks::Resident(b)) => {
+                    Arc::ptr_eq(g, &globals) && Arc::ptr_eq(b, &blocks)
+                }
+                _ => false,
+            };
+            if !shared {
+                return unbatchable(
+                    "the decoders do not share one model's weights (Decoder::fork)",
+                );
+            }
+            if d.capacity != capacity || d.isa != isa {
+                return unbatchable("the decoders differ in capacity or instruction set");
+            }
+            if id as usize >= vocab {
+                return Err(RuntimeError::TokenOutOfRange {
+                    id,
+                    position: i,
+                    vocab,
+                });
+            }
+            if d.pos + 1 > capacity {
+                return Err(RuntimeError::ContextFull {
+                    needed: d.pos + 1,
+                    capacity,
+                });
+            }
+        }
+        let (n, h) = (slots.len(), first.cfg.hidden_size);
+        let cfg = first.cfg.clone();
+        // x: (n, hidden), row i = sequence i's token.
+        let mut x = vec![0f32; n * h];
+        for (row, &id) in x.chunks_exact_mut(h).zip(ids) {
+            globals.embed.row_into(isa, id as usize, row);
+        }
+        crate::scale_embedding(&cfg, &mut x);
+        let positions: Vec<usize> = slots.iter().map(|d| d.pos).collect();
+        // Disjoint borrows: every decoder's cache (written) and the first's rotary
+        // tables (read; a position's angles do not depend on the table's length).
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(n);
+        let mut rope = None;
+        for d in slots.iter_mut() {
+            let Decoder { cache, rope: r, .. } = &mut **d;
+            caches.push(cache);
+            rope.get_or_insert(&*r);
+        }
+        let Some(rope) = rope else {
+            return Err(RuntimeError::Empty(
+                "forward_batch needs at least one decoder",
+            ));
+        };
+        let ctx = Ctx {
+            cfg: &cfg,
+            isa,
+            par: linear::Par::Team,
+            whole: false,
+            rope,
+            pos: Positions::Each(&positions),
+            capacity,
+            n,
+            seqs: n,
+            per_token: true,
+        };
+        let mut work = Work::new(&cfg, n);
+        for (l, b) in blocks.iter().enumerate() {
+            let mut kv: Vec<SeqKv> = caches
+                .iter_mut()
+                .map(|c| {
+                    let (k, v) = c.layer_mut(l);
+                    SeqKv { k, v }
+                })
+                .collect();
+            ctx.block(b, &mut kv, &mut x, &mut work);
+        }
+        drop(caches);
+        slots.iter_mut().for_each(|d| d.pos += 1);
+        // Final norm and head, token by token through the decode kernels: (n, vocab).
+        let mut xn = vec![0f32; n * h];
+        math::rms_norm(&x, &globals.norm, cfg.rms_norm_eps as f32, &mut xn);
+        let mut logits = vec![0f32; n * vocab];
+        let head = Op {
+            w: globals.head.as_ref(),
+            bias: None,
+        };
+        linear::forward_into_opts(
+            linear::Par::Team,
+            false,
+            true,
+            isa,
+            &[head],
+            &xn,
+            n,
+            &mut [&mut logits],
+        );
+        if let Some(c) = cfg.final_softcap {
+            let c = c as f32;
+            logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+        }
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// The final norm of `rows (m, hidden)` into `xn` and the head: `(m, vocab)` logits.

@@ -62,6 +62,10 @@ pub enum RuntimeError {
     /// An argument is out of its valid range.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Decoders that [`crate::Decoder::forward_batch`] cannot step together (streamed
+    /// or state-space models, different weights, capacities or instruction sets).
+    #[error("batched decode: {0}")]
+    Unbatchable(String),
     /// A file could not be read.
     #[error("{path}: {source}")]
     Io {

@@ -15,6 +15,9 @@
 //! - [`decoder::Decoder`]: dense decoder blocks over a KV cache; prefill in one pass,
 //!   then one token at a time; blocks resident or streamed from disk ([`stream`], the
 //!   next block prefetched on a background thread). Serves eval, run, bench, serve.
+//!   [`decoder::Decoder::forward_batch`] steps several decoders sharing one model's
+//!   weights by one token each in one pass over the weights (`uc serve`'s continuous
+//!   batching), each with exactly the logits of its own one-token forward.
 //! - [`staged::Stager`]: the same blocks on batches of independent calibration windows,
 //!   paused at each linear's input ([`staged::Tap`]) so `uc compress` can take its
 //!   statistics and swap weights stage by stage. [`rotary`]: the rotary tables.

@@ -662,17 +662,24 @@ pub fn forward_into_with(
     n: usize,
     outs: &mut [&mut [f32]],
 ) {
-    forward_into_opts(par, whole_weight_prefill(), isa, ops, x, n, outs)
+    forward_into_opts(par, whole_weight_prefill(), false, isa, ops, x, n, outs)
 }
 
 /// [`forward_into_with`], with `whole` choosing the whole-weight prefill (one
 /// multi-threaded GEMM per weight, whose bits depend on the thread count) over the
 /// per-tile one (single-threaded GEMMs per 128-row tile: the same bits on any number
 /// of threads).
+///
+/// `per_token` keeps the decode kernels whatever `n` is (a batched decode step of `n`
+/// independent sequences, [`crate::Decoder::forward_batch`]): every token then gets
+/// exactly the bits it would get alone (`n = 1`), while each weight row block is still
+/// read from memory once for all `n` tokens (the tokens are run one after another on
+/// the block while it is in cache).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_into_opts(
     par: Par,
     whole: bool,
+    per_token: bool,
     isa: Isa,
     ops: &[Op],
     x: &[f32],
@@ -700,15 +707,27 @@ pub(crate) fn forward_into_opts(
             None => x,
         })
         .collect();
+    let decode = n <= FUSED_MAX_TOKENS || per_token;
     let aux: Vec<Vec<f32>> = if ops.iter().any(|op| op.w.has_prologue()) {
         ops.par_iter()
             .zip(&xs)
-            .map(|(op, x)| op.w.prologue(isa, x, n))
+            .map(|(op, x)| {
+                if per_token {
+                    // One prologue per token: the overlay's `x B^T` of a lone token (a
+                    // GEMM over several rows need not round the same).
+                    let c = op.w.cols();
+                    (0..n)
+                        .flat_map(|t| op.w.prologue(isa, &x[t * c..(t + 1) * c], 1))
+                        .collect()
+                } else {
+                    op.w.prologue(isa, x, n)
+                }
+            })
             .collect()
     } else {
         vec![Vec::new(); ops.len()]
     };
-    if n > FUSED_MAX_TOKENS && whole {
+    if !decode && whole {
         // Prefill: each weight reconstructed once, then one multi-threaded GEMM.
         WEIGHT.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -730,11 +749,7 @@ pub(crate) fn forward_into_opts(
         add_bias(ops, outs);
         return;
     }
-    let step = if n <= FUSED_MAX_TOKENS {
-        DECODE_ROWS
-    } else {
-        PREFILL_TILE
-    };
+    let step = if decode { DECODE_ROWS } else { PREFILL_TILE };
     let mut tasks: Vec<(usize, ColBlock)> = Vec::new();
     for (i, (op, y)) in ops.iter().zip(outs.iter_mut()).enumerate() {
         let rows = op.w.rows();
@@ -752,7 +767,7 @@ pub(crate) fn forward_into_opts(
     // (ops sharing an input mostly share one), not once per row block.
     let mut layouts: Vec<((usize, qint::Order, usize), Vec<PreparedX>)> = Vec::new();
     let mut which: Vec<Option<usize>> = vec![None; ops.len()];
-    if n <= FUSED_MAX_TOKENS {
+    if decode {
         for (i, op) in ops.iter().enumerate() {
             let Some((group, bits)) = op.w.int_layout(isa) else {
                 continue;
@@ -775,14 +790,28 @@ pub(crate) fn forward_into_opts(
             which[i] = Some(k);
         }
     }
-    let run = |(i, mut block): (usize, ColBlock)| {
+    let run = |(i, block): (usize, ColBlock)| {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let px = which[i].map(|k| layouts[k].1.as_slice());
-            ops[i].w.block(isa, xs[i], &aux[i], px, &mut block, &mut s);
+            if n <= FUSED_MAX_TOKENS || !decode {
+                let mut block = block;
+                ops[i].w.block(isa, xs[i], &aux[i], px, &mut block, &mut s);
+                return;
+            }
+            // Per-token decode of more than FUSED_MAX_TOKENS tokens: the same row block
+            // for a few tokens at a time (each token through the decode kernel, as alone).
+            let (c, r) = (ops[i].w.cols(), aux[i].len() / n);
+            for (t0, mut part) in block.split_rows(FUSED_MAX_TOKENS) {
+                let m = part.n();
+                let x = &xs[i][t0 * c..(t0 + m) * c];
+                let a = &aux[i][t0 * r..(t0 + m) * r];
+                let px = px.map(|p| &p[t0..t0 + m]);
+                ops[i].w.block(isa, x, a, px, &mut part, &mut s);
+            }
         })
     };
-    if n <= FUSED_MAX_TOKENS {
+    if decode {
         // Decode: microsecond-sized tasks (on the spinning team unless told otherwise).
         let slots: Vec<std::sync::Mutex<Option<(usize, ColBlock)>>> = tasks
             .into_iter()

@@ -38,7 +38,7 @@
 //! and C for the scan) rides along in the paused state; each window's recurrence starts
 //! from zeros. The residual stays the block input until out_proj's output is added.
 
-use crate::block::{Ctx, MLP_TOKENS};
+use crate::block::{Ctx, Positions, SeqKv, MLP_TOKENS};
 use crate::kernels::Isa;
 use crate::linear::Par;
 use crate::moe::Routes;
@@ -247,10 +247,11 @@ impl Stager {
             par: Par::Rayon,
             whole: false,
             rope: &self.rope,
-            pos: 0,
+            pos: Positions::Same(0),
             capacity: self.seq_len,
             n: seqs * self.seq_len,
             seqs,
+            per_token: false,
         }
     }
 
@@ -339,9 +340,8 @@ impl Stager {
                 // Scratch K/V: one (kv_heads, seq_len, head_dim) slab per window.
                 let (mut kc, mut vc) = (z(n * kvw), z(n * kvw));
                 let mut out = z(n * qw);
-                ctx.attend(
-                    b, &input, &mut kc, &mut vc, &mut q, &mut k, &mut v, &mut out,
-                );
+                let mut kv = SeqKv::slabs(&mut kc, &mut vc, ctx.slab());
+                ctx.attend(b, &input, &mut kv, &mut q, &mut k, &mut v, &mut out);
                 paused(Tap::AttentionOutput, resid, out, None)
             }
             Tap::AttentionOutput => {

@@ -1,15 +1,23 @@
 //! The model worker: one OS thread that owns the model and serves a FIFO queue of
 //! [`Job`]s, up to `max_batch` of them at once.
 //!
-//! Each of the `max_batch` slots is a [`Decoder`] with its own KV cache. The worker
-//! admits queued jobs into free slots in arrival order, then steps every active job by
-//! one forward pass (the prompt's prefill, or one generated token) in turn, so a long
-//! generation does not hold up a short one and a new request's first token waits at
-//! most one step of each active job. A job's tokens depend only on its own decoder
-//! state and its own seeded sampler, never on what else is running, so every response
-//! is identical to the same request served alone (tested at temperature 0 and with
-//! seeds). The steps are not fused into one batched matmul: that needs the decoder's
-//! internals, which this crate does not touch.
+//! Each of the `max_batch` slots is a [`Decoder`] with its own KV cache (all forks of
+//! one, sharing the weights). Continuous batching: every round, the worker admits queued
+//! jobs into free slots in arrival order and prefills each new job's prompt alone (one
+//! forward pass, which samples its first token); then it advances every job that is
+//! generating by one token in ONE batched step ([`Decoder::forward_batch`]: each weight
+//! is read once for all of them, each sequence at its own position in its own KV
+//! cache). Jobs join and leave the batch between rounds, so a long generation does not
+//! hold up a short one and a new request waits at most one round for its prefill.
+//!
+//! A job's tokens depend only on its own decoder state and its own seeded sampler,
+//! never on what else is running: the batched step gives each sequence the logits of
+//! its own one-token forward bit for bit (tested in uc-runtime's tests/batch.rs), so
+//! every response is identical to the same request served alone (tested at
+//! temperature 0 and with seeds, with up to 8 concurrent requests of different prompt
+//! lengths). Models the batched step refuses (Mamba's recurrent state) are stepped one
+//! job at a time, as is a round whose batched step fails (so only the job at fault
+//! gets the error).
 //!
 //! Events go back to the HTTP side over an unbounded channel per job; when the client
 //! has gone (the receiver is dropped), the job is cancelled at its next step and its
@@ -66,6 +74,8 @@ pub struct Load {
     pub active: AtomicUsize,
     /// Jobs given up because their client went away.
     pub cancelled: AtomicUsize,
+    /// The most jobs advanced by one batched decode step so far.
+    pub peak_batch: AtomicUsize,
 }
 
 /// Errors starting the worker.
@@ -158,6 +168,7 @@ fn worker(
     let mut active: Vec<Active> = Vec::new();
     // Reused for top-k selection.
     let mut order: Vec<u32> = Vec::new();
+    let batched = decoders.first().is_some_and(Decoder::can_batch);
     loop {
         // Admit waiting jobs into free slots, in arrival order; block only when idle.
         while let Some(&slot) = free.last() {
@@ -192,35 +203,89 @@ fn worker(
                 generated: 0,
             });
         }
-        // One step of every active job, in admission order.
-        let mut i = 0;
-        while i < active.len() {
-            let done = match active.get_mut(i) {
-                Some(a) => {
-                    let dec = decoders.get_mut(a.slot);
-                    match dec {
-                        Some(dec) => match step(a, dec, eos, &mut order) {
-                            Step::Continue => false,
-                            Step::Over => true,
-                            Step::ClientGone => {
-                                load.cancelled.fetch_add(1, Ordering::SeqCst);
-                                true
-                            }
-                        },
-                        None => true,
-                    }
-                }
-                None => true,
-            };
-            if done {
-                let a = active.remove(i);
-                free.push(a.slot);
-                load.active.fetch_sub(1, Ordering::SeqCst);
+        // Every job's step of this round, in admission order: `None` until it ran.
+        let mut steps: Vec<Option<Step>> = Vec::with_capacity(active.len());
+        for a in active.iter_mut() {
+            steps.push(if a.job.events.is_closed() {
+                Some(Step::ClientGone)
+            } else if a.last.is_none() || !batched {
+                // Prefill alone (and Mamba's decode steps): the bits of a lone request.
+                decoders
+                    .get_mut(a.slot)
+                    .map(|dec| step(a, dec, eos, &mut order))
             } else {
-                i += 1;
+                None
+            });
+        }
+        // One batched step for every generating job still waiting for its step.
+        let waiting: Vec<usize> = (0..active.len()).filter(|&i| steps[i].is_none()).collect();
+        let logits = match waiting.len() {
+            0 | 1 => None,
+            _ => batch_forward(&active, &waiting, &mut decoders).ok(),
+        };
+        if logits.is_some() {
+            load.peak_batch.fetch_max(waiting.len(), Ordering::SeqCst);
+        }
+        match logits {
+            Some(logits) => {
+                for (&i, l) in waiting.iter().zip(logits) {
+                    steps[i] = Some(sample(&mut active[i], l, eos, &mut order));
+                }
+            }
+            // One job, or a batch that failed: each alone (the error goes to its job).
+            None => {
+                for &i in &waiting {
+                    let a = &mut active[i];
+                    steps[i] = decoders
+                        .get_mut(a.slot)
+                        .map(|dec| step(a, dec, eos, &mut order));
+                }
             }
         }
+        // Free the slots of finished jobs.
+        let mut steps = steps.into_iter();
+        active.retain(|a| {
+            let done = match steps.next().flatten() {
+                Some(Step::Continue) => false,
+                Some(Step::ClientGone) => {
+                    load.cancelled.fetch_add(1, Ordering::SeqCst);
+                    true
+                }
+                Some(Step::Over) | None => true,
+            };
+            if done {
+                free.push(a.slot);
+                load.active.fetch_sub(1, Ordering::SeqCst);
+            }
+            !done
+        });
     }
+}
+
+/// The logits of one batched decode step of the jobs `active[i]` for `i` in `which`
+/// (all generating: their last token not yet run), in that order.
+fn batch_forward(
+    active: &[Active],
+    which: &[usize],
+    decoders: &mut [Decoder],
+) -> uc_runtime::Result<Vec<Vec<f32>>> {
+    let mut by_slot: Vec<Option<&mut Decoder>> = decoders.iter_mut().map(Some).collect();
+    let mut slots: Vec<&mut Decoder> = Vec::with_capacity(which.len());
+    let mut ids: Vec<u32> = Vec::with_capacity(which.len());
+    for &i in which {
+        let a = active.get(i);
+        let dec = a
+            .and_then(|a| by_slot.get_mut(a.slot))
+            .and_then(Option::take);
+        let (Some(dec), Some(t)) = (dec, a.and_then(|a| a.last)) else {
+            return Err(uc_runtime::RuntimeError::InvalidArgument(
+                "a batched job without a slot or a token".into(),
+            ));
+        };
+        slots.push(dec);
+        ids.push(t);
+    }
+    Decoder::forward_batch(&mut slots, &ids)
 }
 
 /// Keeps the `k` largest logits (ties broken by lower token id, so the set is
@@ -247,7 +312,8 @@ enum Step {
     ClientGone,
 }
 
-/// One forward pass and one sampled token for `a`.
+/// One forward pass of `a` alone (the prompt's prefill, or its last token) and one
+/// sampled token.
 fn step(a: &mut Active, dec: &mut Decoder, eos: &[u32], order: &mut Vec<u32>) -> Step {
     if a.job.events.is_closed() {
         return Step::ClientGone;
@@ -259,13 +325,18 @@ fn step(a: &mut Active, dec: &mut Decoder, eos: &[u32], order: &mut Vec<u32>) ->
         }
         Some(t) => dec.forward(&[t], Logits::Last),
     };
-    let mut logits = match logits {
-        Ok(l) => l,
+    match logits {
+        Ok(l) => sample(a, l, eos, order),
         Err(e) => {
             let _ = a.job.events.send(Event::Error(e.to_string()));
-            return Step::Over;
+            Step::Over
         }
-    };
+    }
+}
+
+/// One sampled token for `a` from the logits of its last forward: text and stop
+/// sequences, end of generation, events.
+fn sample(a: &mut Active, mut logits: Vec<f32>, eos: &[u32], order: &mut Vec<u32>) -> Step {
     mask_top_k(&mut logits, a.job.top_k, order);
     let tok = a.sampler.sample(&logits);
     let usage = |generated| Usage::new(a.job.prompt.len(), generated);

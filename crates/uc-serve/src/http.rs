@@ -92,6 +92,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
         "queued": load.queued.load(Ordering::SeqCst),
         "active": load.active.load(Ordering::SeqCst),
         "cancelled": load.cancelled.load(Ordering::SeqCst),
+        "peak_batch": load.peak_batch.load(Ordering::SeqCst),
     }))
 }
 

@@ -10,7 +10,8 @@
 //!   4xx errors in OpenAI's JSON shape), rendered by the template, tokenized and
 //!   checked against the context, then queued as an [`engine::Job`].
 //! - [`engine`]: one thread owns the model; jobs are admitted in arrival order into
-//!   free slots and stepped in turn, one forward pass each; text comes back as
+//!   free slots, each prompt is prefilled alone, and all generating jobs advance one
+//!   token per round in one batched decode step (continuous batching); text comes back as
 //!   [`engine::Event`]s, cut at stop sequences by [`stop`], and leaves as one JSON body
 //!   or as server-sent events ending in `data: [DONE]`.
 #![deny(missing_docs)]

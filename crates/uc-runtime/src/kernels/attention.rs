@@ -202,7 +202,7 @@ pub fn decode(
         // SAFETY: AVX-512 F available (guard); the lengths were checked above, and the
         // kernel reads rows lo..hi of keys and vals and head_dim values of q and out.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if Isa::Avx512.is_available() && hd % 16 == 0 && hd <= 256 => unsafe {
+        Isa::Avx512 if Isa::Avx512.is_available() && hd.is_multiple_of(16) && hd <= 256 => unsafe {
             x86::decode_avx512(q, keys, vals, (lo, hi), scale, softcap, s, out)
         },
         _ => {
@@ -257,7 +257,8 @@ mod x86 {
     /// [`decode_avx512`] for head dimensions up to `16 C` (registers past `hd / 16` are
     /// neither loaded nor stored).
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
+    // Index loops over the register arrays: `C` is a constant, so they unroll fully.
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     unsafe fn head<const C: usize>(
         q: &[f32],
         keys: &[f32],
