@@ -562,7 +562,15 @@ impl Linear for PackedLinear {
     ) {
         let (c, r0, len, n) = (self.cols, out.first(), out.len(), out.n());
         let q = self.view();
-        if n <= FUSED_MAX_TOKENS {
+        if let (true, Some(lut), Some(px), None) =
+            (n > 1 && n <= qint::MULTI, &self.lut, px, &self.expanded)
+        {
+            // Several tokens (a batched decode step, or a short input): each chunk of
+            // codes looked up once for all of them; every token's bits as alone.
+            let pxs: Vec<&PreparedX> = px[..n].iter().collect();
+            let xs: Vec<&[f32]> = x.chunks_exact(c).take(n).collect();
+            qint::dot_rows_i16_multi(isa, &q, lut, &pxs, &xs, r0, &mut out.rows_mut());
+        } else if n <= FUSED_MAX_TOKENS {
             for t in 0..n {
                 let xt = &x[t * c..(t + 1) * c];
                 match (&self.lut, px, &self.expanded) {

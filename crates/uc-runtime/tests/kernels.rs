@@ -263,6 +263,65 @@ fn int16_matvec_matches_its_reference_and_the_f32_reference_within_named_toleran
     }
 }
 
+/// Several tokens through one integer mat-vec call (a batched decode step): each token's
+/// rows bit for bit what the one-token kernel gives it, for every width, group and
+/// number of tokens, on every ISA here.
+#[test]
+fn int16_matvec_of_several_tokens_gives_each_token_its_own_bits() {
+    let mut rng = Prng(11);
+    for spec in specs().into_iter().filter(|s| s.rank == 0) {
+        let (bits, group) = (usize::from(spec.bits), spec.group as usize);
+        if !qint::supports(bits, group) {
+            continue;
+        }
+        let (rows, cols) = (7, 192);
+        let qt = random_qt(&mut rng, rows, cols, spec);
+        let cb = quant::periodic_codebook(&qt.codebook);
+        let scales: Vec<f32> = qt
+            .scales
+            .iter()
+            .map(|&s| uc_codec::scale_to_f32(s, spec.scale_dtype))
+            .collect();
+        let mut codes = qt.codes.clone();
+        codes.extend_from_slice(&[0; CODE_PAD]);
+        let q = QuantRows::new(bits, group, cols, &cb, &scales, &codes).unwrap();
+        let lut = I16Lut::new(&cb, bits);
+        let xs: Vec<Vec<f32>> = (0..qint::MULTI)
+            .map(|t| {
+                let mut x: Vec<f32> = (0..cols).map(|_| rng.sym()).collect();
+                x[(t * 37) % cols] = 30.0;
+                x
+            })
+            .collect();
+        for isa in isas() {
+            let order = qint::order(isa, bits, cols);
+            let pxs: Vec<qint::PreparedX> =
+                xs.iter().map(|x| qint::prepare_x(x, group, order)).collect();
+            let alone: Vec<Vec<f32>> = (0..qint::MULTI)
+                .map(|t| {
+                    let mut y = vec![0f32; rows - 1];
+                    qint::dot_rows_i16(isa, &q, &lut, &pxs[t], &xs[t], 1, &mut y);
+                    y
+                })
+                .collect();
+            for m in 1..=qint::MULTI {
+                let mut ys = vec![vec![f32::NAN; rows - 1]; m];
+                let mut refs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                let p: Vec<&qint::PreparedX> = pxs[..m].iter().collect();
+                let x: Vec<&[f32]> = xs[..m].iter().map(|x| x.as_slice()).collect();
+                qint::dot_rows_i16_multi(isa, &q, &lut, &p, &x, 1, &mut refs);
+                for t in 0..m {
+                    let same = ys[t]
+                        .iter()
+                        .zip(&alone[t])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{} {isa:?} {m} tokens, token {t}: {:?} vs {:?}", spec.name(), ys[t], alone[t]);
+                }
+            }
+        }
+    }
+}
+
 /// Decode (fused) and prefill (dequantized tile + GEMM) paths, overlay as (x B^T) A^T,
 /// against a dense layer holding the exact reconstruction.
 #[test]

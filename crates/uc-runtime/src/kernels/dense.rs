@@ -325,6 +325,17 @@ impl<'a> ColBlock<'a> {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(t * self.ld + self.c0), self.len) }
     }
 
+    /// Every row of the block at once: `n` disjoint slices of `len` elements.
+    pub fn rows_mut(&mut self) -> Vec<&mut [f32]> {
+        // SAFETY: as `row_mut`; rows t != t' are disjoint (ld >= c0 + len), and all the
+        // returned borrows tie up `self`.
+        (0..self.n)
+            .map(|t| unsafe {
+                std::slice::from_raw_parts_mut(self.ptr.add(t * self.ld + self.c0), self.len)
+            })
+            .collect()
+    }
+
     /// `block (+)= A (n x k) . B (k x len)`.
     pub fn gemm(&mut self, k: usize, a: Mat, b: Mat, accumulate: bool) {
         if self.len == 0 || self.n == 0 {

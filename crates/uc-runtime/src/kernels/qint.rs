@@ -369,6 +369,47 @@ pub fn dot_rows_i16(
     }
 }
 
+/// Tokens one call of [`dot_rows_i16_multi`] takes (its accumulators stay in registers).
+pub const MULTI: usize = 4;
+
+/// [`dot_rows_i16`] for up to [`MULTI`] tokens at once: `ys[t]` gets token `t`'s rows
+/// (`pxs[t]`, `xs[t]`), bit for bit what [`dot_rows_i16`] gives that token alone. On
+/// AVX-512 VBMI each 64-code chunk is looked up once for all tokens (the lookup is half
+/// the kernel's work, and a batched decode step pays it once instead of per token);
+/// elsewhere the tokens go through [`dot_rows_i16`] one by one.
+pub fn dot_rows_i16_multi(
+    isa: Isa,
+    q: &QuantRows,
+    lut: &I16Lut,
+    pxs: &[&PreparedX],
+    xs: &[&[f32]],
+    first: usize,
+    ys: &mut [&mut [f32]],
+) {
+    assert!(
+        pxs.len() == xs.len() && xs.len() == ys.len() && ys.len() <= MULTI,
+        "dot_rows_i16_multi: one PreparedX, x and y per token, at most MULTI"
+    );
+    for ((px, x), y) in pxs.iter().zip(xs).zip(ys.iter()) {
+        check(q, lut, px, x, first, y);
+        assert!(
+            px.order == pxs[0].order && y.len() == ys[0].len(),
+            "dot_rows_i16_multi: tokens differ in lane order or rows"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && pxs.len() > 1 && pxs[0].order == Order::Planes64 && vbmi_available()
+    {
+        // SAFETY: AVX-512 F+BW+VBMI available (guard); every token's operands checked
+        // as for `dot_rows_i16`, all in the same lane order and with as many rows.
+        unsafe { x86::dot_i16_vbmi_multi(q, lut, pxs, first, ys) };
+        return;
+    }
+    for ((px, x), y) in pxs.iter().zip(xs).zip(ys.iter_mut()) {
+        dot_rows_i16(isa, q, lut, px, x, first, y);
+    }
+}
+
 /// 8-bit weights looked up once at load: `(rows, cols)` of `cbq[code]` (row-major,
 /// natural order). Why: a 256-entry lookup takes 32 byte shuffles per 32 weights (the
 /// XOR chain over 16 tables, two planes), ~0.5 ns per weight on the bench machine,
@@ -533,14 +574,45 @@ mod x86 {
         first: usize,
         y: &mut [f32],
     ) {
+        let ys = &mut [y];
         match q.bits() {
-            2 => dot_vbmi::<2>(q, lut, px, first, y),
-            3 => dot_vbmi::<3>(q, lut, px, first, y),
-            4 => dot_vbmi::<4>(q, lut, px, first, y),
-            5 => dot_vbmi::<5>(q, lut, px, first, y),
-            6 => dot_vbmi::<6>(q, lut, px, first, y),
-            7 => dot_vbmi::<7>(q, lut, px, first, y),
-            _ => dot_vbmi::<8>(q, lut, px, first, y),
+            2 => dot_vbmi::<2, 1>(q, lut, &[px], first, ys),
+            3 => dot_vbmi::<3, 1>(q, lut, &[px], first, ys),
+            4 => dot_vbmi::<4, 1>(q, lut, &[px], first, ys),
+            5 => dot_vbmi::<5, 1>(q, lut, &[px], first, ys),
+            6 => dot_vbmi::<6, 1>(q, lut, &[px], first, ys),
+            7 => dot_vbmi::<7, 1>(q, lut, &[px], first, ys),
+            _ => dot_vbmi::<8, 1>(q, lut, &[px], first, ys),
+        }
+    }
+
+    /// # Safety
+    /// As [`dot_i16_vbmi`], for every token; 2 to `MULTI` tokens, same rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn dot_i16_vbmi_multi(
+        q: &QuantRows,
+        lut: &I16Lut,
+        pxs: &[&PreparedX],
+        first: usize,
+        ys: &mut [&mut [f32]],
+    ) {
+        macro_rules! by_tokens {
+            ($bits:literal) => {
+                match pxs.len() {
+                    2 => dot_vbmi::<$bits, 2>(q, lut, pxs, first, ys),
+                    3 => dot_vbmi::<$bits, 3>(q, lut, pxs, first, ys),
+                    _ => dot_vbmi::<$bits, 4>(q, lut, pxs, first, ys),
+                }
+            };
+        }
+        match q.bits() {
+            2 => by_tokens!(2),
+            3 => by_tokens!(3),
+            4 => by_tokens!(4),
+            5 => by_tokens!(5),
+            6 => by_tokens!(6),
+            7 => by_tokens!(7),
+            _ => by_tokens!(8),
         }
     }
 
@@ -559,13 +631,17 @@ mod x86 {
     /// Each 64-column chunk is one `SPAN`: its int32 lanes convert to f32 and are scaled
     /// by `scale(row, G) xs_G`. With 32-column groups, lanes 0..8 hold columns 0..32 of
     /// the chunk (128-bit lanes 0, 1) and lanes 8..16 columns 32..64: two factors.
+    ///
+    /// `M` tokens (`pxs`, `ys`) share each chunk's lookup; every token's arithmetic
+    /// after it (products, int32 sums, scale, f32 accumulation, reduction) is the same
+    /// sequence of operations as with `M = 1`, so its bits do not depend on `M`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    unsafe fn dot_vbmi<const BITS: usize>(
+    unsafe fn dot_vbmi<const BITS: usize, const M: usize>(
         q: &QuantRows,
         lut: &I16Lut,
-        px: &PreparedX,
+        pxs: &[&PreparedX],
         first: usize,
-        y: &mut [f32],
+        ys: &mut [&mut [f32]],
     ) {
         let (cols, group) = (q.cols(), q.group());
         let chunks = cols / 64;
@@ -586,13 +662,13 @@ mod x86 {
         } else {
             (1u64 << (8 * BITS)) - 1
         };
-        let xq = px.xq.as_ptr();
-        let xs = px.xs.as_ptr();
-        for (r, out) in y.iter_mut().enumerate() {
+        let xq: [*const i16; M] = std::array::from_fn(|t| pxs[t].xq.as_ptr());
+        let xs: [*const f32; M] = std::array::from_fn(|t| pxs[t].xs.as_ptr());
+        for r in 0..ys[0].len() {
             let i = first + r;
             let row = q.row_ptr(i);
             let scales = q.row_scales(i);
-            let mut acc = _mm512_setzero_ps();
+            let mut acc = [_mm512_setzero_ps(); M];
             for c in 0..chunks {
                 let at = row.add(c * 8 * BITS);
                 // The weights stream from memory once per token; the hardware prefetcher
@@ -616,23 +692,29 @@ mod x86 {
                 let (lo, hi) = (plane(0), plane(1));
                 let w0 = _mm512_unpacklo_epi8(lo, hi);
                 let w1 = _mm512_unpackhi_epi8(lo, hi);
-                let x0 = _mm512_loadu_si512(xq.add(64 * c).cast());
-                let x1 = _mm512_loadu_si512(xq.add(64 * c + 32).cast());
-                let isum = _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
-                let f = if group == 32 {
-                    let (g0, g1) = (2 * c, 2 * c + 1);
-                    _mm512_mask_blend_ps(
-                        0xff00,
-                        _mm512_set1_ps(*scales.add(g0) * *xs.add(g0)),
-                        _mm512_set1_ps(*scales.add(g1) * *xs.add(g1)),
-                    )
-                } else {
-                    let g = 64 * c / group;
-                    _mm512_set1_ps(*scales.add(g) * *xs.add(g))
-                };
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), f, acc);
+                for t in 0..M {
+                    let (xq, xs) = (xq[t], xs[t]);
+                    let x0 = _mm512_loadu_si512(xq.add(64 * c).cast());
+                    let x1 = _mm512_loadu_si512(xq.add(64 * c + 32).cast());
+                    let isum =
+                        _mm512_add_epi32(_mm512_madd_epi16(w0, x0), _mm512_madd_epi16(w1, x1));
+                    let f = if group == 32 {
+                        let (g0, g1) = (2 * c, 2 * c + 1);
+                        _mm512_mask_blend_ps(
+                            0xff00,
+                            _mm512_set1_ps(*scales.add(g0) * *xs.add(g0)),
+                            _mm512_set1_ps(*scales.add(g1) * *xs.add(g1)),
+                        )
+                    } else {
+                        let g = 64 * c / group;
+                        _mm512_set1_ps(*scales.add(g) * *xs.add(g))
+                    };
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), f, acc[t]);
+                }
             }
-            *out = _mm512_reduce_add_ps(acc) * lut.scale;
+            for t in 0..M {
+                ys[t][r] = _mm512_reduce_add_ps(acc[t]) * lut.scale;
+            }
         }
     }
 
