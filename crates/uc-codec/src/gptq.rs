@@ -665,11 +665,7 @@ mod tests {
             shrink: 0.5,
             ..classic
         };
-        let cases = [
-            ("q5g64", classic),
-            ("q3g32", classic),
-            ("q4g32-e8", shrunk),
-        ];
+        let cases = [("q5g64", classic), ("q3g32", classic), ("q4g32-e8", shrunk)];
         let got: Vec<String> = cases
             .iter()
             .map(|(name, o)| {

@@ -295,8 +295,10 @@ fn int16_matvec_of_several_tokens_gives_each_token_its_own_bits() {
             .collect();
         for isa in isas() {
             let order = qint::order(isa, bits, cols);
-            let pxs: Vec<qint::PreparedX> =
-                xs.iter().map(|x| qint::prepare_x(x, group, order)).collect();
+            let pxs: Vec<qint::PreparedX> = xs
+                .iter()
+                .map(|x| qint::prepare_x(x, group, order))
+                .collect();
             let alone: Vec<Vec<f32>> = (0..qint::MULTI)
                 .map(|t| {
                     let mut y = vec![0f32; rows - 1];
@@ -315,7 +317,13 @@ fn int16_matvec_of_several_tokens_gives_each_token_its_own_bits() {
                         .iter()
                         .zip(&alone[t])
                         .all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(same, "{} {isa:?} {m} tokens, token {t}: {:?} vs {:?}", spec.name(), ys[t], alone[t]);
+                    assert!(
+                        same,
+                        "{} {isa:?} {m} tokens, token {t}: {:?} vs {:?}",
+                        spec.name(),
+                        ys[t],
+                        alone[t]
+                    );
                 }
             }
         }

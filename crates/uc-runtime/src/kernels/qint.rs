@@ -398,8 +398,7 @@ pub fn dot_rows_i16_multi(
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && pxs.len() > 1 && pxs[0].order == Order::Planes64 && vbmi_available()
-    {
+    if isa == Isa::Avx512 && pxs.len() > 1 && pxs[0].order == Order::Planes64 && vbmi_available() {
         // SAFETY: AVX-512 F+BW+VBMI available (guard); every token's operands checked
         // as for `dot_rows_i16`, all in the same lane order and with as many rows.
         unsafe { x86::dot_i16_vbmi_multi(q, lut, pxs, first, ys) };
