@@ -88,17 +88,7 @@ fn eval_digits_are_identical_for_one_and_two_threads_in_every_family() {
         let (pack, _) = compress(m.path(), tmp.path(), &text);
         let one = eval_small(&pack, m.path(), &text, "1");
         let two = eval_small(&pack, m.path(), &text, "2");
-        assert_eq!(
-            (one["threads"].as_u64(), two["threads"].as_u64()),
-            (Some(1), Some(2)),
-            "{name}"
-        );
-        for key in ["nll", "ppl", "n_pos", "window_nll", "tokens_sha256"] {
-            assert_eq!(one[key], two[key], "{name} {key}");
-        }
-        for key in ["ref_nll", "kld", "top1", "ppl_ratio", "ref_window_nll"] {
-            assert_eq!(one["against"][key], two["against"][key], "{name} {key}");
-        }
+        assert_same_eval_on_1_and_2_threads(&one, &two, name);
     }
 }
 

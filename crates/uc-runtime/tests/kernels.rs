@@ -117,23 +117,8 @@ fn fused_matvec_matches_scalar_reference_within_named_tolerance() {
         for cols in COLS {
             let rows = 7;
             let qt = random_qt(&mut rng, rows, cols, spec);
-            let cb = quant::periodic_codebook(&qt.codebook);
-            let scales: Vec<f32> = qt
-                .scales
-                .iter()
-                .map(|&s| uc_codec::scale_to_f32(s, spec.scale_dtype))
-                .collect();
-            let mut codes = qt.codes.clone();
-            codes.extend_from_slice(&[0; CODE_PAD]);
-            let q = QuantRows::new(
-                spec.bits.into(),
-                spec.group as usize,
-                cols,
-                &cb,
-                &scales,
-                &codes,
-            )
-            .unwrap();
+            let parts = RowParts::new(&qt);
+            let q = parts.rows();
             let x: Vec<f32> = (0..cols).map(|_| rng.sym()).collect();
             let mut want = vec![0f32; rows];
             quant::dot_rows_scalar(&q, &x, 0, &mut want);
@@ -175,6 +160,48 @@ fn int_bound(qt: &QuantTensor, i: usize, x: &[f32]) -> f32 {
         .sum()
 }
 
+/// What a [`QuantRows`] view of `qt` borrows: the periodic codebook, f32 scales and
+/// padded codes.
+struct RowParts {
+    bits: usize,
+    group: usize,
+    cols: usize,
+    cb: Box<[f32; 256]>,
+    scales: Vec<f32>,
+    codes: Vec<u8>,
+}
+
+impl RowParts {
+    fn new(qt: &QuantTensor) -> Self {
+        let mut codes = qt.codes.clone();
+        codes.extend_from_slice(&[0; CODE_PAD]);
+        RowParts {
+            bits: usize::from(qt.spec.bits),
+            group: qt.spec.group as usize,
+            cols: qt.cols,
+            cb: quant::periodic_codebook(&qt.codebook),
+            scales: qt
+                .scales
+                .iter()
+                .map(|&s| uc_codec::scale_to_f32(s, qt.spec.scale_dtype))
+                .collect(),
+            codes,
+        }
+    }
+
+    fn rows(&self) -> QuantRows<'_> {
+        QuantRows::new(
+            self.bits,
+            self.group,
+            self.cols,
+            &self.cb,
+            &self.scales,
+            &self.codes,
+        )
+        .unwrap()
+    }
+}
+
 /// The integer decode kernel: SIMD against its scalar reference (same integer sums, f32
 /// partials regrouped: within the f32 summation tolerance), and the reference against
 /// the f32 reference within the named rounding bound.
@@ -189,16 +216,9 @@ fn int16_matvec_matches_its_reference_and_the_f32_reference_within_named_toleran
         for cols in COLS {
             let rows = 9;
             let qt = random_qt(&mut rng, rows, cols, spec);
-            let cb = quant::periodic_codebook(&qt.codebook);
-            let scales: Vec<f32> = qt
-                .scales
-                .iter()
-                .map(|&s| uc_codec::scale_to_f32(s, spec.scale_dtype))
-                .collect();
-            let mut codes = qt.codes.clone();
-            codes.extend_from_slice(&[0; CODE_PAD]);
-            let q = QuantRows::new(bits, group, cols, &cb, &scales, &codes).unwrap();
-            let lut = I16Lut::new(&cb, bits);
+            let parts = RowParts::new(&qt);
+            let q = parts.rows();
+            let lut = I16Lut::new(&parts.cb, bits);
             // Activations with an outlier channel, as real hidden states have.
             let mut x: Vec<f32> = (0..cols).map(|_| rng.sym()).collect();
             x[cols / 3] = 40.0;
@@ -276,16 +296,9 @@ fn int16_matvec_of_several_tokens_gives_each_token_its_own_bits() {
         }
         let (rows, cols) = (7, 192);
         let qt = random_qt(&mut rng, rows, cols, spec);
-        let cb = quant::periodic_codebook(&qt.codebook);
-        let scales: Vec<f32> = qt
-            .scales
-            .iter()
-            .map(|&s| uc_codec::scale_to_f32(s, spec.scale_dtype))
-            .collect();
-        let mut codes = qt.codes.clone();
-        codes.extend_from_slice(&[0; CODE_PAD]);
-        let q = QuantRows::new(bits, group, cols, &cb, &scales, &codes).unwrap();
-        let lut = I16Lut::new(&cb, bits);
+        let parts = RowParts::new(&qt);
+        let q = parts.rows();
+        let lut = I16Lut::new(&parts.cb, bits);
         let xs: Vec<Vec<f32>> = (0..qint::MULTI)
             .map(|t| {
                 let mut x: Vec<f32> = (0..cols).map(|_| rng.sym()).collect();

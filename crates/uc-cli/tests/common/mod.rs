@@ -327,3 +327,19 @@ pub fn post(s: &Server, route: &str, body: &Value) -> (u16, Value) {
     let (status, _, b) = curl(&format!("{}{route}", s.url), Some(&body.to_string()));
     (status, serde_json::from_str(&b).unwrap_or(Value::Null))
 }
+
+/// Asserts two `uc eval --json` outputs of one run on 1 and 2 threads agree digit for
+/// digit (`what` names the case in a failure).
+pub fn assert_same_eval_on_1_and_2_threads(one: &Value, two: &Value, what: &str) {
+    assert_eq!(
+        (one["threads"].as_u64(), two["threads"].as_u64()),
+        (Some(1), Some(2)),
+        "{what}"
+    );
+    for key in ["nll", "ppl", "n_pos", "window_nll", "tokens_sha256"] {
+        assert_eq!(one[key], two[key], "{what} {key}");
+    }
+    for key in ["ref_nll", "kld", "top1", "ppl_ratio", "ref_window_nll"] {
+        assert_eq!(one["against"][key], two["against"][key], "{what} {key}");
+    }
+}
