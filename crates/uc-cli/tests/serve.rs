@@ -314,25 +314,9 @@ fn concurrent_requests_get_the_answers_they_get_alone() {
             )
         })
         .collect();
-    let alone: Vec<Value> = bodies
-        .iter()
-        .map(|b| post(&s, "/v1/chat/completions", b).1)
-        .collect();
-    let together: Vec<Value> = std::thread::scope(|sc| {
-        let handles: Vec<_> = bodies
-            .iter()
-            .map(|b| sc.spawn(|| post(&s, "/v1/chat/completions", b).1))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
-        assert!(a["choices"][0]["message"]["content"].is_string(), "{a}");
-        assert_eq!(
-            a["choices"][0]["message"], t["choices"][0]["message"],
-            "request {i}"
-        );
-        assert_eq!(a["usage"], t["usage"], "request {i}");
-    }
+    let alone: Vec<Value> = bodies.iter().map(|b| chat(&s, b)).collect();
+    let together = chat_all_at_once(&s, &bodies);
+    assert_same_answers(&alone, &together);
 }
 
 /// Continuous batching: eight requests with prompts of different lengths (so their
@@ -354,24 +338,34 @@ fn eight_concurrent_requests_batched_together_get_the_answers_they_get_alone() {
         })
         .collect();
     // Alone: one request at a time, so every step is that request's own forward.
-    let alone: Vec<Value> = bodies
-        .iter()
-        .map(|b| post(&s, "/v1/chat/completions", b).1)
-        .collect();
+    let alone: Vec<Value> = bodies.iter().map(|b| chat(&s, b)).collect();
     assert_eq!(health(&s)["peak_batch"], 0, "nothing ran batched yet");
-    let together: Vec<Value> = std::thread::scope(|sc| {
-        let handles: Vec<_> = bodies
-            .iter()
-            .map(|b| sc.spawn(|| post(&s, "/v1/chat/completions", b).1))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let together = chat_all_at_once(&s, &bodies);
     let peak = health(&s)["peak_batch"].as_u64().unwrap();
     assert!(
         peak >= 2,
         "the concurrent requests never shared a batched step (largest batch {peak})"
     );
-    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+    assert_same_answers(&alone, &together);
+}
+
+/// One chat completion's response body.
+fn chat(s: &Server, body: &Value) -> Value {
+    post(s, "/v1/chat/completions", body).1
+}
+
+/// Every body sent at once, one client thread each; the responses in order.
+fn chat_all_at_once(s: &Server, bodies: &[Value]) -> Vec<Value> {
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = bodies.iter().map(|b| sc.spawn(|| chat(s, b))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Each request's message and usage served concurrently equal those served alone.
+fn assert_same_answers(alone: &[Value], together: &[Value]) {
+    assert_eq!(alone.len(), together.len());
+    for (i, (a, t)) in alone.iter().zip(together).enumerate() {
         assert!(a["choices"][0]["message"]["content"].is_string(), "{a}");
         assert_eq!(
             a["choices"][0]["message"], t["choices"][0]["message"],
