@@ -131,6 +131,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             stream_layers: a.stream_layers,
         },
     )?;
+    dec.set_fast_prefill(true);
     let load_s = t.elapsed().as_secs_f64();
     let rss_after_load_mib = bench::rss_mib();
     let timings = bench::run(&mut dec, &settings)?;

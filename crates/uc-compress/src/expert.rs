@@ -20,9 +20,8 @@ use crate::pipeline::codec_err;
 use crate::Result;
 use uc_codec::{Kernel, QuantTensor, Reconstructor};
 use uc_runtime::kernels::dense::ColBlock;
-use uc_runtime::kernels::qint::PreparedX;
 use uc_runtime::kernels::Isa;
-use uc_runtime::linear::{dense_rows, Linear};
+use uc_runtime::linear::{dense_rows, Linear, Prepared};
 
 /// An encoded expert linear `(rows, cols)`: a plain codec (a trellis tensor is expanded
 /// once, here, as the runtime does), reconstructed a row tile per call.
@@ -93,7 +92,7 @@ impl Linear for PackedExpert {
         isa: Isa,
         x: &[f32],
         _aux: &[f32],
-        _px: Option<&[PreparedX]>,
+        _px: Prepared,
         out: &mut ColBlock,
         scratch: &mut Vec<f32>,
     ) {

@@ -219,9 +219,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) isa: Isa,
     /// Threads for the decode loops.
     pub(crate) par: Par,
-    /// Whole-weight prefill GEMMs (`UC_PREFILL=whole`; their bits depend on the thread
-    /// count, so the staged API never uses them).
-    pub(crate) whole: bool,
+    /// How prefill multiplies (whole-weight GEMMs' bits depend on the thread count and
+    /// the integer GEMM's are not the exact arithmetic, so the staged API uses tiles).
+    pub(crate) prefill: linear::Prefill,
     /// Rotary tables `(positions, rotary_dim / 2)`, per layer kind.
     pub(crate) rope: &'a Tables,
     /// Position of each sequence's first token in this call.
@@ -242,7 +242,7 @@ impl Ctx<'_> {
     fn linears(&self, ops: &[Op], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
         linear::forward_into_opts(
             self.par,
-            self.whole,
+            self.prefill,
             self.per_token,
             self.isa,
             ops,

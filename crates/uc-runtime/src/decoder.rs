@@ -72,6 +72,8 @@ enum Blocks {
 pub struct Decoder {
     cfg: ModelConfig,
     isa: Isa,
+    /// Prefill arithmetic: exact f32 tiles unless [`Decoder::set_fast_prefill`].
+    fast_prefill: bool,
     loader: Arc<dyn WeightLoader>,
     globals: Globals,
     blocks: Blocks,
@@ -158,11 +160,13 @@ impl Decoder {
                     opts,
                 )?;
                 d.isa = self.isa;
+                d.fast_prefill = self.fast_prefill;
                 Ok(d)
             }
             _ => {
                 let mut d = Self::new(self.loader.clone(), opts)?;
                 d.isa = self.isa;
+                d.fast_prefill = self.fast_prefill;
                 Ok(d)
             }
         }
@@ -205,6 +209,7 @@ impl Decoder {
             ssm,
             cfg,
             isa: Isa::detect(),
+            fast_prefill: false,
             loader,
             globals,
             blocks,
@@ -234,6 +239,25 @@ impl Decoder {
     /// Uses `isa` (falls back to scalar if unavailable); for tests and comparisons.
     pub fn set_isa(&mut self, isa: Isa) {
         self.isa = isa.or_scalar();
+    }
+
+    /// Prefills of more than a few tokens with the integer GEMM
+    /// ([`crate::kernels::qgemm`]: activations rounded to 11 bits per weight group, within
+    /// its documented tolerance of the exact f32 arithmetic) where the CPU has it; for
+    /// generation (`uc run`, `uc bench`, `uc serve`). Off by default: scoring (`uc
+    /// eval`) and tests keep the exact arithmetic. `UC_PREFILL=tiles|whole` overrides
+    /// it for comparisons.
+    pub fn set_fast_prefill(&mut self, fast: bool) {
+        self.fast_prefill = fast;
+    }
+
+    /// The prefill arithmetic a forward call uses.
+    fn prefill(&self) -> linear::Prefill {
+        match (linear::Prefill::from_env(), self.fast_prefill) {
+            (Some(linear::Prefill::Whole), _) => linear::Prefill::Whole,
+            (Some(linear::Prefill::Tiles), _) | (_, false) => linear::Prefill::Tiles,
+            (_, true) => linear::Prefill::Integer,
+        }
     }
 
     /// Positions already in the KV cache.
@@ -360,6 +384,7 @@ impl Decoder {
             }
         }
         crate::scale_embedding(&self.cfg, &mut x);
+        let prefill = self.prefill();
         let Decoder {
             cfg,
             blocks,
@@ -384,7 +409,7 @@ impl Decoder {
             } else {
                 linear::Par::Team
             },
-            whole: linear::whole_weight_prefill(),
+            prefill,
             rope,
             pos: Positions::Same(*pos),
             capacity: *capacity,
@@ -531,7 +556,7 @@ impl Decoder {
             cfg: &cfg,
             isa,
             par: linear::Par::Team,
-            whole: false,
+            prefill: linear::Prefill::Tiles,
             rope,
             pos: Positions::Each(&positions),
             capacity,
@@ -562,7 +587,7 @@ impl Decoder {
         };
         linear::forward_into_opts(
             linear::Par::Team,
-            false,
+            linear::Prefill::Tiles,
             true,
             isa,
             &[head],

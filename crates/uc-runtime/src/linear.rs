@@ -18,6 +18,7 @@
 //!   ([`Linear::prologue`]), then a rank-r update per row block.
 
 use crate::kernels::dense::{self, split_columns, ColBlock, Mat};
+use crate::kernels::qgemm::{self, PackedX};
 use crate::kernels::qint::{self, Expanded, I16Lut, PreparedX};
 use crate::kernels::quant::{self, QuantRows, CODE_PAD};
 use crate::kernels::Isa;
@@ -32,6 +33,37 @@ pub const FUSED_MAX_TOKENS: usize = 4;
 pub const DECODE_ROWS: usize = 64;
 /// Output rows per dequantized tile when prefilling.
 pub const PREFILL_TILE: usize = 128;
+/// Output rows per task of the integer prefill GEMM: 18 tasks for a 576-row weight, so
+/// two threads share o_proj and down_proj evenly (128-row tiles left one thread a whole
+/// tile behind).
+pub const PREFILL_INT_TILE: usize = 32;
+
+/// Activations prepared for a weight's integer kernel, when it has one.
+#[derive(Clone, Copy)]
+pub enum Prepared<'a> {
+    /// None: the f32 kernels read `x`.
+    None,
+    /// Decode: each token rounded for the mat-vec ([`crate::kernels::qint`]).
+    Tokens(&'a [PreparedX]),
+    /// Prefill: every token packed for the integer GEMM ([`crate::kernels::qgemm`]).
+    Packed(&'a PackedX),
+}
+
+/// How a forward pass of more than [`FUSED_MAX_TOKENS`] tokens multiplies by packed
+/// weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prefill {
+    /// Per-tile f32 reconstruction and single-threaded GEMMs (the same bits on any
+    /// number of threads; the exact arithmetic eval and compress use).
+    Tiles,
+    /// Whole-weight f32 reconstruction and one multi-threaded GEMM (`UC_PREFILL=whole`;
+    /// its bits depend on the thread count).
+    Whole,
+    /// The integer GEMM ([`crate::kernels::qgemm`]) where the CPU has it and the weight
+    /// allows it, else `Tiles`: activations rounded to 11 bits per group, each token's
+    /// bits independent of the batch and of the thread count.
+    Integer,
+}
 
 /// One linear layer's weight, however it is stored.
 pub trait Linear: Send + Sync {
@@ -67,14 +99,14 @@ pub trait Linear: Send + Sync {
         None
     }
     /// `out (n, rows.len()) = x (n, cols) . W[rows]^T`, with `aux` from [`Self::prologue`],
-    /// `px` the tokens' activations prepared for [`Self::int_layout`] (decode only), and
-    /// `scratch` a reusable per-thread buffer.
+    /// `px` the tokens' activations prepared for [`Self::int_layout`] (decode, or the
+    /// integer prefill), and `scratch` a reusable per-thread buffer.
     fn block(
         &self,
         isa: Isa,
         x: &[f32],
         aux: &[f32],
-        px: Option<&[PreparedX]>,
+        px: Prepared,
         out: &mut ColBlock,
         scratch: &mut Vec<f32>,
     );
@@ -130,7 +162,7 @@ impl Linear for DenseLinear {
         isa: Isa,
         x: &[f32],
         _aux: &[f32],
-        _px: Option<&[PreparedX]>,
+        _px: Prepared,
         out: &mut ColBlock,
         _scratch: &mut Vec<f32>,
     ) {
@@ -556,13 +588,20 @@ impl Linear for PackedLinear {
         isa: Isa,
         x: &[f32],
         aux: &[f32],
-        px: Option<&[PreparedX]>,
+        px: Prepared,
         out: &mut ColBlock,
         scratch: &mut Vec<f32>,
     ) {
         let (c, r0, len, n) = (self.cols, out.first(), out.len(), out.n());
         let q = self.view();
-        if let (true, Some(lut), Some(px), None) =
+        let (packed, px) = match px {
+            Prepared::Packed(p) => (Some(p), None),
+            Prepared::Tokens(p) => (None, Some(p)),
+            Prepared::None => (None, None),
+        };
+        if let (Some(p), Some(lut)) = (packed, &self.lut) {
+            qgemm::gemm_rows(isa, &q, lut, p, r0, &mut out.rows_mut());
+        } else if let (true, Some(lut), Some(px), None) =
             (n > 1 && n <= qint::MULTI, &self.lut, px, &self.expanded)
         {
             // Several tokens (a batched decode step, or a short input): each chunk of
@@ -629,6 +668,20 @@ pub fn forward(isa: Isa, ops: &[Op], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     outs
 }
 
+/// [`forward`] with the prefill arithmetic `prefill` (decode loops on the team).
+pub fn forward_prefill(
+    prefill: Prefill,
+    isa: Isa,
+    ops: &[Op],
+    x: &[f32],
+    n: usize,
+) -> Vec<Vec<f32>> {
+    let mut outs: Vec<Vec<f32>> = ops.iter().map(|op| vec![0f32; n * op.w.rows()]).collect();
+    let mut refs: Vec<&mut [f32]> = outs.iter_mut().map(|v| v.as_mut_slice()).collect();
+    forward_into_opts(Par::Team, prefill, false, isa, ops, x, n, &mut refs);
+    outs
+}
+
 /// [`forward`] with the decode loops on `par`.
 pub fn forward_with(par: Par, isa: Isa, ops: &[Op], x: &[f32], n: usize) -> Vec<Vec<f32>> {
     let mut outs: Vec<Vec<f32>> = ops.iter().map(|op| vec![0f32; n * op.w.rows()]).collect();
@@ -670,13 +723,15 @@ pub fn forward_into_with(
     n: usize,
     outs: &mut [&mut [f32]],
 ) {
-    forward_into_opts(par, whole_weight_prefill(), false, isa, ops, x, n, outs)
+    let prefill = match Prefill::from_env() {
+        Some(Prefill::Whole) => Prefill::Whole,
+        _ => Prefill::Tiles,
+    };
+    forward_into_opts(par, prefill, false, isa, ops, x, n, outs)
 }
 
-/// [`forward_into_with`], with `whole` choosing the whole-weight prefill (one
-/// multi-threaded GEMM per weight, whose bits depend on the thread count) over the
-/// per-tile one (single-threaded GEMMs per 128-row tile: the same bits on any number
-/// of threads).
+/// [`forward_into_with`], with `prefill` choosing how more than [`FUSED_MAX_TOKENS`]
+/// tokens are multiplied ([`Prefill`]).
 ///
 /// `per_token` keeps the decode kernels whatever `n` is (a batched decode step of `n`
 /// independent sequences, [`crate::Decoder::forward_batch`]): every token then gets
@@ -686,7 +741,7 @@ pub fn forward_into_with(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_into_opts(
     par: Par,
-    whole: bool,
+    prefill: Prefill,
     per_token: bool,
     isa: Isa,
     ops: &[Op],
@@ -701,7 +756,11 @@ pub(crate) fn forward_into_opts(
     for op in ops {
         if let Some((b, signs)) = op.w.rotation() {
             if !rotated.iter().any(|(k, _)| *k == b) {
-                rotated.push((b, rotate_input(x, n, op.w.cols(), b, signs)));
+                let mut v = SPARE.with(|s| s.borrow_mut().0.pop()).unwrap_or_default();
+                v.clear();
+                v.extend_from_slice(&x[..n * op.w.cols()]);
+                crate::kernels::math::rotate(isa, &mut v, op.w.cols(), b, signs);
+                rotated.push((b, v));
             }
         }
     }
@@ -735,7 +794,7 @@ pub(crate) fn forward_into_opts(
     } else {
         vec![Vec::new(); ops.len()]
     };
-    if !decode && whole {
+    if !decode && prefill == Prefill::Whole {
         // Prefill: each weight reconstructed once, then one multi-threaded GEMM.
         WEIGHT.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -755,9 +814,41 @@ pub(crate) fn forward_into_opts(
             }
         });
         add_bias(ops, outs);
+        keep_spares(rotated, Vec::new());
         return;
     }
-    let step = if decode { DECODE_ROWS } else { PREFILL_TILE };
+    // Integer prefill: each input rounded and packed once per weight group size (and
+    // rotation), for every op whose weight the integer GEMM takes.
+    let mut packed: Vec<((usize, usize), PackedX)> = Vec::new();
+    let mut which_packed: Vec<Option<usize>> = vec![None; ops.len()];
+    if !decode && prefill == Prefill::Integer && qgemm::available(isa) {
+        for (i, op) in ops.iter().enumerate() {
+            let c = op.w.cols();
+            let Some((group, _)) =
+                op.w.int_layout(isa)
+                    .filter(|&(g, b)| qgemm::supports(b, g, c))
+            else {
+                continue;
+            };
+            let key = (group, op.w.rotation().map_or(0, |r| r.0));
+            let k = match packed.iter().position(|(k, _)| *k == key) {
+                Some(k) => k,
+                None => {
+                    let spare = SPARE.with(|s| s.borrow_mut().1.pop());
+                    packed.push((key, qgemm::pack_x_reusing(isa, xs[i], n, c, group, spare)));
+                    packed.len() - 1
+                }
+            };
+            which_packed[i] = Some(k);
+        }
+    }
+    let step = if decode {
+        DECODE_ROWS
+    } else if !packed.is_empty() {
+        PREFILL_INT_TILE
+    } else {
+        PREFILL_TILE
+    };
     let mut tasks: Vec<(usize, ColBlock)> = Vec::new();
     for (i, (op, y)) in ops.iter().zip(outs.iter_mut()).enumerate() {
         let rows = op.w.rows();
@@ -801,7 +892,11 @@ pub(crate) fn forward_into_opts(
     let run = |(i, block): (usize, ColBlock)| {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            let px = which[i].map(|k| layouts[k].1.as_slice());
+            let px = match (which[i], which_packed[i]) {
+                (Some(k), _) => Prepared::Tokens(&layouts[k].1),
+                (None, Some(k)) => Prepared::Packed(&packed[k].1),
+                (None, None) => Prepared::None,
+            };
             if n <= FUSED_MAX_TOKENS || !decode {
                 let mut block = block;
                 ops[i].w.block(isa, xs[i], &aux[i], px, &mut block, &mut s);
@@ -814,7 +909,10 @@ pub(crate) fn forward_into_opts(
                 let m = part.n();
                 let x = &xs[i][t0 * c..(t0 + m) * c];
                 let a = &aux[i][t0 * r..(t0 + m) * r];
-                let px = px.map(|p| &p[t0..t0 + m]);
+                let px = match px {
+                    Prepared::Tokens(p) => Prepared::Tokens(&p[t0..t0 + m]),
+                    other => other,
+                };
                 ops[i].w.block(isa, x, a, px, &mut part, &mut s);
             }
         })
@@ -835,18 +933,31 @@ pub(crate) fn forward_into_opts(
         tasks.into_par_iter().for_each(run);
     }
     add_bias(ops, outs);
+    keep_spares(rotated, packed);
 }
 
-/// `R x` for `x (n, cols)` ([`uc_codec::rotation::rotate`], rows in parallel in prefill).
-fn rotate_input(x: &[f32], n: usize, cols: usize, b: usize, signs: &[f32]) -> Vec<f32> {
-    let mut v = x[..n * cols].to_vec();
-    if n > FUSED_MAX_TOKENS {
-        v.par_chunks_mut(cols * 16)
-            .for_each(|c| uc_codec::rotation::rotate(c, cols, b, signs));
-    } else {
-        uc_codec::rotation::rotate(&mut v, cols, b, signs);
-    }
-    v
+thread_local! {
+    /// Rotated inputs and packed activations of earlier calls on this thread, reused by
+    /// the next: at prefill sizes (megabytes) a fresh allocation comes back from the
+    /// kernel zeroed page by page, which cost ~6% of a 512-token prefill.
+    static SPARE: RefCell<(Vec<Vec<f32>>, Vec<PackedX>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Keeps up to two of each kind of buffer for the next call.
+fn keep_spares(rotated: Vec<(usize, Vec<f32>)>, packed: Vec<((usize, usize), PackedX)>) {
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        for (_, v) in rotated {
+            if s.0.len() < 2 {
+                s.0.push(v);
+            }
+        }
+        for (_, p) in packed {
+            if s.1.len() < 2 {
+                s.1.push(p);
+            }
+        }
+    });
 }
 
 fn add_bias(ops: &[Op], outs: &mut [&mut [f32]]) {
@@ -871,11 +982,16 @@ pub fn int_decode(isa: Isa) -> bool {
     int && !*F32.get_or_init(|| std::env::var("UC_MATVEC").is_ok_and(|v| v == "f32"))
 }
 
-/// Prefill strategy: per-tile reconstruction + single-threaded GEMMs, one task per tile
-/// (default: measured faster here, and a tile is all the f32 weight ever in memory), or
-/// whole-weight reconstruction + one multi-threaded GEMM (`UC_PREFILL=whole`, kept for
-/// comparison on other machines).
-pub(crate) fn whole_weight_prefill() -> bool {
-    static WHOLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *WHOLE.get_or_init(|| std::env::var("UC_PREFILL").is_ok_and(|v| v == "whole"))
+impl Prefill {
+    /// `UC_PREFILL` (`tiles`, `whole` or `int`), if set: a comparison switch. Callers
+    /// that need exact arithmetic (eval, compress) never take `int` from it.
+    pub fn from_env() -> Option<Prefill> {
+        static MODE: std::sync::OnceLock<Option<Prefill>> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var("UC_PREFILL").ok()?.as_str() {
+            "tiles" => Some(Prefill::Tiles),
+            "whole" => Some(Prefill::Whole),
+            "int" => Some(Prefill::Integer),
+            _ => None,
+        })
+    }
 }

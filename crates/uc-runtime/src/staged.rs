@@ -245,7 +245,7 @@ impl Stager {
             cfg: &self.cfg,
             isa: self.isa,
             par: Par::Rayon,
-            whole: false,
+            prefill: crate::linear::Prefill::Tiles,
             rope: &self.rope,
             pos: Positions::Same(0),
             capacity: self.seq_len,

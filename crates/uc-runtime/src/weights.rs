@@ -522,7 +522,7 @@ impl Linear for CheckpointExpert {
         isa: crate::kernels::Isa,
         x: &[f32],
         _aux: &[f32],
-        _px: Option<&[crate::kernels::qint::PreparedX]>,
+        _px: crate::linear::Prepared,
         out: &mut crate::kernels::dense::ColBlock,
         scratch: &mut Vec<f32>,
     ) {

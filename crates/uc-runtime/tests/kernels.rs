@@ -4,10 +4,11 @@
 
 use half::f16;
 use uc_codec::{pack_codes, CodecSpec, Overlay, QuantTensor, ScaleDtype};
+use uc_runtime::kernels::qgemm;
 use uc_runtime::kernels::qint::{self, I16Lut, I16_MATVEC_TOL};
 use uc_runtime::kernels::quant::{self, QuantRows, CODE_PAD, MATVEC_REL_TOL};
 use uc_runtime::kernels::Isa;
-use uc_runtime::linear::{self, DenseLinear, Linear, Op, PackedLinear};
+use uc_runtime::linear::{self, DenseLinear, Linear, Op, PackedLinear, Prefill};
 
 /// Test data from the workspace's one seeded PRNG.
 use uc_format::SplitMix64 as Prng;
@@ -362,53 +363,157 @@ fn packed_linear_matches_dense_reconstruction_for_decode_and_prefill_batches() {
             trellis: false,
         },
     ] {
-        let (rows, cols) = (300, 200);
-        let qt = random_qt(&mut rng, rows, cols, spec);
-        let w = uc_codec::reconstruct_scalar(&qt).unwrap();
-        let qt_copy = qt.clone();
-        let packed = PackedLinear::from_quant("p", qt).unwrap();
-        let dense = DenseLinear::new("d", w.clone(), rows, cols).unwrap();
-        let bias: Vec<f32> = (0..rows).map(|_| rng.sym()).collect();
-        for n in [1, 3, 37] {
-            let x: Vec<f32> = (0..n * cols).map(|_| rng.sym()).collect();
-            for isa in isas() {
-                let got = &linear::forward(
-                    isa,
-                    &[Op {
-                        w: &packed,
-                        bias: Some(&bias),
-                    }],
-                    &x,
-                    n,
-                )[0];
-                let want = &linear::forward(
-                    Isa::Scalar,
-                    &[Op {
-                        w: &dense,
-                        bias: Some(&bias),
-                    }],
-                    &x,
-                    n,
-                )[0];
-                for t in 0..n {
-                    for i in 0..rows {
-                        let mag: f32 = (0..cols)
-                            .map(|j| (w[i * cols + j] * x[t * cols + j]).abs())
-                            .sum::<f32>()
-                            + bias[i].abs();
-                        let (g, e) = (got[t * rows + i], want[t * rows + i]);
-                        // Decode on AVX2 rounds codebook and activations to 15 bits.
-                        let int = if n <= linear::FUSED_MAX_TOKENS && linear::int_decode(isa) {
-                            I16_MATVEC_TOL * int_bound(&qt_copy, i, &x[t * cols..(t + 1) * cols])
-                        } else {
-                            0.0
-                        };
-                        assert!(
-                            (g - e).abs() <= 2.0 * MATVEC_REL_TOL * mag + int,
-                            "{} n {n} {isa:?} ({t},{i}): {g} vs {e}",
-                            spec.name()
-                        );
+        for cols in [200, 192] {
+            let rows = 300;
+            let qt = random_qt(&mut rng, rows, cols, spec);
+            let w = uc_codec::reconstruct_scalar(&qt).unwrap();
+            let qt_copy = qt.clone();
+            let packed = PackedLinear::from_quant("p", qt).unwrap();
+            let dense = DenseLinear::new("d", w.clone(), rows, cols).unwrap();
+            let bias: Vec<f32> = (0..rows).map(|_| rng.sym()).collect();
+            for n in [1, 3, 37] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.sym()).collect();
+                for (isa, prefill) in isas()
+                    .into_iter()
+                    .flat_map(|i| [(i, Prefill::Tiles), (i, Prefill::Integer)])
+                {
+                    let got = &linear::forward_prefill(
+                        prefill,
+                        isa,
+                        &[Op {
+                            w: &packed,
+                            bias: Some(&bias),
+                        }],
+                        &x,
+                        n,
+                    )[0];
+                    let want = &linear::forward(
+                        Isa::Scalar,
+                        &[Op {
+                            w: &dense,
+                            bias: Some(&bias),
+                        }],
+                        &x,
+                        n,
+                    )[0];
+                    for t in 0..n {
+                        for i in 0..rows {
+                            let mag: f32 = (0..cols)
+                                .map(|j| (w[i * cols + j] * x[t * cols + j]).abs())
+                                .sum::<f32>()
+                                + bias[i].abs();
+                            let (g, e) = (got[t * rows + i], want[t * rows + i]);
+                            // Decode with the integer kernel rounds codebook and activations
+                            // to 15 bits; the integer prefill rounds activations to 11.
+                            let xt = &x[t * cols..(t + 1) * cols];
+                            let int = if n <= linear::FUSED_MAX_TOKENS && linear::int_decode(isa) {
+                                I16_MATVEC_TOL * int_bound(&qt_copy, i, xt)
+                            } else if prefill == Prefill::Integer && qgemm::available(isa) {
+                                qgemm::PREFILL_TOL * int_bound(&qt_copy, i, xt)
+                            } else {
+                                0.0
+                            };
+                            assert!(
+                                (g - e).abs() <= 2.0 * MATVEC_REL_TOL * mag + int,
+                                "{} cols {cols} n {n} {isa:?} {prefill:?} ({t},{i}): {g} vs {e}",
+                                spec.name()
+                            );
+                        }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The prefill GEMM's weight tile: the byte-permute lookup gives the reference's values.
+#[test]
+fn int16_tile_lookup_matches_its_reference() {
+    let mut rng = Prng(13);
+    for spec in specs().into_iter().filter(|s| s.rank == 0) {
+        let bits = usize::from(spec.bits);
+        let (rows, cols) = (6, 192);
+        let qt = random_qt(&mut rng, rows, cols, spec);
+        let parts = RowParts::new(&qt);
+        let q = parts.rows();
+        let lut = I16Lut::new(&parts.cb, bits);
+        let mut want = vec![0i16; (rows - 1) * cols];
+        qint::lookup_rows_scalar(&q, &lut, 1, &mut want);
+        for isa in isas() {
+            let mut got = vec![7i16; (rows - 1) * cols];
+            qint::lookup_rows(isa, &q, &lut, 1, &mut got);
+            assert_eq!(got, want, "{} {isa:?}", spec.name());
+        }
+    }
+}
+
+/// The integer prefill GEMM: every token's outputs bit for bit its reference (the
+/// decode kernel's specification with 11-bit activations, token alone), for every
+/// width, group, token count (lane blocks and register tiles partly filled) and row
+/// count (8-row tiles and single rows); the reference within its named tolerance of
+/// the f32 reference; the packing identical on every ISA.
+#[test]
+fn int16_prefill_gemm_gives_each_token_its_reference_bits() {
+    let mut rng = Prng(17);
+    for spec in specs().into_iter().filter(|s| s.rank == 0) {
+        let (bits, group) = (usize::from(spec.bits), spec.group as usize);
+        let cols = 256;
+        if !qgemm::supports(bits, group, cols) {
+            continue;
+        }
+        let rows = 21;
+        let qt = random_qt(&mut rng, rows, cols, spec);
+        let parts = RowParts::new(&qt);
+        let q = parts.rows();
+        let lut = I16Lut::new(&parts.cb, bits);
+        let w = uc_codec::reconstruct_scalar(&qt).unwrap();
+        for n in [1, 5, 16, 37, 70] {
+            let mut x: Vec<f32> = (0..n * cols).map(|_| rng.sym()).collect();
+            x[(n * 31) % (n * cols)] = 25.0;
+            let reference = qgemm::pack_x(Isa::Scalar, &x, n, cols, group);
+            let mut want = vec![vec![0f32; rows - 2]; n];
+            let mut refs: Vec<&mut [f32]> = want.iter_mut().map(|y| y.as_mut_slice()).collect();
+            qgemm::gemm_rows_scalar(&q, &lut, &reference, 2, &mut refs);
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let mut f32_ref = vec![0f32; rows - 2];
+                quant::dot_rows_scalar(&q, xt, 2, &mut f32_ref);
+                for (r, (&g, &e)) in want[t].iter().zip(&f32_ref).enumerate() {
+                    let i = r + 2;
+                    let mag: f32 = (0..cols).map(|j| (w[i * cols + j] * xt[j]).abs()).sum();
+                    let bound = qgemm::PREFILL_TOL * int_bound(&qt, i, xt) + MATVEC_REL_TOL * mag;
+                    assert!(
+                        (g - e).abs() <= bound,
+                        "{} n {n} ({t},{i}): int reference {g} vs f32 {e} (bound {bound})",
+                        spec.name()
+                    );
+                }
+            }
+            for isa in isas() {
+                let px = qgemm::pack_x(isa, &x, n, cols, group);
+                for t in 0..n {
+                    let (a, b) = (px.token(t), reference.token(t));
+                    assert!(
+                        a.xq() == b.xq() && a.xs() == b.xs(),
+                        "{} {isa:?} n {n}: token {t} packed differently",
+                        spec.name()
+                    );
+                }
+                let mut got = vec![vec![f32::NAN; rows - 2]; n];
+                let mut refs: Vec<&mut [f32]> = got.iter_mut().map(|y| y.as_mut_slice()).collect();
+                qgemm::gemm_rows(isa, &q, &lut, &px, 2, &mut refs);
+                for t in 0..n {
+                    let same = got[t]
+                        .iter()
+                        .zip(&want[t])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} {isa:?} n {n} token {t}: {:?} vs {:?}",
+                        spec.name(),
+                        got[t],
+                        want[t]
+                    );
                 }
             }
         }

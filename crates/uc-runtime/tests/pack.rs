@@ -268,3 +268,71 @@ fn a_fork_shares_weights_and_computes_what_a_fresh_decoder_does() {
     assert_eq!(a.position(), 3, "the fork moved the original");
     assert!(a.fork(0).is_err(), "a zero-capacity fork must be refused");
 }
+
+/// The fast prefill (`Decoder::set_fast_prefill`: the integer GEMM where the CPU has it)
+/// against the exact one: logits within the integer kernels' reach, the same greedy
+/// tokens, and the same bits on 1 and 2 threads. The fixtures' 64-wide inputs take the
+/// integer GEMM; down_proj's 96-wide input keeps the f32 tiles.
+#[test]
+fn fast_prefill_is_close_to_exact_and_independent_of_the_thread_count() {
+    for name in ["llama", "qwen3"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let pack = tmp.path().join("pack");
+        write_pack(name, &pack);
+        let p: Arc<dyn WeightLoader> = Arc::new(PackLoader::open(&pack, Verify::Full).unwrap());
+        let prompt: Vec<u32> = (0..40u32).map(|i| (i * 37 + 3) % 128).collect();
+        let logits = |fast: bool, threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut d = Decoder::new(
+                    p.clone(),
+                    DecoderOptions {
+                        capacity: 64,
+                        stream_layers: false,
+                    },
+                )
+                .unwrap();
+                d.set_fast_prefill(fast);
+                d.forward(&prompt, Logits::All).unwrap()
+            })
+        };
+        let exact = logits(false, 2);
+        let fast = logits(true, 2);
+        assert_eq!(
+            fast,
+            logits(true, 1),
+            "{name}: fast prefill depends on threads"
+        );
+        if uc_runtime::kernels::qgemm::available(uc_runtime::kernels::Isa::detect()) {
+            assert_ne!(fast, exact, "{name}: the integer GEMM did not run");
+        }
+        // 11-bit activations per group (kernels::qgemm, PREFILL_TOL per mat-vec) move
+        // the fixtures' logits by up to ~1e-3 of their largest magnitude (measured:
+        // llama 3.3e-3 at 3.9, qwen3 2.5e-2 at 62).
+        let big = exact.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let diff = fast
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff < 5e-3 * big,
+            "{name}: fast prefill moved logits by {diff} (max {big})"
+        );
+        let argmax = |v: &[f32]| {
+            v.chunks_exact(128)
+                .map(|r| (0..128).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (argmax(&fast), argmax(&exact));
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        assert!(
+            same >= a.len() - 1,
+            "{name}: top-1 agrees at {same} of {} positions",
+            a.len()
+        );
+    }
+}

@@ -107,13 +107,15 @@ impl Engine {
         max_batch: usize,
     ) -> Result<Engine, EngineError> {
         // One copy of the weights: every slot after the first is a fork of it.
-        let first = Decoder::new(
+        let mut first = Decoder::new(
             loader.clone(),
             DecoderOptions {
                 capacity,
                 stream_layers: false,
             },
         )?;
+        // Generation: the integer prefill GEMM (forks inherit it).
+        first.set_fast_prefill(true);
         let mut decoders = Vec::with_capacity(max_batch.max(1));
         for _ in 1..max_batch.max(1) {
             decoders.push(first.fork(capacity)?);

@@ -1,4 +1,5 @@
-//! Element-wise math of the forward pass: exp (softmax, SiLU), RMSNorm, rotary.
+//! Element-wise math of the forward pass: exp (softmax, SiLU), RMSNorm, rotary, and the
+//! randomized Hadamard rotation of activations ([`rotate`]).
 //!
 //! The scalar functions use `f32::exp` and are the references. The AVX-512 exp is a
 //! Cephes-style polynomial (range reduction by ln 2, degree-6 polynomial, `vscalefps`),
@@ -8,6 +9,11 @@
 //! decode on AVX2 called libm's `expf` once per attention score (~3% of a token).
 
 use super::Isa;
+use rayon::prelude::*;
+
+/// Rows from which [`rms_norm`] splits its rows over the rayon pool (prefill; decode's
+/// few rows stay on the caller's thread).
+const PAR_ROWS: usize = 64;
 
 /// Relative tolerance of the SIMD exp against `f32::exp` for arguments in [-87, 88].
 pub const EXP_REL_TOL: f32 = 4e-7;
@@ -90,13 +96,51 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         n > 0 && x.len() == out.len() && x.len().is_multiple_of(n),
         "rms_norm: shapes"
     );
-    for (src, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-        let sum2: f32 = src.iter().map(|v| v * v).sum();
-        let m = (sum2 / n as f32 + eps).sqrt();
-        dst.iter_mut()
-            .zip(src)
-            .zip(w)
-            .for_each(|((d, s), a)| *d = s / m * a);
+    let rows = |x: &[f32], out: &mut [f32]| {
+        for (src, dst) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let sum2: f32 = src.iter().map(|v| v * v).sum();
+            let m = (sum2 / n as f32 + eps).sqrt();
+            dst.iter_mut()
+                .zip(src)
+                .zip(w)
+                .for_each(|((d, s), a)| *d = s / m * a);
+        }
+    };
+    // Each row's bits are its own: splitting rows over threads changes none.
+    if x.len() / n >= PAR_ROWS {
+        x.par_chunks(16 * n)
+            .zip(out.par_chunks_mut(16 * n))
+            .for_each(|(x, out)| rows(x, out));
+    } else {
+        rows(x, out);
+    }
+}
+
+/// `R x` for every row of `x (n, cols)`: [`uc_codec::rotation::rotate`] (its scalar code
+/// is the specification), with the same butterflies on AVX-512 for blocks of 16, 64 and
+/// 256 (every sum and difference is the reference's, so the bits are too). Rows in
+/// parallel from [`PAR_ROWS`] rows.
+pub fn rotate(isa: Isa, x: &mut [f32], cols: usize, b: usize, signs: &[f32]) {
+    assert!(
+        cols > 0 && x.len().is_multiple_of(cols) && signs.len() == cols,
+        "rotate: shapes"
+    );
+    let rows = |x: &mut [f32]| match isa {
+        // SAFETY: AVX-512F available (guard); `b` is 16, 64 or 256 and divides `cols`
+        // (asserted by the callee's contract below), every block is read and written
+        // in bounds.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512
+            if Isa::Avx512.is_available()
+                && matches!(b, 16 | 64 | 256)
+                && cols.is_multiple_of(b) =>
+        unsafe { x86::rotate(x, cols, b, signs) },
+        _ => uc_codec::rotation::rotate(x, cols, b, signs),
+    };
+    if x.len() / cols >= PAR_ROWS {
+        x.par_chunks_mut(16 * cols).for_each(rows);
+    } else {
+        rows(x);
     }
 }
 
@@ -126,6 +170,60 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Every row of `x (n, cols)`: signs, the Walsh-Hadamard butterflies of span 1, 2,
+    /// 4, ... in that order (spans below 16 within a vector: the partner lane by a
+    /// permute, `x + y` kept in the lower lane and `x - y` in the upper; spans from 16
+    /// between vectors), then `1 / sqrt(b)` (a power of two).
+    ///
+    /// # Safety
+    /// AVX-512F; `b` in {16, 64, 256} divides `cols`; `signs.len() == cols`;
+    /// `x.len()` a multiple of `cols`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn rotate(x: &mut [f32], cols: usize, b: usize, signs: &[f32]) {
+        let k = _mm512_set1_ps(1.0 / (1u64 << (b.trailing_zeros() / 2)) as f32);
+        let nv = b / 16;
+        for row in x.chunks_exact_mut(cols) {
+            for (blk, sb) in row.chunks_exact_mut(b).zip(signs.chunks_exact(b)) {
+                let mut v = [_mm512_setzero_ps(); 16];
+                for (i, v) in v.iter_mut().enumerate().take(nv) {
+                    let x = _mm512_loadu_ps(blk.as_ptr().add(16 * i));
+                    let s = _mm512_loadu_ps(sb.as_ptr().add(16 * i));
+                    *v = _mm512_mul_ps(x, s);
+                }
+                for v in v.iter_mut().take(nv) {
+                    let mut a = *v;
+                    a = butterfly(a, _mm512_permute_ps::<0xb1>(a), 0xaaaa);
+                    a = butterfly(a, _mm512_permute_ps::<0x4e>(a), 0xcccc);
+                    a = butterfly(a, _mm512_shuffle_f32x4::<0xb1>(a, a), 0xf0f0);
+                    a = butterfly(a, _mm512_shuffle_f32x4::<0x4e>(a, a), 0xff00);
+                    *v = a;
+                }
+                let mut h = 1;
+                while h < nv {
+                    for base in (0..nv).step_by(2 * h) {
+                        for i in base..base + h {
+                            let (a, c) = (v[i], v[i + h]);
+                            v[i] = _mm512_add_ps(a, c);
+                            v[i + h] = _mm512_sub_ps(a, c);
+                        }
+                    }
+                    h *= 2;
+                }
+                for (i, v) in v.iter().enumerate().take(nv) {
+                    _mm512_storeu_ps(blk.as_mut_ptr().add(16 * i), _mm512_mul_ps(*v, k));
+                }
+            }
+        }
+    }
+
+    /// One in-vector butterfly stage: `v` and its partners `p`; lanes in `upper` hold
+    /// the second of each pair (`p - v = x - y`), the others the first (`v + p = x + y`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn butterfly(v: __m512, p: __m512, upper: __mmask16) -> __m512 {
+        _mm512_mask_blend_ps(upper, _mm512_add_ps(v, p), _mm512_sub_ps(p, v))
+    }
 
     /// exp of 16 lanes (Cephes expf polynomial; inputs clamped to [-87.3, 88.7]).
     #[target_feature(enable = "avx512f")]
@@ -310,6 +408,32 @@ mod tests {
                 (g - w).abs() <= EXP_REL_TOL * w.abs(),
                 "exp({x}) = {g}, std {w}"
             );
+        }
+    }
+
+    /// The SIMD rotation is the codec's, bit for bit, for every block size, on a few
+    /// rows (decode) and on many (prefill, rows in parallel).
+    #[test]
+    fn rotation_is_bit_identical_to_the_codec_reference() {
+        for b in uc_codec::ROTATIONS {
+            let b = b as usize;
+            for (cols, n) in [(b, 1), (3 * b, 2), (4 * b, PAR_ROWS + 3)] {
+                let signs = uc_codec::rotation::signs(cols);
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0)
+                    .collect();
+                let mut want = x.clone();
+                uc_codec::rotation::rotate(&mut want, cols, b, &signs);
+                for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
+                    let mut got = x.clone();
+                    rotate(isa, &mut got, cols, b, &signs);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g.to_bits() == w.to_bits());
+                    assert!(same, "b {b} cols {cols} rows {n} {isa:?}");
+                }
+            }
         }
     }
 

@@ -9,6 +9,9 @@
 //!   dequantization for prefill tiles and embedding lookups.
 //! - [`qint`]: the decode mat-vec on int16 lanes (AVX2, and AVX-512 with VBMI): codebook
 //!   and activations rounded to 15 bits, byte-shuffle / byte-permute lookups, `vpmaddwd`.
+//! - [`qgemm`]: the prefill GEMM on int16 lanes (AVX-512 VNNI `vpdpwssd`): weight tiles
+//!   looked up to int16 once per call, activations rounded per token and group, packed
+//!   16 tokens to a vector.
 //! - [`math`]: exp / softmax / SiLU / RMSNorm / rotary.
 //! - [`attention`]: causal attention of a query block, tiled with an online softmax
 //!   (flash-style; no `(queries, keys)` score matrix).
@@ -19,6 +22,7 @@
 pub mod attention;
 pub mod dense;
 pub mod math;
+pub mod qgemm;
 pub mod qint;
 pub mod quant;
 

@@ -228,6 +228,34 @@ impl PreparedX {
         self.group == group && self.cols == cols && order_ok
     }
 
+    /// The rounded activations, chunk by chunk in the kernel's lane order.
+    pub fn xq(&self) -> &[i16] {
+        &self.xq
+    }
+
+    /// `xs_G` per group.
+    pub fn xs(&self) -> &[f32] {
+        &self.xs
+    }
+
+    /// A token's activations already rounded (the prefill GEMM's packed form, unpacked
+    /// for the reference): `xq` in `order`, whole chunks only.
+    pub(super) fn from_parts(
+        group: usize,
+        order: Order,
+        cols: usize,
+        xq: Vec<i16>,
+        xs: Vec<f32>,
+    ) -> Self {
+        PreparedX {
+            group,
+            order,
+            cols,
+            xq,
+            xs,
+        }
+    }
+
     /// Columns summed by the integer kernel (the rest, if any, in f32).
     fn full(&self) -> usize {
         self.cols / self.order.chunk() * self.order.chunk()
@@ -252,6 +280,17 @@ pub fn supports(bits: usize, group: usize) -> bool {
 ///   as two byte planes and interleaves them per 128-bit lane `L`, so its two int16
 ///   vectors hold columns `16 L + 0..8` and `16 L + 8..16` for `L = 0..4`.
 pub fn prepare_x(x: &[f32], group: usize, order: Order) -> PreparedX {
+    prepare_x_levels(x, group, order, I16_LEVELS)
+}
+
+/// [`prepare_x`] rounding to `levels` (at most [`I16_LEVELS`]) instead: `xs_G =
+/// max_{j in G} |x_j| / levels`. The prefill GEMM ([`super::qgemm`]) rounds to fewer
+/// levels so that a whole group's products fit one int32 lane.
+pub fn prepare_x_levels(x: &[f32], group: usize, order: Order, levels: f32) -> PreparedX {
+    assert!(
+        (1.0..=I16_LEVELS).contains(&levels),
+        "prepare_x_levels: levels out of range"
+    );
     let cols = x.len();
     let n_groups = cols.div_ceil(group);
     let xs: Vec<f32> = (0..n_groups)
@@ -260,7 +299,7 @@ pub fn prepare_x(x: &[f32], group: usize, order: Order) -> PreparedX {
                 .iter()
                 .fold(0.0f32, |m, v| m.max(v.abs()));
             if m > 0.0 && m.is_finite() {
-                m / I16_LEVELS
+                m / levels
             } else {
                 0.0
             }
@@ -272,7 +311,7 @@ pub fn prepare_x(x: &[f32], group: usize, order: Order) -> PreparedX {
     for (j, &v) in x[..full].iter().enumerate() {
         let s = xs[j / group];
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-        xq[j / chunk * chunk + order.lane_of(j % chunk)] = round_i16(v * inv);
+        xq[j / chunk * chunk + order.lane_of(j % chunk)] = round_i16(v * inv, levels);
     }
     PreparedX {
         group,
@@ -283,12 +322,12 @@ pub fn prepare_x(x: &[f32], group: usize, order: Order) -> PreparedX {
     }
 }
 
-/// `v` rounded half away from zero to an integer in `[-16383, 16383]`. By truncating
+/// `v` rounded half away from zero to an integer in `[-levels, levels]`. By truncating
 /// conversion: `f32::round` is a libm call on the baseline x86-64 target (~1% of a
 /// decode step here, once per activation).
 #[inline]
-fn round_i16(v: f32) -> i16 {
-    let v = v.clamp(-I16_LEVELS, I16_LEVELS);
+pub(super) fn round_i16(v: f32, levels: f32) -> i16 {
+    let v = v.clamp(-levels, levels);
     (v + 0.5f32.copysign(v)) as i16
 }
 
@@ -367,6 +406,44 @@ pub fn dot_rows_i16(
         },
         _ => dot_rows_i16_scalar(q, lut, px, x, first, y),
     }
+}
+
+/// Reference: `cbq[code]` of rows `first ..` (`out.len() / cols` of them) in
+/// [`Order::Planes64`] order, 64-column chunk by chunk: the prefill GEMM's weight tile
+/// ([`super::qgemm`]). Columns must be whole 64-column chunks.
+pub fn lookup_rows_scalar(q: &QuantRows, lut: &I16Lut, first: usize, out: &mut [i16]) {
+    check_lookup(q, lut, first, out);
+    let cols = q.cols();
+    for (r, dst) in out.chunks_exact_mut(cols).enumerate() {
+        for j in 0..cols {
+            let c = usize::from(q.code(first + r, j));
+            dst[j / 64 * 64 + Order::Planes64.lane_of(j % 64)] = lut.cbq[c];
+        }
+    }
+}
+
+/// [`lookup_rows_scalar`] with the byte-permute lookup on AVX-512 VBMI (same values).
+pub fn lookup_rows(isa: Isa, q: &QuantRows, lut: &I16Lut, first: usize, out: &mut [i16]) {
+    check_lookup(q, lut, first, out);
+    match isa {
+        // SAFETY: AVX-512 F+BW+VBMI available (guard); `check_lookup` verified whole
+        // 64-column chunks, the rows in range and the width; each masked load reads only
+        // a chunk's own `8 b` code bytes.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if vbmi_available() => unsafe { x86::lookup_rows_vbmi(q, lut, first, out) },
+        _ => lookup_rows_scalar(q, lut, first, out),
+    }
+}
+
+fn check_lookup(q: &QuantRows, lut: &I16Lut, first: usize, out: &[i16]) {
+    let cols = q.cols();
+    assert!(
+        cols.is_multiple_of(64)
+            && out.len().is_multiple_of(cols.max(1))
+            && first + out.len() / cols.max(1) <= q.rows()
+            && lut.bits == q.bits(),
+        "lookup_rows: inconsistent operands"
+    );
 }
 
 /// Tokens one call of [`dot_rows_i16_multi`] takes (its accumulators stay in registers).
@@ -615,6 +692,112 @@ mod x86 {
         }
     }
 
+    /// The byte-plane lookup of 64 `BITS`-bit codes (see [`dot_vbmi`]): the codebook's
+    /// byte tables and the unpack constants, in registers.
+    pub(super) struct Lookup64<const BITS: usize> {
+        t: [[__m512i; 4]; 2],
+        spread: __m512i,
+        shift: __m512i,
+        load: __mmask64,
+    }
+
+    impl<const BITS: usize> Lookup64<BITS> {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        pub(super) unsafe fn new(lut: &I16Lut) -> Self {
+            let t: [[__m512i; 4]; 2] = std::array::from_fn(|p| {
+                std::array::from_fn(|r| _mm512_loadu_si512(lut.planes[p][64 * r..].as_ptr().cast()))
+            });
+            let (mut spread, mut shift) = ([0u8; 64], [0u8; 64]);
+            for k in 0..8 {
+                for m in 0..8 {
+                    spread[8 * k + m] = (k * BITS + m.min(BITS - 1)) as u8;
+                    shift[8 * k + m] = (m * BITS) as u8;
+                }
+            }
+            Lookup64 {
+                t,
+                spread: _mm512_loadu_si512(spread.as_ptr().cast()),
+                shift: _mm512_loadu_si512(shift.as_ptr().cast()),
+                load: if BITS == 8 {
+                    !0
+                } else {
+                    (1u64 << (8 * BITS)) - 1
+                },
+            }
+        }
+
+        /// `cbq` of the 64 codes whose `8 BITS` bytes start at `at`, as two int16
+        /// vectors in [`super::Order::Planes64`] order (columns `16 L + 0..8`, then
+        /// `16 L + 8..16`, for 128-bit lanes `L = 0..4`).
+        ///
+        /// # Safety
+        /// `at .. at + 8 BITS` readable (a masked load: nothing past them is read).
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        #[inline]
+        pub(super) unsafe fn get(&self, at: *const u8) -> (__m512i, __m512i) {
+            let raw = _mm512_maskz_loadu_epi8(self.load, at.cast());
+            let idx = if BITS == 8 {
+                raw
+            } else {
+                _mm512_multishift_epi64_epi8(self.shift, _mm512_permutexvar_epi8(self.spread, raw))
+            };
+            let t = &self.t;
+            let plane = |p: usize| match BITS {
+                0..=6 => _mm512_permutexvar_epi8(idx, t[p][0]),
+                7 => _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
+                _ => _mm512_mask_blend_epi8(
+                    _mm512_movepi8_mask(idx),
+                    _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
+                    _mm512_permutex2var_epi8(t[p][2], idx, t[p][3]),
+                ),
+            };
+            let (lo, hi) = (plane(0), plane(1));
+            (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi))
+        }
+    }
+
+    /// `cbq[code]` of rows `first ..` (as many as `out` holds, `cols` each) in
+    /// [`super::Order::Planes64`] order: the prefill GEMM's weight tile.
+    ///
+    /// # Safety
+    /// AVX-512 F+BW+VBMI available; columns a multiple of 64; rows in range.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn lookup_rows_vbmi(
+        q: &QuantRows,
+        lut: &I16Lut,
+        first: usize,
+        out: &mut [i16],
+    ) {
+        match q.bits() {
+            2 => lookup_rows::<2>(q, lut, first, out),
+            3 => lookup_rows::<3>(q, lut, first, out),
+            4 => lookup_rows::<4>(q, lut, first, out),
+            5 => lookup_rows::<5>(q, lut, first, out),
+            6 => lookup_rows::<6>(q, lut, first, out),
+            7 => lookup_rows::<7>(q, lut, first, out),
+            _ => lookup_rows::<8>(q, lut, first, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn lookup_rows<const BITS: usize>(
+        q: &QuantRows,
+        lut: &I16Lut,
+        first: usize,
+        out: &mut [i16],
+    ) {
+        let cols = q.cols();
+        let look = Lookup64::<BITS>::new(lut);
+        for (r, dst) in out.chunks_exact_mut(cols).enumerate() {
+            let row = q.row_ptr(first + r);
+            for (c, d) in dst.chunks_exact_mut(64).enumerate() {
+                let (w0, w1) = look.get(row.add(c * 8 * BITS));
+                _mm512_storeu_si512(d.as_mut_ptr().cast(), w0);
+                _mm512_storeu_si512(d.as_mut_ptr().add(32).cast(), w1);
+            }
+        }
+    }
+
     /// 64 `BITS`-bit codes per step, on byte lanes:
     /// - unpack: the `8 BITS` code bytes (one masked load: nothing past them is read)
     ///   are spread so that qword `k` holds bytes `k BITS .. (k + 1) BITS`, i.e. codes
@@ -644,23 +827,7 @@ mod x86 {
     ) {
         let (cols, group) = (q.cols(), q.group());
         let chunks = cols / 64;
-        let t: [[__m512i; 4]; 2] = std::array::from_fn(|p| {
-            std::array::from_fn(|r| _mm512_loadu_si512(lut.planes[p][64 * r..].as_ptr().cast()))
-        });
-        let (mut spread, mut shift) = ([0u8; 64], [0u8; 64]);
-        for k in 0..8 {
-            for m in 0..8 {
-                spread[8 * k + m] = (k * BITS + m.min(BITS - 1)) as u8;
-                shift[8 * k + m] = (m * BITS) as u8;
-            }
-        }
-        let spread = _mm512_loadu_si512(spread.as_ptr().cast());
-        let shift = _mm512_loadu_si512(shift.as_ptr().cast());
-        let load: __mmask64 = if BITS == 8 {
-            !0
-        } else {
-            (1u64 << (8 * BITS)) - 1
-        };
+        let look = Lookup64::<BITS>::new(lut);
         let xq: [*const i16; M] = std::array::from_fn(|t| pxs[t].xq.as_ptr());
         let xs: [*const f32; M] = std::array::from_fn(|t| pxs[t].xs.as_ptr());
         for r in 0..ys[0].len() {
@@ -673,24 +840,7 @@ mod x86 {
                 // The weights stream from memory once per token; the hardware prefetcher
                 // alone left the loads waiting (research log, 2026-12-04).
                 _mm_prefetch::<_MM_HINT_T0>(at.add(PREFETCH).cast());
-                let raw = _mm512_maskz_loadu_epi8(load, at.cast());
-                let idx = if BITS == 8 {
-                    raw
-                } else {
-                    _mm512_multishift_epi64_epi8(shift, _mm512_permutexvar_epi8(spread, raw))
-                };
-                let plane = |p: usize| match BITS {
-                    0..=6 => _mm512_permutexvar_epi8(idx, t[p][0]),
-                    7 => _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
-                    _ => _mm512_mask_blend_epi8(
-                        _mm512_movepi8_mask(idx),
-                        _mm512_permutex2var_epi8(t[p][0], idx, t[p][1]),
-                        _mm512_permutex2var_epi8(t[p][2], idx, t[p][3]),
-                    ),
-                };
-                let (lo, hi) = (plane(0), plane(1));
-                let w0 = _mm512_unpacklo_epi8(lo, hi);
-                let w1 = _mm512_unpackhi_epi8(lo, hi);
+                let (w0, w1) = look.get(at);
                 for t in 0..M {
                     let (xq, xs) = (xq[t], xs[t]);
                     let x0 = _mm512_loadu_si512(xq.add(64 * c).cast());
