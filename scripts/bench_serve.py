@@ -154,7 +154,9 @@ def main():
                                            "-c", str(1024 * slots), "--alias", model],
                           a.port + 1, model, a))
     out = {"command": " ".join(sys.argv), "machine": platform.processor() or platform.machine(),
-           "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "rows": rows}
+           "cpus": os.cpu_count(), "max_tokens": a.max_tokens, "rows": rows,
+           # Kernel switches (UC_PREFILL, UC_MATVEC) the uc server inherited, if any.
+           "uc_env": {k: v for k, v in os.environ.items() if k in ("UC_PREFILL", "UC_MATVEC")}}
     if len(rows) == 2:
         out["ratio_uc_over_llama_server"] = [
             {"clients": u["clients"],
