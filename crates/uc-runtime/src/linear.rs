@@ -609,7 +609,7 @@ impl Linear for PackedLinear {
             let pxs: Vec<&PreparedX> = px[..n].iter().collect();
             let xs: Vec<&[f32]> = x.chunks_exact(c).take(n).collect();
             qint::dot_rows_i16_multi(isa, &q, lut, &pxs, &xs, r0, &mut out.rows_mut());
-        } else if n <= FUSED_MAX_TOKENS {
+        } else if n <= FUSED_MAX_TOKENS || px.is_some() {
             for t in 0..n {
                 let xt = &x[t * c..(t + 1) * c];
                 match (&self.lut, px, &self.expanded) {
@@ -631,7 +631,9 @@ impl Linear for PackedLinear {
         }
         if let Some(o) = &self.overlay {
             let a = &o.a[r0 * o.rank..(r0 + len) * o.rank];
-            if n <= FUSED_MAX_TOKENS {
+            // Decode (tokens prepared for the integer kernel, up to qint::MULTI of them):
+            // each token's own dot products, as alone.
+            if n <= FUSED_MAX_TOKENS || px.is_some() {
                 for t in 0..n {
                     let xb = &aux[t * o.rank..(t + 1) * o.rank];
                     for (i, y) in out.row_mut(t).iter_mut().enumerate() {
@@ -903,9 +905,15 @@ pub(crate) fn forward_into_opts(
                 return;
             }
             // Per-token decode of more than FUSED_MAX_TOKENS tokens: the same row block
-            // for a few tokens at a time (each token through the decode kernel, as alone).
+            // for a few tokens at a time (each token through the decode kernel, as alone;
+            // the integer kernel takes up to qint::MULTI at once).
             let (c, r) = (ops[i].w.cols(), aux[i].len() / n);
-            for (t0, mut part) in block.split_rows(FUSED_MAX_TOKENS) {
+            let part_tokens = if which[i].is_some() {
+                qint::MULTI
+            } else {
+                FUSED_MAX_TOKENS
+            };
+            for (t0, mut part) in block.split_rows(part_tokens) {
                 let m = part.n();
                 let x = &xs[i][t0 * c..(t0 + m) * c];
                 let a = &aux[i][t0 * r..(t0 + m) * r];

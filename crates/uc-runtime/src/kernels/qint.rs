@@ -447,7 +447,7 @@ fn check_lookup(q: &QuantRows, lut: &I16Lut, first: usize, out: &[i16]) {
 }
 
 /// Tokens one call of [`dot_rows_i16_multi`] takes (its accumulators stay in registers).
-pub const MULTI: usize = 4;
+pub const MULTI: usize = 8;
 
 /// [`dot_rows_i16`] for up to [`MULTI`] tokens at once: `ys[t]` gets token `t`'s rows
 /// (`pxs[t]`, `xs[t]`), bit for bit what [`dot_rows_i16`] gives that token alone. On
@@ -677,7 +677,11 @@ mod x86 {
                 match pxs.len() {
                     2 => dot_vbmi::<$bits, 2>(q, lut, pxs, first, ys),
                     3 => dot_vbmi::<$bits, 3>(q, lut, pxs, first, ys),
-                    _ => dot_vbmi::<$bits, 4>(q, lut, pxs, first, ys),
+                    4 => dot_vbmi::<$bits, 4>(q, lut, pxs, first, ys),
+                    5 => dot_vbmi::<$bits, 5>(q, lut, pxs, first, ys),
+                    6 => dot_vbmi::<$bits, 6>(q, lut, pxs, first, ys),
+                    7 => dot_vbmi::<$bits, 7>(q, lut, pxs, first, ys),
+                    _ => dot_vbmi::<$bits, 8>(q, lut, pxs, first, ys),
                 }
             };
         }
