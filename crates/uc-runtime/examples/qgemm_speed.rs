@@ -21,13 +21,8 @@ fn main() {
         isa.name(),
         qgemm::available(isa)
     );
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut rng = uc_format::SplitMix64(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     for (k, (rows, cols, bits, n)) in [
         (1536, 576, 6, 512),
         (576, 1536, 6, 512),

@@ -238,8 +238,8 @@ impl PreparedX {
         &self.xs
     }
 
-    /// A token's activations already rounded (the prefill GEMM's packed form, unpacked
-    /// for the reference): `xq` in `order`, whole chunks only.
+    /// Activations already rounded (`xq` in `order`, whole chunks only; `xs` per group),
+    /// e.g. one token of the prefill GEMM's packed form, for the reference.
     pub(super) fn from_parts(
         group: usize,
         order: Order,
@@ -313,13 +313,7 @@ pub fn prepare_x_levels(x: &[f32], group: usize, order: Order, levels: f32) -> P
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         xq[j / chunk * chunk + order.lane_of(j % chunk)] = round_i16(v * inv, levels);
     }
-    PreparedX {
-        group,
-        order,
-        cols,
-        xq,
-        xs,
-    }
+    PreparedX::from_parts(group, order, cols, xq, xs)
 }
 
 /// `v` rounded half away from zero to an integer in `[-levels, levels]`. By truncating
