@@ -178,14 +178,16 @@ pub fn pack_x_reusing(
             }
         }
     };
-    let work = xq
-        .chunks_mut(units * LANES)
-        .zip(xs.chunks_mut(groups * LANES))
-        .enumerate();
     if blocks > 1 {
-        work.par_bridge().for_each(pack_block);
+        xq.par_chunks_mut(units * LANES)
+            .zip(xs.par_chunks_mut(groups * LANES))
+            .enumerate()
+            .for_each(pack_block);
     } else {
-        work.for_each(pack_block);
+        xq.chunks_mut(units * LANES)
+            .zip(xs.chunks_mut(groups * LANES))
+            .enumerate()
+            .for_each(pack_block);
     }
     PackedX {
         n,
