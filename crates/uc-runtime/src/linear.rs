@@ -12,8 +12,10 @@
 //!   ([`int_decode`]) the integer kernel ([`crate::kernels::qint`]) runs instead, with
 //!   each token's activations rounded once per call and layout; on AVX2, resident
 //!   8-bit weights keep their int16 codebook values expanded ([`qint::Expanded`]).
-//! - larger `n` (prefill): per block of `PREFILL_TILE` rows, packed weights are
-//!   dequantized into a thread-local tile and multiplied with the `gemm` crate.
+//! - larger `n` (prefill), by [`Prefill`]: per block of `PREFILL_TILE` rows, packed
+//!   weights are dequantized into a thread-local tile and multiplied with the `gemm`
+//!   crate (exact; eval and compress); or, for generation on AVX-512 VNNI, the integer
+//!   GEMM of [`crate::kernels::qgemm`] per block of `PREFILL_INT_TILE` rows.
 //! - A low-rank overlay `W += A B` is applied as `(x B^T) A^T`: `x B^T` once per call
 //!   ([`Linear::prologue`]), then a rank-r update per row block.
 

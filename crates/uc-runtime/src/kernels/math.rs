@@ -119,7 +119,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// `R x` for every row of `x (n, cols)`: [`uc_codec::rotation::rotate`] (its scalar code
 /// is the specification), with the same butterflies on AVX-512 for blocks of 16, 64 and
 /// 256 (every sum and difference is the reference's, so the bits are too). Rows in
-/// parallel from [`PAR_ROWS`] rows.
+/// parallel from 64 rows (prefill).
 pub fn rotate(isa: Isa, x: &mut [f32], cols: usize, b: usize, signs: &[f32]) {
     assert!(
         cols > 0 && x.len().is_multiple_of(cols) && signs.len() == cols,
