@@ -22,6 +22,7 @@ pub mod http;
 pub mod stop;
 pub mod template;
 
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -179,8 +180,13 @@ impl Server {
             self.listener
                 .set_nonblocking(true)
                 .map_err(io("configuring the socket"))?;
-            let listener =
-                tokio::net::TcpListener::from_std(self.listener).map_err(io("listening"))?;
+            // No Nagle delay: a stream's small chunks (the first token above all) go out
+            // when written, not after the client acknowledges the headers.
+            let listener = tokio::net::TcpListener::from_std(self.listener)
+                .map_err(io("listening"))?
+                .tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
             axum::serve(listener, http::router(self.state))
                 .with_graceful_shutdown(async {
                     let _ = tokio::signal::ctrl_c().await;
