@@ -27,9 +27,10 @@
 //!   span; after each span they convert to f32, times `scale(row, G) xs_G` per lane, and
 //!   are added to the f32 totals; the totals times `cs` are the outputs.
 //!
-//! Why: the f32 prefill (tiles dequantized, then the `gemm` crate) reached about half the
-//! f32 FMA peak, and `vpdpwssd` issues at the FMA's rate with twice its multiply-adds
-//! (research log, 2026-12-04, prefill entry).
+//! Why: per zmm instruction `vpdpwssd` does 32 multiply-adds where an f32 FMA does 16;
+//! against the f32 prefill (tiles dequantized, then the `gemm` crate) this kernel is
+//! 1.4-1.8x at 512 tokens, packing included (results/qgemm_speed.json; research log,
+//! 2026-12-04 evening).
 
 use super::qint::{self, I16Lut, Order, PreparedX};
 use super::quant::QuantRows;
@@ -474,8 +475,8 @@ mod x86 {
 
     /// `acc += vpdpwssd(x, broadcast(*w))`, the broadcast folded into the instruction's
     /// memory operand. In assembly: LLVM's generic tuning rewrites the intrinsic into
-    /// `vpmaddwd` + `vpaddd` (two instructions where the CPU retires one, the kernel's
-    /// whole point), and a separate broadcast takes a vector pipe slot on AMD Zen 4.
+    /// `vpmaddwd` + `vpaddd` (two instructions where one does, the kernel's whole
+    /// point); the folded broadcast saves a separate `vpbroadcastd` per row and pair.
     ///
     /// # Safety
     /// AVX-512 VNNI available; `w` readable for 4 bytes (any alignment).
