@@ -19,7 +19,11 @@ The pack is fully verified before the server starts (every file hash and every t
 reconstruction digest); a pack that fails is refused. Routes: POST /v1/chat/completions,
 POST /v1/completions (both with \"stream\": true for server-sent events), GET /v1/models,
 GET /health. Every response carries the pack fingerprint in the x-uc-pack-fingerprint
-header. The model id is the pack directory's name unless --model-id is given.")]
+header. The model id is the pack directory's name unless --model-id is given.
+
+A request whose prompt starts like one a batch slot served before prefills only the rest
+(the prompt cache), where the kernels make that bit-identical to a whole prefill (the
+integer prefill on AVX-512 VNNI CPUs); /health counts the reused tokens.")]
 pub struct ServeArgs {
     /// The pack directory.
     pack: PathBuf,
@@ -44,6 +48,10 @@ pub struct ServeArgs {
     /// Print the listening line as JSON (address, model id, fingerprint, context).
     #[arg(long)]
     json: bool,
+    /// Prefill every prompt whole (by default a request reuses the prompt prefix a slot
+    /// already holds, where that gives the same bits as a whole prefill).
+    #[arg(long)]
+    no_prompt_cache: bool,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -56,6 +64,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_batch: a.max_batch,
         context: a.ctx_size,
         model_id: a.model_id,
+        prompt_cache: !a.no_prompt_cache,
     })
     .with_context(|| format!("starting the server on {}", a.pack.display()))?;
     let addr = server.local_addr()?;

@@ -349,6 +349,59 @@ fn eight_concurrent_requests_batched_together_get_the_answers_they_get_alone() {
     assert_same_answers(&alone, &together);
 }
 
+/// The prompt cache: requests whose prompts share a prefix with one a slot served
+/// prefill only the rest, and every answer is the one a server without the cache gives.
+/// The model is synthetic (uc-synth's `tiny_wide`: every linear takes the integer
+/// prefill GEMM, which the cache needs) with the fixture's character tokenizer.
+#[test]
+fn prompt_cache_gives_the_answers_of_whole_prefills() {
+    let m = model_with_tokenizer("llama");
+    let shape = uc_synth::Shape::tiny_wide();
+    uc_synth::write_checkpoint(m.path(), &shape, 5, &mut |_| {}).unwrap();
+    let _ = std::fs::remove_file(m.path().join("generation_config.json"));
+    std::fs::write(
+        m.path().join("tokenizer_config.json"),
+        json!({"chat_template": TEMPLATE}).to_string(),
+    )
+    .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let pack = rtn_pack(m.path(), d.path());
+    let cached = serve(&pack, &["--max-batch", "2"]);
+    let whole = serve(&pack, &["--max-batch", "2", "--no-prompt-cache"]);
+    let long = "Tell me about the sea and the ships that sail on it, ".repeat(2);
+    let bodies: Vec<Value> = [
+        (format!("{long}in short."), json!({})),
+        (format!("{long}in short."), json!({})),
+        (
+            format!("{long}at length!"),
+            json!({"temperature": 0.9, "seed": 4}),
+        ),
+        ("Something else.".to_string(), json!({})),
+        (format!("{long}in short, please."), json!({})),
+    ]
+    .into_iter()
+    .map(|(c, extra)| chat_body(&cached, &c, extra))
+    .collect();
+    for (i, b) in bodies.iter().enumerate() {
+        let (a, w) = (chat(&cached, b), chat(&whole, b));
+        assert!(a["choices"][0]["message"]["content"].is_string(), "{a}");
+        assert_eq!(a["choices"], w["choices"], "request {i}");
+        assert_eq!(a["usage"], w["usage"], "request {i}");
+    }
+    assert_eq!(health(&whole)["reused_prompt_tokens"], 0);
+    let reused = health(&cached)["reused_prompt_tokens"].as_u64().unwrap();
+    let isa = uc_runtime::kernels::Isa::detect();
+    if uc_runtime::kernels::qgemm::available(isa) {
+        // Requests 2 and 3 (and 5) start with an earlier prompt's `user: {long}`.
+        assert!(
+            reused >= 2 * long.len() as u64,
+            "reused {reused} prompt tokens"
+        );
+    } else {
+        assert_eq!(reused, 0, "prefix reuse without the integer GEMM");
+    }
+}
+
 /// One chat completion's response body.
 fn chat(s: &Server, body: &Value) -> Value {
     post(s, "/v1/chat/completions", body).1

@@ -73,6 +73,9 @@ use uc_model::config::{Activation, ModelConfig};
 
 /// Query rows per attention task in prefill.
 const ATTN_QUERY_BLOCK: usize = 64;
+/// Tokens per attention task in the generation paths' prefill (times the GQA group's
+/// heads in rows).
+const ATTN_ROWS_TOKENS: usize = 16;
 /// Tokens per MLP pass (bounds the decoder's `(tokens, intermediate)` buffers).
 pub(crate) const MLP_TOKENS: usize = 256;
 
@@ -81,6 +84,8 @@ thread_local! {
     static FLASH: std::cell::RefCell<attention::Scratch> = std::cell::RefCell::new(attention::Scratch::default());
     /// Scores of a decode query, reused across heads on this thread.
     static DECODE_SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Scratch of the generation paths' prefill attention.
+    static ROWS: std::cell::RefCell<attention::RowsScratch> = std::cell::RefCell::new(attention::RowsScratch::default());
 }
 
 fn op<'a>(w: &'a dyn Linear, bias: Option<&'a [f32]>) -> Op<'a> {
@@ -516,30 +521,30 @@ impl Ctx<'_> {
         ];
         self.linears(&ops, xn, m, &mut [&mut *act, &mut *up]);
         let isa = self.isa;
-        if self.per_token {
+        let act_fn = |(g, u): (&mut [f32], &[f32])| match self.cfg.activation {
+            Activation::Silu => math::silu_mul(isa, g, u),
+            Activation::GeluTanh => math::gelu_tanh_mul(g, u),
+        };
+        if self.per_token || self.prefill == linear::Prefill::Integer {
             // Token by token, each row cut into the same chunks as a one-token call's
-            // (the SIMD kernels round their tails differently).
+            // (the SIMD kernels round their tails differently), so no token's bits
+            // depend on the others in the call.
             let width = b.linears[k].rows();
-            for (g, u) in act.chunks_mut(width).zip(up.chunks(width)) {
-                for (g, u) in g.chunks_mut(4096).zip(u.chunks(4096)) {
-                    match self.cfg.activation {
-                        Activation::Silu => math::silu_mul(isa, g, u),
-                        Activation::GeluTanh => math::gelu_tanh_mul(g, u),
-                    }
-                }
+            let row = |(g, u): (&mut [f32], &[f32])| {
+                g.chunks_mut(4096).zip(u.chunks(4096)).for_each(act_fn)
+            };
+            if self.per_token {
+                act.chunks_mut(width).zip(up.chunks(width)).for_each(row);
+            } else {
+                act.par_chunks_mut(width)
+                    .zip(up.par_chunks(width))
+                    .for_each(row);
             }
             return;
         }
-        match self.cfg.activation {
-            Activation::Silu => act
-                .par_chunks_mut(4096)
-                .zip(up.par_chunks(4096))
-                .for_each(|(g, u)| math::silu_mul(isa, g, u)),
-            Activation::GeluTanh => act
-                .par_chunks_mut(4096)
-                .zip(up.par_chunks(4096))
-                .for_each(|(g, u)| math::gelu_tanh_mul(g, u)),
-        }
+        act.par_chunks_mut(4096)
+            .zip(up.par_chunks(4096))
+            .for_each(act_fn);
     }
 
     /// Piece 5 (before the residual add): `out (m, hidden) = down(act)`, down being
@@ -682,10 +687,54 @@ impl Ctx<'_> {
             });
             return;
         }
+        let len = self.seq_len();
+        if self.prefill == linear::Prefill::Integer {
+            // Generation: per (sequence, KV head, block of tokens), every query row with
+            // the decode kernel's bits (kernels::attention::rows), so a prompt prefilled
+            // in pieces gives what one prefill gives.
+            let nkv = cfg.num_kv_heads;
+            let bounds: Vec<usize> = (0..=nkv).map(|g| g * group * hd).collect();
+            let tasks: Vec<(usize, usize, usize, ColBlock)> =
+                split_columns(ctx, n, nh * hd, &bounds)
+                    .into_iter()
+                    .enumerate()
+                    .flat_map(|(g, b)| {
+                        b.split_rows(len).into_iter().flat_map(move |(s0, b)| {
+                            b.split_rows(ATTN_ROWS_TOKENS)
+                                .into_iter()
+                                .map(move |(t0, b)| (s0 / len, g, t0, b))
+                        })
+                    })
+                    .collect();
+            tasks.into_par_iter().for_each(|(s, g, t0, mut out)| {
+                let Some(c) = kv.get(s) else {
+                    return;
+                };
+                let range = |t: usize| self.key_range(window, s, t0 + t);
+                let span = g * cap * hd..(g + 1) * cap * hd;
+                let grp = attention::Group {
+                    tokens: out.n(),
+                    heads: group,
+                    head_dim: hd,
+                    q: &q[((s * len + t0) * nh + g * group) * hd..],
+                    q_stride: nh * hd,
+                    keys: &c.k[span.clone()],
+                    vals: &c.v[span],
+                    scale,
+                    softcap,
+                    range: &range,
+                };
+                ROWS.with(|sc| {
+                    attention::rows(isa, &grp, &mut sc.borrow_mut(), &mut |t, h, ctx| {
+                        out.row_mut(t)[h * hd..(h + 1) * hd].copy_from_slice(ctx)
+                    });
+                });
+            });
+            return;
+        }
         // Prefill: per (sequence, head, block of queries), flash-style attention over
         // key tiles (kernels::attention; no (queries, keys) score matrix), context
         // written into the block's rows and head columns of ctx (n, heads * hd).
-        let len = self.seq_len();
         let bounds: Vec<usize> = (0..=nh).map(|h| h * hd).collect();
         let tasks: Vec<(usize, usize, usize, ColBlock)> = split_columns(ctx, n, nh * hd, &bounds)
             .into_iter()

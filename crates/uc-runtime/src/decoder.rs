@@ -88,6 +88,11 @@ pub struct Decoder {
     work: Option<Work>,
     pos: usize,
     capacity: usize,
+    /// The ids at positions `0 .. pos` (what the KV cache holds).
+    history: Vec<u32>,
+    /// Leading positions written by prefill calls with the row-invariant arithmetic
+    /// (see [`Decoder::keep_prefix`]).
+    prefilled: usize,
 }
 
 pub use crate::rotary::inverse_frequencies;
@@ -218,6 +223,8 @@ impl Decoder {
             work: None,
             pos: 0,
             capacity: opts.capacity,
+            history: Vec::new(),
+            prefilled: 0,
         })
     }
 
@@ -298,7 +305,69 @@ impl Decoder {
 
     /// Forgets the KV cache (a new sequence starts at position 0).
     pub fn reset(&mut self) {
-        self.pos = 0;
+        self.keep(0);
+    }
+
+    /// Keeps the first `pos` positions of the KV cache (at most those it holds).
+    fn keep(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+        self.history.truncate(self.pos);
+        self.prefilled = self.prefilled.min(self.pos);
+    }
+
+    /// The token ids at positions `0 .. position()`, the sequence the KV cache holds.
+    pub fn tokens(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Whether a prompt prefilled in pieces gives the bits of one prefill: with pieces of
+    /// more than [`linear::FUSED_MAX_TOKENS`] tokens, `forward(a)` then `forward(b)`
+    /// leave the KV cache and last logits of `forward(a ++ b)`, so a cached prefix can be
+    /// kept ([`Decoder::keep_prefix`]). True when every per-token piece of a prefill is
+    /// computed for each token alone: the integer GEMM for every block linear (the fast
+    /// prefill on a CPU that has it, no low-rank overlay), the attention rows of
+    /// [`crate::kernels::attention::rows`], resident weights, no recurrent state.
+    /// Elsewhere the f32 GEMMs' rounding depends on the number of rows in a call.
+    /// (Calls of up to `FUSED_MAX_TOKENS` tokens, decode steps, take the decode kernels,
+    /// which round activations more finely and sum in another order: their positions
+    /// are not kept.)
+    pub fn prefix_reuse_is_exact(&self) -> bool {
+        let Blocks::Resident(blocks) = &self.blocks else {
+            return false;
+        };
+        let isa = self.isa;
+        self.prefill() == linear::Prefill::Integer
+            && crate::kernels::qgemm::available(isa)
+            && self.ssm.is_empty()
+            && blocks.iter().all(|b| {
+                b.linears.iter().all(|w| {
+                    !w.has_prologue()
+                        && w.int_layout(isa).is_some_and(|(group, bits)| {
+                            crate::kernels::qgemm::supports(bits, group, w.cols())
+                        })
+                })
+            })
+    }
+
+    /// Before prefilling `ids`: keeps the longest prefix of them that the KV cache holds
+    /// from prefill calls (not decode steps) and that leaves more than
+    /// [`linear::FUSED_MAX_TOKENS`] of them to run, forgets the rest, and returns how many
+    /// positions were kept. `forward(&ids[kept..])` then gives the bits of a cold
+    /// `forward(ids)` (when [`Decoder::prefix_reuse_is_exact`]; otherwise this resets and
+    /// returns 0).
+    pub fn keep_prefix(&mut self, ids: &[u32]) -> usize {
+        if !self.prefix_reuse_is_exact() {
+            self.reset();
+            return 0;
+        }
+        let common = self.history[..self.prefilled]
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let kept = common.min(ids.len().saturating_sub(linear::FUSED_MAX_TOKENS + 1));
+        self.keep(kept);
+        kept
     }
 
     /// Runs `ids` at positions `position() ..`, appending them to the KV cache; returns
@@ -438,7 +507,14 @@ impl Decoder {
             cache.release(l);
         }
         *work_slot = Some(work);
+        // Positions written with the prefill GEMM's arithmetic (calls of up to
+        // FUSED_MAX_TOKENS tokens take the decode kernels, which round activations more
+        // finely and sum in another order).
+        if self.prefilled == self.pos && n > linear::FUSED_MAX_TOKENS {
+            self.prefilled += n;
+        }
         self.pos += n;
+        self.history.extend_from_slice(ids);
         let eps = self.cfg.rms_norm_eps as f32;
         let rows = match which {
             Logits::Last => &x[(n - 1) * h..],
@@ -576,7 +652,10 @@ impl Decoder {
             ctx.block(b, &mut kv, &mut x, &mut work);
         }
         drop(caches);
-        slots.iter_mut().for_each(|d| d.pos += 1);
+        for (d, &id) in slots.iter_mut().zip(ids) {
+            d.pos += 1;
+            d.history.push(id);
+        }
         // Final norm and head, token by token through the decode kernels: (n, vocab).
         let mut xn = vec![0f32; n * h];
         math::rms_norm(&x, &globals.norm, cfg.rms_norm_eps as f32, &mut xn);

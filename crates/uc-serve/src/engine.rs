@@ -19,6 +19,15 @@
 //! job at a time, as is a round whose batched step fails (so only the job at fault
 //! gets the error).
 //!
+//! Prompt cache: a slot's decoder remembers the tokens its KV cache holds. A new job
+//! goes to the free slot whose cached prompt shares the longest prefix with its own, and
+//! only the rest of its prompt is prefilled ([`Decoder::keep_prefix`]: at least five
+//! tokens, so the rest takes the prefill GEMM; positions written by decode steps are
+//! not reused). This is done only where the decoder
+//! says a prompt prefilled in pieces has the bits of one prefill
+//! ([`Decoder::prefix_reuse_is_exact`]: the integer prefill GEMM and per-row attention),
+//! so a reused prefix never changes an answer; elsewhere every prompt is prefilled whole.
+//!
 //! Events go back to the HTTP side over an unbounded channel per job; when the client
 //! has gone (the receiver is dropped), the job is cancelled at its next step and its
 //! slot is freed.
@@ -76,6 +85,8 @@ pub struct Load {
     pub cancelled: AtomicUsize,
     /// The most jobs advanced by one batched decode step so far.
     pub peak_batch: AtomicUsize,
+    /// Prompt tokens taken from a slot's KV cache instead of being prefilled.
+    pub reused_tokens: AtomicUsize,
 }
 
 /// Errors starting the worker.
@@ -98,13 +109,15 @@ pub struct Engine {
 
 impl Engine {
     /// Builds `max_batch` decoders of `capacity` positions over `loader` and starts the
-    /// worker thread. `eos` ends a generation without being emitted.
+    /// worker thread. `eos` ends a generation without being emitted; `prompt_cache`
+    /// lets a job reuse the prompt prefix a slot holds (where that is exact).
     pub fn start(
         loader: Arc<dyn WeightLoader>,
         tokenizer: Arc<Tokenizer>,
         eos: Vec<u32>,
         capacity: usize,
         max_batch: usize,
+        prompt_cache: bool,
     ) -> Result<Engine, EngineError> {
         // One copy of the weights: every slot after the first is a fork of it.
         let mut first = Decoder::new(
@@ -126,7 +139,7 @@ impl Engine {
         let l = load.clone();
         std::thread::Builder::new()
             .name("uc-serve-model".into())
-            .spawn(move || worker(rx, decoders, &tokenizer, &eos, &l))
+            .spawn(move || worker(rx, decoders, &tokenizer, &eos, &l, prompt_cache))
             .map_err(EngineError::Thread)?;
         Ok(Engine { jobs: tx, load })
     }
@@ -165,6 +178,7 @@ fn worker(
     tok: &Tokenizer,
     eos: &[u32],
     load: &Load,
+    prompt_cache: bool,
 ) {
     let mut free: Vec<usize> = (0..decoders.len()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
@@ -173,7 +187,7 @@ fn worker(
     let batched = decoders.first().is_some_and(Decoder::can_batch);
     loop {
         // Admit waiting jobs into free slots, in arrival order; block only when idle.
-        while let Some(&slot) = free.last() {
+        while !free.is_empty() {
             let job = if active.is_empty() {
                 match rx.recv() {
                     Ok(j) => j,
@@ -193,7 +207,20 @@ fn worker(
                     continue;
                 }
             };
-            free.pop();
+            // The free slot whose cache shares the longest prefix with the prompt (the
+            // most recently freed on ties).
+            let shared = |&s: &usize| {
+                let held = decoders.get(s).map_or(&[][..], Decoder::tokens);
+                held.iter()
+                    .zip(&job.prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            };
+            let best = (0..free.len())
+                .rev()
+                .max_by_key(|&i| (shared(&free[i]), i))
+                .unwrap_or(0);
+            let slot = free.remove(best);
             load.active.fetch_add(1, Ordering::SeqCst);
             active.push(Active {
                 stop: StopMatcher::new(job.stop.clone()),
@@ -214,7 +241,7 @@ fn worker(
                 // Prefill alone (and Mamba's decode steps): the bits of a lone request.
                 decoders
                     .get_mut(a.slot)
-                    .map(|dec| step(a, dec, eos, &mut order))
+                    .map(|dec| step(a, dec, eos, &mut order, prompt_cache, load))
             } else {
                 None
             });
@@ -240,7 +267,7 @@ fn worker(
                     let a = &mut active[i];
                     steps[i] = decoders
                         .get_mut(a.slot)
-                        .map(|dec| step(a, dec, eos, &mut order));
+                        .map(|dec| step(a, dec, eos, &mut order, prompt_cache, load));
                 }
             }
         }
@@ -315,15 +342,29 @@ enum Step {
 }
 
 /// One forward pass of `a` alone (the prompt's prefill, or its last token) and one
-/// sampled token.
-fn step(a: &mut Active, dec: &mut Decoder, eos: &[u32], order: &mut Vec<u32>) -> Step {
+/// sampled token. The prefill runs only the part of the prompt past the prefix the
+/// slot's cache can give (with `prompt_cache`).
+fn step(
+    a: &mut Active,
+    dec: &mut Decoder,
+    eos: &[u32],
+    order: &mut Vec<u32>,
+    prompt_cache: bool,
+    load: &Load,
+) -> Step {
     if a.job.events.is_closed() {
         return Step::ClientGone;
     }
     let logits = match a.last {
         None => {
-            dec.reset();
-            dec.forward(&a.job.prompt, Logits::Last)
+            let kept = if prompt_cache {
+                dec.keep_prefix(&a.job.prompt)
+            } else {
+                dec.reset();
+                0
+            };
+            load.reused_tokens.fetch_add(kept, Ordering::SeqCst);
+            dec.forward(&a.job.prompt[kept..], Logits::Last)
         }
         Some(t) => dec.forward(&[t], Logits::Last),
     };

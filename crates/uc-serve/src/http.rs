@@ -93,6 +93,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Json<Value> {
         "active": load.active.load(Ordering::SeqCst),
         "cancelled": load.cancelled.load(Ordering::SeqCst),
         "peak_batch": load.peak_batch.load(Ordering::SeqCst),
+        "reused_prompt_tokens": load.reused_tokens.load(Ordering::SeqCst),
     }))
 }
 

@@ -77,6 +77,9 @@ pub struct ServeOptions {
     pub context: Option<usize>,
     /// The model id clients name; `None` = the pack directory's name.
     pub model_id: Option<String>,
+    /// Reuse the prompt prefix a slot's KV cache holds, where that gives the bits of a
+    /// full prefill (see [`engine`]).
+    pub prompt_cache: bool,
 }
 
 /// Default cap on the context per sequence: a KV cache of SmolLM2-135M at 4096
@@ -110,7 +113,14 @@ impl Server {
         let tokenizer = Arc::new(Tokenizer::from_dir(&o.pack)?);
         let template = template::ChatTemplate::from_dir(&o.pack)?;
         let eos = eos_ids(&o.pack, &tokenizer);
-        let engine = engine::Engine::start(loader, tokenizer.clone(), eos, context, o.max_batch)?;
+        let engine = engine::Engine::start(
+            loader,
+            tokenizer.clone(),
+            eos,
+            context,
+            o.max_batch,
+            o.prompt_cache,
+        )?;
         let model_id = o.model_id.clone().unwrap_or_else(|| {
             o.pack
                 .canonicalize()

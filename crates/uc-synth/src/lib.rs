@@ -275,6 +275,24 @@ impl Shape {
         }
     }
 
+    /// [`Shape::tiny`] with heads of 64 dimensions (two sharing one KV head) and an MLP
+    /// of 128: every linear's input a multiple of 64, as the integer prefill GEMM takes
+    /// them (the prompt-cache tests).
+    pub fn tiny_wide() -> Self {
+        let mut s = Self::tiny(None);
+        (s.hidden, s.intermediate) = (128, 128);
+        (s.heads, s.kv_heads, s.head_dim) = (2, 1, 64);
+        for (k, v) in [
+            ("hidden_size", 128),
+            ("intermediate_size", 128),
+            ("num_attention_heads", 2),
+            ("num_key_value_heads", 1),
+        ] {
+            s.config[k] = v.into();
+        }
+        s
+    }
+
     /// The same shape with only its first `layers` blocks (config.json's
     /// `num_hidden_layers` follows): every block, the embedding and the head keep their
     /// exact shapes and, for a given seed, their weights, so a short model measures the

@@ -13,6 +13,12 @@
 //! Determinism: tiles are visited in a fixed order and every query row's arithmetic
 //! depends only on its own scores, so the result does not depend on how callers split
 //! (head, query block) tasks over threads.
+//!
+//! [`decode`] (one query) and [`rows`] (the query heads of a GQA group for a block of
+//! tokens, the generation paths' prefill) share one arithmetic: every query row gets
+//! the bits [`decode`] gives it alone, whatever the other rows of the call. So a prompt
+//! prefilled in pieces (a reused prefix, then the rest) leaves the same keys, values
+//! and logits as one cold prefill; rows of one KV head share each key and value load.
 
 use super::dense::{self, Mat};
 use super::{math, Isa};
@@ -200,10 +206,24 @@ pub fn decode(
     s.clear();
     match isa {
         // SAFETY: AVX-512 F available (guard); the lengths were checked above, and the
-        // kernel reads rows lo..hi of keys and vals and head_dim values of q and out.
+        // kernel reads rows lo..hi of keys and vals and head_dim values of q.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if Isa::Avx512.is_available() && hd.is_multiple_of(16) && hd <= 256 => unsafe {
-            x86::decode_avx512(q, keys, vals, (lo, hi), scale, softcap, s, out)
+        Isa::Avx512 if avx512_fits(hd) => unsafe {
+            let range = move |_: usize| (lo, hi);
+            let g = Group {
+                tokens: 1,
+                heads: 1,
+                head_dim: hd,
+                q,
+                q_stride: hd,
+                keys,
+                vals,
+                scale,
+                softcap,
+                range: &range,
+            };
+            let mut ctx = [0f32; 256];
+            x86::rows_avx512(&g, s, &mut ctx, &mut |_, _, c| out.copy_from_slice(c))
         },
         _ => {
             s.extend((lo..hi).map(|j| dense::dot(isa, q, &keys[j * hd..(j + 1) * hd]) * scale));
@@ -219,93 +239,337 @@ pub fn decode(
     }
 }
 
+/// Whether the AVX-512 kernels take head dimension `hd` (16..=256 in steps of 16).
+fn avx512_fits(hd: usize) -> bool {
+    Isa::Avx512.is_available() && hd.is_multiple_of(16) && (16..=256).contains(&hd)
+}
+
+/// The query rows of one KV head for [`rows`]: `tokens` consecutive tokens, each with
+/// the `heads` query heads of the GQA group that reads this KV head (row `r` is token
+/// `r / heads`, head `r % heads`).
+#[derive(Clone, Copy)]
+pub struct Group<'a> {
+    /// Tokens in the block.
+    pub tokens: usize,
+    /// Query heads per token reading this KV head.
+    pub heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Token `t`'s head `h` is `q[t * q_stride + h * head_dim ..][..head_dim]`.
+    pub q: &'a [f32],
+    /// Floats from one token's queries to the next's.
+    pub q_stride: usize,
+    /// Keys `(positions, head_dim)`.
+    pub keys: &'a [f32],
+    /// Values `(positions, head_dim)`.
+    pub vals: &'a [f32],
+    /// Score scale.
+    pub scale: f32,
+    /// Soft-cap of the scaled scores, when set.
+    pub softcap: Option<f32>,
+    /// The keys token `t` may see, `lo .. hi`, never empty; `lo` and `hi` ascend in `t`.
+    pub range: &'a (dyn Fn(usize) -> (usize, usize) + Sync),
+}
+
+/// Scratch of [`rows`], reused across calls on one thread.
+#[derive(Default)]
+pub struct RowsScratch {
+    /// Scores, then probabilities: `(rows, width)`.
+    s: Vec<f32>,
+    /// One register tile's contexts.
+    ctx: Vec<f32>,
+}
+
+/// Attention of every row of `g`, handing token `t`'s head `h` context to `emit(t, h,
+/// ctx)`. Each row's bits are those [`decode`] gives that query alone (scores per key,
+/// the row's softmax, values summed in key order), so they depend on neither the other
+/// rows nor the block split.
+pub fn rows(isa: Isa, g: &Group, sc: &mut RowsScratch, emit: &mut dyn FnMut(usize, usize, &[f32])) {
+    let hd = g.head_dim;
+    if g.tokens == 0 || g.heads == 0 {
+        return;
+    }
+    let last = (g.tokens - 1) * g.q_stride + g.heads * hd;
+    let (_, hi) = (g.range)(g.tokens - 1);
+    assert!(
+        g.q.len() >= last && g.keys.len() >= hi * hd && g.vals.len() >= hi * hd,
+        "attention::rows: inconsistent operands"
+    );
+    match isa {
+        // SAFETY: AVX-512 F available (guard); q holds every row (checked above) and the
+        // kernel reads keys and values below the last token's hi only.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if avx512_fits(hd) => unsafe {
+            sc.ctx.resize(x86::MAX_TILE * hd, 0.0);
+            x86::rows_avx512(g, &mut sc.s, &mut sc.ctx, emit)
+        },
+        _ => {
+            sc.ctx.resize(hd, 0.0);
+            for t in 0..g.tokens {
+                for h in 0..g.heads {
+                    let q = &g.q[t * g.q_stride + h * hd..][..hd];
+                    let (s, ctx) = (&mut sc.s, &mut sc.ctx);
+                    decode(
+                        isa,
+                        q,
+                        g.keys,
+                        g.vals,
+                        (g.range)(t),
+                        g.scale,
+                        g.softcap,
+                        s,
+                        ctx,
+                    );
+                    emit(t, h, ctx);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{math, softcap as cap, Isa};
+    use super::{math, softcap as cap, Group, Isa};
     use std::arch::x86_64::*;
 
+    /// Most rows in one register tile of the value sums.
+    pub(super) const MAX_TILE: usize = 8;
+
+    /// [`super::rows`] on AVX-512 (and [`super::decode`], one row).
+    ///
+    /// 1. Scores: for each tile of 16 keys (loaded once, read from L1 by every row),
+    ///    each row's 16 dot products -- per key, 16 lanes `q[l] k[l]` then an FMA per
+    ///    further 16 dimensions -- are summed across lanes by one halving tree for all
+    ///    16 keys ([`tree16`]), then scaled: per key the same additions in the same
+    ///    order whatever the tile, the row or its neighbours.
+    /// 2. Per row: soft-cap, then [`math::softmax`] of its live scores.
+    /// 3. Values: rows in register tiles; each value row loaded once per tile and added
+    ///    into each row's accumulators with its probability (FMA), in key order, only
+    ///    over the row's own keys.
+    ///
+    /// `s` is score scratch, `ctx` holds at least `MAX_TILE * head_dim` floats.
+    ///
     /// # Safety
-    /// AVX-512 F available; `q.len() == out.len() == hd`, `hd % 16 == 0`, `hd <= 256`,
-    /// `keys` and `vals` hold at least `hi` rows of `hd`.
+    /// AVX-512 F available; `head_dim % 16 == 0`, `16 <= head_dim <= 256`; `g.q` holds
+    /// every row; `g.keys` and `g.vals` hold at least the last token's `hi` rows.
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn decode_avx512(
-        q: &[f32],
-        keys: &[f32],
-        vals: &[f32],
-        range: (usize, usize),
-        scale: f32,
-        softcap: Option<f32>,
+    pub(super) unsafe fn rows_avx512(
+        g: &Group,
         s: &mut Vec<f32>,
-        out: &mut [f32],
+        ctx: &mut [f32],
+        emit: &mut dyn FnMut(usize, usize, &[f32]),
     ) {
-        // A compile-time register count per head dimension, so that q and the context
-        // accumulator stay in registers (a runtime count spilled them to the stack).
-        match q.len() / 16 {
-            1 => head::<1>(q, keys, vals, range, scale, softcap, s, out),
-            2 => head::<2>(q, keys, vals, range, scale, softcap, s, out),
-            3 => head::<3>(q, keys, vals, range, scale, softcap, s, out),
-            4 => head::<4>(q, keys, vals, range, scale, softcap, s, out),
-            5 => head::<5>(q, keys, vals, range, scale, softcap, s, out),
-            6 => head::<6>(q, keys, vals, range, scale, softcap, s, out),
-            8 => head::<8>(q, keys, vals, range, scale, softcap, s, out),
-            c if c <= 12 => head::<12>(q, keys, vals, range, scale, softcap, s, out),
-            _ => head::<16>(q, keys, vals, range, scale, softcap, s, out),
+        // Compile-time register counts (the head dimension's, exactly, and the value
+        // tile's rows) keep q and the accumulators in registers; with runtime counts or
+        // closures (which do not inherit the target features) they went to the stack.
+        macro_rules! by_width {
+            ($($c:literal => $r:literal),*) => {
+                match g.head_dim / 16 {
+                    $($c => run::<$c, $r>(g, s, ctx, emit),)*
+                    _ => unreachable!("head_dim checked by the caller"),
+                }
+            };
+        }
+        by_width!(1 => 8, 2 => 8, 3 => 6, 4 => 6, 5 => 4, 6 => 3, 7 => 3, 8 => 2,
+                  9 => 2, 10 => 2, 11 => 1, 12 => 1, 13 => 1, 14 => 1, 15 => 1, 16 => 1)
+    }
+
+    /// [`rows_avx512`] for head dimension `16 C`, value tiles of up to `R` rows.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run<const C: usize, const R: usize>(
+        g: &Group,
+        s: &mut Vec<f32>,
+        ctx: &mut [f32],
+        emit: &mut dyn FnMut(usize, usize, &[f32]),
+    ) {
+        let (hd, heads) = (g.head_dim, g.heads);
+        let n = g.tokens * heads;
+        let ranges: Vec<(usize, usize)> = (0..g.tokens).map(|t| (g.range)(t)).collect();
+        let base = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let top = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        // Row r's scores: s[r * width ..][.. hi - lo], key j at j - lo.
+        let width = ranges.iter().map(|r| r.1 - r.0).max().unwrap_or(0);
+        // Only written entries are read: grow, never clear (zeroing 100 KB per task
+        // showed in prefill profiles).
+        if s.len() < n * width {
+            s.resize(n * width, 0.0);
+        }
+        let (kp, vp, sp, qp) = (
+            g.keys.as_ptr(),
+            g.vals.as_ptr(),
+            s.as_mut_ptr(),
+            g.q.as_ptr(),
+        );
+        let scale = _mm512_set1_ps(g.scale);
+        // Lane 4k + m of a tree16 result holds key 4m + k.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let mut j0 = base;
+        while j0 < top {
+            let nk = 16.min(top - j0);
+            for r in 0..n {
+                let (lo, hi) = ranges[r / heads];
+                if hi <= j0 || lo >= j0 + nk {
+                    continue;
+                }
+                let q = qp.add((r / heads) * g.q_stride + (r % heads) * hd);
+                let tot = tree16::<C>(q, kp.add(j0 * hd), nk);
+                // Lanes of this row's keys, stored at j - lo (masked lanes are neither
+                // read nor written, so the wrapped base pointer is never dereferenced).
+                let (a, b) = (lo.max(j0) - j0, hi.min(j0 + nk) - j0);
+                let mask: __mmask16 = (((1u32 << b) - 1) & !((1u32 << a) - 1)) as u16;
+                let dst = sp.add(r * width).wrapping_add(j0).wrapping_sub(lo);
+                let v = _mm512_mul_ps(_mm512_permutexvar_ps(order, tot), scale);
+                _mm512_mask_storeu_ps(dst, mask, v);
+            }
+            j0 += nk;
+        }
+        for r in 0..n {
+            let (lo, hi) = ranges[r / heads];
+            let row = &mut s[r * width..r * width + (hi - lo)];
+            if let Some(c) = g.softcap {
+                row.iter_mut().for_each(|v| *v = cap(*v, c));
+            }
+            math::softmax(Isa::Avx512, row);
+        }
+        let sp = s.as_ptr();
+        let mut r0 = 0;
+        while r0 < n {
+            let nr = R.min(n - r0);
+            // p of row r at key j: prob(r).add(j), for lo_r <= j < hi_r.
+            let rows: [(usize, usize, *const f32); R] = std::array::from_fn(|i| {
+                let r = r0 + i.min(nr - 1);
+                let (lo, hi) = ranges[r / heads];
+                (lo, hi, sp.add(r * width).wrapping_sub(lo))
+            });
+            if nr == R {
+                values::<C, R>(&rows, vp, ctx.as_mut_ptr());
+            } else {
+                for (i, row) in rows[..nr].iter().enumerate() {
+                    values::<C, 1>(&[*row], vp, ctx.as_mut_ptr().add(i * hd));
+                }
+            }
+            for i in 0..nr {
+                let r = r0 + i;
+                emit(r / heads, r % heads, &ctx[i * hd..(i + 1) * hd]);
+            }
+            r0 += nr;
         }
     }
 
-    /// [`decode_avx512`] for head dimensions up to `16 C` (registers past `hd / 16` are
-    /// neither loaded nor stored).
+    /// `q . k` in 16 lanes: lane `l` is `q[l] k[l]`, then an FMA per further 16
+    /// dimensions, in order.
     #[target_feature(enable = "avx512f")]
-    // Index loops over the register arrays: `C` is a constant, so they unroll fully.
-    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn head<const C: usize>(
-        q: &[f32],
-        keys: &[f32],
-        vals: &[f32],
-        (lo, hi): (usize, usize),
-        scale: f32,
-        softcap: Option<f32>,
-        s: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
-        let hd = q.len();
-        let c = hd / 16;
-        let qv: [__m512; C] = std::array::from_fn(|k| {
-            if k < c {
-                _mm512_loadu_ps(q.as_ptr().add(16 * k))
+    #[inline]
+    // Index loops over register arrays: `C` is a constant, so they unroll.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn dot<const C: usize>(qv: &[__m512; C], row: *const f32) -> __m512 {
+        let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+        for k in 1..C {
+            acc = _mm512_fmadd_ps(qv[k], _mm512_loadu_ps(row.add(16 * k)), acc);
+        }
+        acc
+    }
+
+    /// The scores of the query at `q` against `nk <= 16` keys from `keys`, unscaled; key
+    /// `4m + k` in lane `4k + m`. Per key, [`dot`]'s lanes summed by the halving tree
+    /// `v[i] += v[i + w]` for `w` = 8, 4, 2, 1, computed for 16 keys at once with two
+    /// shuffles and one add per pair of vectors and level.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tree16<const C: usize>(q: *const f32, keys: *const f32, nk: usize) -> __m512 {
+        let mut qv = [_mm512_setzero_ps(); C];
+        for (k, v) in qv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(q.add(16 * k));
+        }
+        let zero = _mm512_setzero_ps();
+        // w = 8: keys (2m, 2m + 1) -> 128-bit chunks [a 0..4, a 4..8, b 0..4, b 4..8] of
+        // v[i] + v[i + 8].
+        let mut l8 = [zero; 8];
+        for (m, l) in l8.iter_mut().enumerate() {
+            let a = if 2 * m < nk {
+                dot::<C>(&qv, keys.add(2 * m * 16 * C))
             } else {
-                _mm512_setzero_ps()
-            }
-        });
-        let kp = keys.as_ptr();
-        s.reserve(hi - lo);
-        for j in lo..hi {
-            let row = kp.add(j * hd);
-            let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
-            for k in 1..C {
-                if k < c {
-                    acc = _mm512_fmadd_ps(qv[k], _mm512_loadu_ps(row.add(16 * k)), acc);
+                zero
+            };
+            let b = if 2 * m + 1 < nk {
+                dot::<C>(&qv, keys.add((2 * m + 1) * 16 * C))
+            } else {
+                zero
+            };
+            *l = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            );
+        }
+        // w = 4: chunk k of l4[m] is key 4m + k's v[i] + v[i + 4], i < 4.
+        let mut l4 = [zero; 4];
+        for (m, l) in l4.iter_mut().enumerate() {
+            let (u, w) = (l8[2 * m], l8[2 * m + 1]);
+            *l = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(u, w),
+                _mm512_shuffle_f32x4::<0xDD>(u, w),
+            );
+        }
+        // w = 2: chunk k of l2[m] is [key 8m + k, key 8m + 4 + k] x (i = 0, 1).
+        let l2 = [
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(l4[0], l4[1]),
+                _mm512_shuffle_ps::<0xEE>(l4[0], l4[1]),
+            ),
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(l4[2], l4[3]),
+                _mm512_shuffle_ps::<0xEE>(l4[2], l4[3]),
+            ),
+        ];
+        // w = 1: lane 4k + m is key 4m + k's total.
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(l2[0], l2[1]),
+            _mm512_shuffle_ps::<0xDD>(l2[0], l2[1]),
+        )
+    }
+
+    /// For each of the `R` rows `(lo, hi, p)`: `out[i] = sum_{lo <= j < hi} p[j] v_j`
+    /// (head dimension `16 C`) in ascending `j`; each value row is loaded once for all
+    /// rows that take it. Keys inside every row's range run without per-row tests.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn values<const C: usize, const R: usize>(
+        rows: &[(usize, usize, *const f32); R],
+        vals: *const f32,
+        out: *mut f32,
+    ) {
+        let (mut jlo, mut jhi, mut flo, mut fhi) = (usize::MAX, 0, 0, usize::MAX);
+        for &(lo, hi, _) in rows {
+            (jlo, jhi, flo, fhi) = (jlo.min(lo), jhi.max(hi), flo.max(lo), fhi.min(hi));
+        }
+        let segments = if flo < fhi {
+            [(jlo, flo, false), (flo, fhi, true), (fhi, jhi, false)]
+        } else {
+            [(jlo, jhi, false), (0, 0, false), (0, 0, false)]
+        };
+        let mut o = [[_mm512_setzero_ps(); C]; R];
+        for (a, b, full) in segments {
+            for j in a..b {
+                let row = vals.add(j * 16 * C);
+                let mut v = [_mm512_setzero_ps(); C];
+                for k in 0..C {
+                    v[k] = _mm512_loadu_ps(row.add(16 * k));
+                }
+                for i in 0..R {
+                    let (lo, hi, p) = rows[i];
+                    if full || (lo <= j && j < hi) {
+                        let p = _mm512_set1_ps(*p.wrapping_add(j));
+                        for k in 0..C {
+                            o[i][k] = _mm512_fmadd_ps(p, v[k], o[i][k]);
+                        }
+                    }
                 }
             }
-            s.push(_mm512_reduce_add_ps(acc) * scale);
         }
-        if let Some(c) = softcap {
-            s.iter_mut().for_each(|v| *v = cap(*v, c));
-        }
-        math::softmax(Isa::Avx512, s);
-        let mut o = [_mm512_setzero_ps(); C];
-        let vp = vals.as_ptr();
-        for (j, p) in (lo..hi).zip(s.iter()) {
-            let (row, p) = (vp.add(j * hd), _mm512_set1_ps(*p));
+        for i in 0..R {
             for k in 0..C {
-                if k < c {
-                    o[k] = _mm512_fmadd_ps(p, _mm512_loadu_ps(row.add(16 * k)), o[k]);
-                }
+                _mm512_storeu_ps(out.add(i * 16 * C + 16 * k), o[i][k]);
             }
-        }
-        for k in 0..c {
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * k), o[k]);
         }
     }
 }
@@ -395,6 +659,85 @@ mod tests {
                     worst <= FLASH_REL_TOL * big,
                     "{isa:?} hd {hd} pos {pos}: {worst} vs {big}"
                 );
+            }
+        }
+    }
+
+    /// `rows` gives every query row the bits `decode` gives it alone: any head
+    /// dimension the kernels take, GQA groups, ragged causal blocks, a cache offset,
+    /// sliding windows, soft-capping.
+    #[test]
+    fn rows_give_every_query_the_bits_of_decode() {
+        let mut rng = SplitMix64(9);
+        for (hd, heads, tokens, pos, window, softcap) in [
+            (64, 3, 16, 0, None, None),
+            (64, 3, 17, 37, None, None),
+            (64, 1, 5, 300, Some(20), None),
+            (32, 4, 9, 70, None, Some(30.0)),
+            (48, 2, 13, 3, None, None),
+            (80, 3, 7, 50, Some(33), None),
+            (128, 2, 6, 90, None, None),
+            (256, 1, 3, 20, None, None),
+            (16, 8, 4, 0, None, None),
+            (24, 2, 4, 10, None, None),
+        ] {
+            let keys_n = pos + tokens;
+            let mut v = |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.sym() * s).collect() };
+            let (q, k, vals) = (
+                v(tokens * heads * hd, 3.0),
+                v(keys_n * hd, 3.0),
+                v(keys_n * hd, 1.0),
+            );
+            let range = move |t: usize| {
+                let p = pos + t;
+                (
+                    window.map_or(0, |w: usize| (p + 1).saturating_sub(w)),
+                    p + 1,
+                )
+            };
+            let g = Group {
+                tokens,
+                heads,
+                head_dim: hd,
+                q: &q,
+                q_stride: heads * hd,
+                keys: &k,
+                vals: &vals,
+                scale: 0.125,
+                softcap,
+                range: &range,
+            };
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
+                let mut got = vec![f32::NAN; tokens * heads * hd];
+                let mut sc = RowsScratch::default();
+                // Twice through one scratch: stale scores must not leak into a call.
+                for _ in 0..2 {
+                    rows(isa, &g, &mut sc, &mut |t, h, ctx| {
+                        got[(t * heads + h) * hd..][..hd].copy_from_slice(ctx)
+                    });
+                }
+                for t in 0..tokens {
+                    for h in 0..heads {
+                        let r = (t * heads + h) * hd;
+                        let mut want = vec![0f32; hd];
+                        decode(
+                            isa,
+                            &q[r..r + hd],
+                            &k,
+                            &vals,
+                            range(t),
+                            0.125,
+                            softcap,
+                            &mut Vec::new(),
+                            &mut want,
+                        );
+                        let same = got[r..r + hd]
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{isa:?} hd {hd} heads {heads} token {t} head {h}");
+                    }
+                }
             }
         }
     }

@@ -30,8 +30,13 @@ fn overlay(rows: usize, cols: usize, rank: usize, k: usize) -> Overlay {
 /// Writes fixture `name` as a pack: block linears as q5g64 (every third with a rank-2
 /// overlay), the embedding as q8g32, everything else dense f32.
 pub fn write_pack(name: &str, out: &Path) {
-    let src = fixture(name);
-    let ck = Checkpoint::open(&src).unwrap();
+    write_pack_from(&fixture(name), out, true);
+}
+
+/// Writes the checkpoint at `src` as a pack, as [`write_pack`] does, with or without
+/// the overlays.
+pub fn write_pack_from(src: &Path, out: &Path, overlays: bool) {
+    let ck = Checkpoint::open(src).unwrap();
     let cfg = ck.config().clone();
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
@@ -59,7 +64,7 @@ pub fn write_pack(name: &str, out: &Path) {
                 CodecSpec::new(8, 32)
             };
             let mut qt = encode_rtn(&v, rows, cols, &spec, None).unwrap();
-            if linear && k % 3 == 0 {
+            if overlays && linear && k % 3 == 0 {
                 spec.rank = 2;
                 qt.spec = spec;
                 qt.overlay = Some(overlay(rows, cols, 2, k));
