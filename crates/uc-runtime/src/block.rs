@@ -525,7 +525,7 @@ impl Ctx<'_> {
             Activation::Silu => math::silu_mul(isa, g, u),
             Activation::GeluTanh => math::gelu_tanh_mul(g, u),
         };
-        if self.per_token || self.prefill == linear::Prefill::Integer {
+        if self.per_token || self.prefill.is_integer() {
             // Token by token, each row cut into the same chunks as a one-token call's
             // (the SIMD kernels round their tails differently), so no token's bits
             // depend on the others in the call.
@@ -533,7 +533,7 @@ impl Ctx<'_> {
             let row = |(g, u): (&mut [f32], &[f32])| {
                 g.chunks_mut(4096).zip(u.chunks(4096)).for_each(act_fn)
             };
-            if self.per_token {
+            if self.per_token || self.n <= linear::SMALL_CALL_TOKENS {
                 act.chunks_mut(width).zip(up.chunks(width)).for_each(row);
             } else {
                 act.par_chunks_mut(width)
@@ -688,7 +688,7 @@ impl Ctx<'_> {
             return;
         }
         let len = self.seq_len();
-        if self.prefill == linear::Prefill::Integer {
+        if self.prefill.is_integer() {
             // Generation: per (sequence, KV head, block of tokens), every query row with
             // the decode kernel's bits (kernels::attention::rows), so a prompt prefilled
             // in pieces gives what one prefill gives.
@@ -706,7 +706,7 @@ impl Ctx<'_> {
                         })
                     })
                     .collect();
-            tasks.into_par_iter().for_each(|(s, g, t0, mut out)| {
+            let run = |(s, g, t0, mut out): (usize, usize, usize, ColBlock)| {
                 let Some(c) = kv.get(s) else {
                     return;
                 };
@@ -729,7 +729,12 @@ impl Ctx<'_> {
                         out.row_mut(t)[h * hd..(h + 1) * hd].copy_from_slice(ctx)
                     });
                 });
-            });
+            };
+            if n <= linear::SMALL_CALL_TOKENS {
+                linear::par_tasks(self.par, tasks, &run);
+            } else {
+                tasks.into_par_iter().for_each(run);
+            }
             return;
         }
         // Prefill: per (sequence, head, block of queries), flash-style attention over

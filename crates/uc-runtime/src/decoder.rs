@@ -259,7 +259,7 @@ impl Decoder {
     }
 
     /// The prefill arithmetic a forward call uses.
-    fn prefill(&self) -> linear::Prefill {
+    fn prefill_mode(&self) -> linear::Prefill {
         match (linear::Prefill::from_env(), self.fast_prefill) {
             (Some(linear::Prefill::Whole), _) => linear::Prefill::Whole,
             (Some(linear::Prefill::Tiles), _) | (_, false) => linear::Prefill::Tiles,
@@ -320,23 +320,24 @@ impl Decoder {
         &self.history
     }
 
-    /// Whether a prompt prefilled in pieces gives the bits of one prefill: with pieces of
-    /// more than [`linear::FUSED_MAX_TOKENS`] tokens, `forward(a)` then `forward(b)`
-    /// leave the KV cache and last logits of `forward(a ++ b)`, so a cached prefix can be
-    /// kept ([`Decoder::keep_prefix`]). True when every per-token piece of a prefill is
-    /// computed for each token alone: the integer GEMM for every block linear (the fast
-    /// prefill on a CPU that has it, no low-rank overlay), the attention rows of
-    /// [`crate::kernels::attention::rows`], resident weights, no recurrent state.
-    /// Elsewhere the f32 GEMMs' rounding depends on the number of rows in a call.
-    /// (Calls of up to `FUSED_MAX_TOKENS` tokens, decode steps, take the decode kernels,
-    /// which round activations more finely and sum in another order: their positions
-    /// are not kept.)
+    /// Whether a prompt prefilled in pieces gives the bits of one prefill:
+    /// [`Decoder::prefill`]`(a)` then `prefill(b)` leave the KV cache and logits of
+    /// `prefill(a ++ b)` (so do `forward` calls of more than
+    /// [`linear::FUSED_MAX_TOKENS`] tokens), and a cached prefix can be kept
+    /// ([`Decoder::keep_prefix`]). True when every per-token piece of a prefill is
+    /// computed for each token alone: the integer GEMM's arithmetic for every block
+    /// linear (the fast prefill on a CPU that has the GEMM, no low-rank overlay), the
+    /// attention rows of [`crate::kernels::attention::rows`], resident weights, no
+    /// recurrent state. Elsewhere the f32 GEMMs' rounding depends on the number of rows
+    /// in a call. Decode steps (`forward` of up to `FUSED_MAX_TOKENS` tokens) take the
+    /// decode kernels, which round activations more finely and sum in another order:
+    /// their positions are not kept.
     pub fn prefix_reuse_is_exact(&self) -> bool {
         let Blocks::Resident(blocks) = &self.blocks else {
             return false;
         };
         let isa = self.isa;
-        self.prefill() == linear::Prefill::Integer
+        self.prefill_mode().is_integer()
             && crate::kernels::qgemm::available(isa)
             && self.ssm.is_empty()
             && blocks.iter().all(|b| {
@@ -350,11 +351,10 @@ impl Decoder {
     }
 
     /// Before prefilling `ids`: keeps the longest prefix of them that the KV cache holds
-    /// from prefill calls (not decode steps) and that leaves more than
-    /// [`linear::FUSED_MAX_TOKENS`] of them to run, forgets the rest, and returns how many
-    /// positions were kept. `forward(&ids[kept..])` then gives the bits of a cold
-    /// `forward(ids)` (when [`Decoder::prefix_reuse_is_exact`]; otherwise this resets and
-    /// returns 0).
+    /// from prefills (not decode steps), leaving at least one token to run for its
+    /// logits; forgets the rest and returns how many positions were kept.
+    /// [`Decoder::prefill`]`(&ids[kept..])` then gives the bits of a cold `prefill(ids)`
+    /// (when [`Decoder::prefix_reuse_is_exact`]; otherwise this resets and returns 0).
     pub fn keep_prefix(&mut self, ids: &[u32]) -> usize {
         if !self.prefix_reuse_is_exact() {
             self.reset();
@@ -365,7 +365,7 @@ impl Decoder {
             .zip(ids)
             .take_while(|(a, b)| a == b)
             .count();
-        let kept = common.min(ids.len().saturating_sub(linear::FUSED_MAX_TOKENS + 1));
+        let kept = common.min(ids.len().saturating_sub(1));
         self.keep(kept);
         kept
     }
@@ -373,17 +373,47 @@ impl Decoder {
     /// Runs `ids` at positions `position() ..`, appending them to the KV cache; returns
     /// logits of the last position or of all of them.
     pub fn forward(&mut self, ids: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let mode = self.prefill_mode();
+        self.forward_mode(ids, which, mode)
+    }
+
+    /// [`Decoder::forward`] of a prompt, or of the rest of one after
+    /// [`Decoder::keep_prefix`]; the last position's logits. With the fast prefill on,
+    /// a call of a few tokens gets the prefill GEMM's bits
+    /// ([`linear::Prefill::IntegerAll`]) instead of the decode steps' arithmetic, so a
+    /// prompt prefilled in pieces of any size has the bits of one prefill. Otherwise
+    /// the same as `forward(ids, Logits::Last)`.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let mode = match self.prefill_mode() {
+            linear::Prefill::Integer => linear::Prefill::IntegerAll,
+            other => other,
+        };
+        self.forward_mode(ids, Logits::Last, mode)
+    }
+
+    fn forward_mode(
+        &mut self,
+        ids: &[u32],
+        which: Logits,
+        mode: linear::Prefill,
+    ) -> Result<Vec<f32>> {
         // Run the whole pass on a pool worker: the parallel loops inside then start
         // from a worker (no cross-thread wake-up of the caller per loop, which costs
         // tens of microseconds each on a VM, hundreds of times per token).
-        if ids.len() <= linear::FUSED_MAX_TOKENS && !self.is_streaming() {
-            // Decode steps run their parallel loops on the spinning team (crate::team).
-            return self.forward_in_pool(ids, which);
+        if ids.len() <= linear::SMALL_CALL_TOKENS && !self.is_streaming() {
+            // Decode steps and short prefills run their parallel loops on the spinning
+            // team (crate::team).
+            return self.forward_in_pool(ids, which, mode);
         }
-        rayon::scope(|_| self.forward_in_pool(ids, which))
+        rayon::scope(|_| self.forward_in_pool(ids, which, mode))
     }
 
-    fn forward_in_pool(&mut self, ids: &[u32], which: Logits) -> Result<Vec<f32>> {
+    fn forward_in_pool(
+        &mut self,
+        ids: &[u32],
+        which: Logits,
+        mode: linear::Prefill,
+    ) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(RuntimeError::Empty("forward needs at least one token"));
         }
@@ -395,24 +425,29 @@ impl Decoder {
             ids.len()
         };
         if ids.len() <= chunk {
-            return self.forward_chunk(ids, which);
+            return self.forward_chunk(ids, which, mode);
         }
         let mut out = Vec::new();
         let pieces: Vec<&[u32]> = ids.chunks(chunk).collect();
         for (i, piece) in pieces.iter().enumerate() {
             let last = i + 1 == pieces.len();
             match (which, last) {
-                (Logits::All, _) => out.extend(self.forward_chunk(piece, Logits::All)?),
-                (Logits::Last, true) => out = self.forward_chunk(piece, Logits::Last)?,
+                (Logits::All, _) => out.extend(self.forward_chunk(piece, Logits::All, mode)?),
+                (Logits::Last, true) => out = self.forward_chunk(piece, Logits::Last, mode)?,
                 // Only the KV cache of earlier pieces matters; their logits are not
                 // needed, so compute the cheapest (last position's).
-                (Logits::Last, false) => drop(self.forward_chunk(piece, Logits::Last)?),
+                (Logits::Last, false) => drop(self.forward_chunk(piece, Logits::Last, mode)?),
             }
         }
         Ok(out)
     }
 
-    fn forward_chunk(&mut self, ids: &[u32], which: Logits) -> Result<Vec<f32>> {
+    fn forward_chunk(
+        &mut self,
+        ids: &[u32],
+        which: Logits,
+        prefill: linear::Prefill,
+    ) -> Result<Vec<f32>> {
         let n = ids.len();
         let vocab = self.cfg.vocab_size;
         if let Some(position) = ids.iter().position(|&id| id as usize >= vocab) {
@@ -453,7 +488,6 @@ impl Decoder {
             }
         }
         crate::scale_embedding(&self.cfg, &mut x);
-        let prefill = self.prefill();
         let Decoder {
             cfg,
             blocks,
@@ -507,10 +541,12 @@ impl Decoder {
             cache.release(l);
         }
         *work_slot = Some(work);
-        // Positions written with the prefill GEMM's arithmetic (calls of up to
+        // Positions written with the prefill GEMM's arithmetic (other calls of up to
         // FUSED_MAX_TOKENS tokens take the decode kernels, which round activations more
         // finely and sum in another order).
-        if self.prefilled == self.pos && n > linear::FUSED_MAX_TOKENS {
+        if self.prefilled == self.pos
+            && (prefill == linear::Prefill::IntegerAll || n > linear::FUSED_MAX_TOKENS)
+        {
             self.prefilled += n;
         }
         self.pos += n;

@@ -49,6 +49,9 @@ pub enum Prepared<'a> {
     Tokens(&'a [PreparedX]),
     /// Prefill: every token packed for the integer GEMM ([`crate::kernels::qgemm`]).
     Packed(&'a PackedX),
+    /// A prefill of a few tokens with the GEMM's bits: each token rounded as the GEMM
+    /// rounds it, for [`qint::dot_rows_i16_spec`] ([`Prefill::IntegerAll`]).
+    Spec(&'a [PreparedX]),
 }
 
 /// How a forward pass of more than [`FUSED_MAX_TOKENS`] tokens multiplies by packed
@@ -65,6 +68,18 @@ pub enum Prefill {
     /// allows it, else `Tiles`: activations rounded to 11 bits per group, each token's
     /// bits independent of the batch and of the thread count.
     Integer,
+    /// [`Prefill::Integer`], and calls of up to [`qint::FUSED_MAX_SPEC`] tokens too get
+    /// the GEMM's bits ([`qint::dot_rows_i16_spec`] on activations rounded as the GEMM
+    /// rounds them) instead of the decode kernels': a prompt prefilled in pieces of any
+    /// size has the bits of one prefill ([`crate::Decoder::prefill`]).
+    IntegerAll,
+}
+
+impl Prefill {
+    /// Whether prefills take the integer GEMM (where the CPU and the weight allow).
+    pub fn is_integer(self) -> bool {
+        matches!(self, Prefill::Integer | Prefill::IntegerAll)
+    }
 }
 
 /// One linear layer's weight, however it is stored.
@@ -596,13 +611,18 @@ impl Linear for PackedLinear {
     ) {
         let (c, r0, len, n) = (self.cols, out.first(), out.len(), out.n());
         let q = self.view();
-        let (packed, px) = match px {
-            Prepared::Packed(p) => (Some(p), None),
-            Prepared::Tokens(p) => (None, Some(p)),
-            Prepared::None => (None, None),
+        let (packed, px, spec) = match px {
+            Prepared::Packed(p) => (Some(p), None, None),
+            Prepared::Tokens(p) => (None, Some(p), None),
+            Prepared::Spec(p) => (None, None, Some(p)),
+            Prepared::None => (None, None, None),
         };
         if let (Some(p), Some(lut)) = (packed, &self.lut) {
             qgemm::gemm_rows(isa, &q, lut, p, r0, &mut out.rows_mut());
+        } else if let (Some(p), Some(lut)) = (spec, &self.lut) {
+            let pxs: Vec<&PreparedX> = p[..n].iter().collect();
+            let xs: Vec<&[f32]> = x.chunks_exact(c).take(n).collect();
+            qint::dot_rows_i16_spec(isa, &q, lut, &pxs, &xs, r0, &mut out.rows_mut());
         } else if let (true, Some(lut), Some(px), None) =
             (n > 1 && n <= qint::MULTI, &self.lut, px, &self.expanded)
         {
@@ -708,6 +728,24 @@ pub enum Par {
     /// The rayon pool: idle threads sleep, leaving the cores to others (the layer
     /// streamer's loader thread).
     Rayon,
+}
+
+/// Calls up to this many tokens have their parallel loops on `Par` (the decode team) even
+/// when they prefill: their loops are short enough that a rayon wake-up per loop shows.
+pub const SMALL_CALL_TOKENS: usize = 32;
+
+/// Runs `f(task)` for every task in parallel on `par`'s threads.
+pub fn par_tasks<T: Send>(par: Par, tasks: Vec<T>, f: &(dyn Fn(T) + Sync)) {
+    let slots: Vec<std::sync::Mutex<Option<T>>> = tasks
+        .into_iter()
+        .map(|t| std::sync::Mutex::new(Some(t)))
+        .collect();
+    par_for_each(par, slots.len(), &|k| {
+        let task = slots[k].lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = task {
+            f(t);
+        }
+    });
 }
 
 /// Calls `f(i)` for `i in 0..n` in parallel on `par`'s threads.
@@ -825,7 +863,7 @@ pub(crate) fn forward_into_opts(
     // rotation), for every op whose weight the integer GEMM takes.
     let mut packed: Vec<((usize, usize), PackedX)> = Vec::new();
     let mut which_packed: Vec<Option<usize>> = vec![None; ops.len()];
-    if !decode && prefill == Prefill::Integer && qgemm::available(isa) {
+    if !decode && prefill.is_integer() && qgemm::available(isa) {
         for (i, op) in ops.iter().enumerate() {
             let c = op.w.cols();
             let Some((group, _)) =
@@ -870,9 +908,44 @@ pub(crate) fn forward_into_opts(
     // (ops sharing an input mostly share one), not once per row block.
     let mut layouts: Vec<((usize, qint::Order, usize), Vec<PreparedX>)> = Vec::new();
     let mut which: Vec<Option<usize>> = vec![None; ops.len()];
+    // A prefill piece of a few tokens with the GEMM's bits: rounded as the GEMM does.
+    let mut specs: Vec<((usize, usize), Vec<PreparedX>)> = Vec::new();
+    let mut which_spec: Vec<Option<usize>> = vec![None; ops.len()];
+    if decode && !per_token && prefill == Prefill::IntegerAll && qgemm::available(isa) {
+        for (i, op) in ops.iter().enumerate() {
+            let c = op.w.cols();
+            let Some((group, _)) = op.w.int_layout(isa).filter(|&(g, b)| {
+                qgemm::supports(b, g, c) && n <= qint::FUSED_MAX_SPEC && !op.w.has_prologue()
+            }) else {
+                continue;
+            };
+            let key = (group, op.w.rotation().map_or(0, |r| r.0));
+            let k = match specs.iter().position(|(k, _)| *k == key) {
+                Some(k) => k,
+                None => {
+                    let x = xs[i];
+                    let px = (0..n)
+                        .map(|t| {
+                            let xt = &x[t * c..(t + 1) * c];
+                            qint::prepare_x_levels(
+                                xt,
+                                group,
+                                qint::Order::Planes64,
+                                qgemm::X_LEVELS,
+                            )
+                        })
+                        .collect();
+                    specs.push((key, px));
+                    specs.len() - 1
+                }
+            };
+            which_spec[i] = Some(k);
+        }
+    }
     if decode {
         for (i, op) in ops.iter().enumerate() {
-            let Some((group, bits)) = op.w.int_layout(isa) else {
+            let Some((group, bits)) = op.w.int_layout(isa).filter(|_| which_spec[i].is_none())
+            else {
                 continue;
             };
             // Rotated inputs are other activations.
@@ -896,10 +969,11 @@ pub(crate) fn forward_into_opts(
     let run = |(i, block): (usize, ColBlock)| {
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
-            let px = match (which[i], which_packed[i]) {
-                (Some(k), _) => Prepared::Tokens(&layouts[k].1),
-                (None, Some(k)) => Prepared::Packed(&packed[k].1),
-                (None, None) => Prepared::None,
+            let px = match (which[i], which_packed[i], which_spec[i]) {
+                (Some(k), _, _) => Prepared::Tokens(&layouts[k].1),
+                (None, Some(k), _) => Prepared::Packed(&packed[k].1),
+                (None, None, Some(k)) => Prepared::Spec(&specs[k].1),
+                (None, None, None) => Prepared::None,
             };
             if n <= FUSED_MAX_TOKENS || !decode {
                 let mut block = block;
@@ -927,18 +1001,10 @@ pub(crate) fn forward_into_opts(
             }
         })
     };
-    if decode {
-        // Decode: microsecond-sized tasks (on the spinning team unless told otherwise).
-        let slots: Vec<std::sync::Mutex<Option<(usize, ColBlock)>>> = tasks
-            .into_iter()
-            .map(|t| std::sync::Mutex::new(Some(t)))
-            .collect();
-        par_for_each(par, slots.len(), &|k| {
-            let task = slots[k].lock().ok().and_then(|mut t| t.take());
-            if let Some(t) = task {
-                run(t);
-            }
-        });
+    if decode || n <= SMALL_CALL_TOKENS {
+        // Decode and short prefills: microsecond-sized tasks (on the spinning team
+        // unless told otherwise).
+        par_tasks(par, tasks, &run);
     } else {
         tasks.into_par_iter().for_each(run);
     }

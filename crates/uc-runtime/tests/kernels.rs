@@ -284,6 +284,65 @@ fn int16_matvec_matches_its_reference_and_the_f32_reference_within_named_toleran
     }
 }
 
+/// The few-token kernel of the prefill arithmetic: every token's rows bit for bit the
+/// scalar reference (the prefill GEMM's specification) on activations rounded as the GEMM
+/// rounds them, for every width and group, 1 to 4 tokens, row counts on and off a
+/// multiple of 16; activations rounded more finely take the reference.
+#[test]
+fn int16_spec_matvec_gives_each_token_the_reference_bits() {
+    let mut rng = Prng(13);
+    for spec in specs().into_iter().filter(|s| s.rank == 0) {
+        let (bits, group) = (usize::from(spec.bits), spec.group as usize);
+        if !qint::supports(bits, group) {
+            continue;
+        }
+        let (rows, cols) = (37, 256);
+        let qt = random_qt(&mut rng, rows, cols, spec);
+        let parts = RowParts::new(&qt);
+        let q = parts.rows();
+        let lut = I16Lut::new(&parts.cb, bits);
+        let xs: Vec<Vec<f32>> = (0..qint::FUSED_MAX_SPEC)
+            .map(|t| {
+                let mut x: Vec<f32> = (0..cols).map(|_| rng.sym()).collect();
+                x[(t * 37) % cols] = 30.0;
+                x
+            })
+            .collect();
+        for levels in [uc_runtime::kernels::qgemm::X_LEVELS, qint::I16_LEVELS] {
+            for isa in isas() {
+                let order = qint::order(isa, bits, cols);
+                let pxs: Vec<qint::PreparedX> = xs
+                    .iter()
+                    .map(|x| qint::prepare_x_levels(x, group, order, levels))
+                    .collect();
+                for (first, n) in [(0, 32), (1, 36), (5, 16), (2, 7)] {
+                    for m in 1..=qint::FUSED_MAX_SPEC {
+                        let mut ys = vec![vec![f32::NAN; n]; m];
+                        let mut refs: Vec<&mut [f32]> =
+                            ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                        let p: Vec<&qint::PreparedX> = pxs[..m].iter().collect();
+                        let x: Vec<&[f32]> = xs[..m].iter().map(|x| x.as_slice()).collect();
+                        qint::dot_rows_i16_spec(isa, &q, &lut, &p, &x, first, &mut refs);
+                        for t in 0..m {
+                            let mut want = vec![0f32; n];
+                            qint::dot_rows_i16_scalar(&q, &lut, &pxs[t], &xs[t], first, &mut want);
+                            let same = ys[t]
+                                .iter()
+                                .zip(&want)
+                                .all(|(a, b)| a.to_bits() == b.to_bits());
+                            assert!(
+                                same,
+                                "{} {isa:?} levels {levels} rows {first}+{n}, {m} tokens, token {t}",
+                                spec.name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Several tokens through one integer mat-vec call (a batched decode step): each token's
 /// rows bit for bit what the one-token kernel gives it, for every width, group and
 /// number of tokens, on every ISA here.

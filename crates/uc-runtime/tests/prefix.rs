@@ -1,4 +1,4 @@
-//! A prompt prefilled in pieces of five tokens or more gives the bits of one prefill,
+//! A prompt prefilled in pieces (`Decoder::prefill`) gives the bits of one prefill,
 //! where `Decoder::prefix_reuse_is_exact` says so: the guarantee `uc serve`'s prompt
 //! cache rests on (a request that reuses another's cached prefix is answered with the bits of
 //! a cold request).
@@ -58,49 +58,64 @@ fn a_prompt_prefilled_in_pieces_gives_the_bits_of_one_prefill() {
         eprintln!("skipped: no integer GEMM on this CPU, so prefix reuse is refused");
         return;
     }
-    let want = bits(&cold.forward(&ids, Logits::Last).unwrap());
+    let want = bits(&cold.prefill(&ids).unwrap());
     assert_eq!(cold.tokens(), &ids[..]);
-    // Two prefills (pieces of 5 tokens or more take the GEMM) of every size class:
-    // attention blocks of 16 tokens, past the sliding window.
-    for split in [5, 6, 15, 16, 17, 40, 64, 65, 100, 115] {
+    // A long prompt goes through forward() as through prefill().
+    assert_eq!(
+        bits(&decoder(&p).forward(&ids, Logits::Last).unwrap()),
+        want
+    );
+    // Two prefills of every size class: 1..=4 tokens (the few-token kernel with the
+    // GEMM's bits), the GEMM above; attention blocks of 16 tokens; past the sliding
+    // window.
+    for split in [
+        1, 2, 3, 4, 5, 15, 16, 17, 40, 64, 65, 100, 115, 116, 117, 118, 119,
+    ] {
         let mut d = decoder(&p);
-        d.forward(&ids[..split], Logits::Last).unwrap();
-        let got = bits(&d.forward(&ids[split..], Logits::Last).unwrap());
+        d.prefill(&ids[..split]).unwrap();
+        let got = bits(&d.prefill(&ids[split..]).unwrap());
         assert_eq!(got, want, "prefix of {split}, then the rest");
     }
+    // Three pieces, two of them short.
+    let mut d = decoder(&p);
+    d.prefill(&ids[..2]).unwrap();
+    d.prefill(&ids[2..90]).unwrap();
+    d.prefill(&ids[90..93]).unwrap();
+    let got = bits(&d.prefill(&ids[93..]).unwrap());
+    assert_eq!(got, want, "pieces of 2, 88, 3 and 27");
     // keep_prefix: a cache holding another continuation of the first 80 tokens.
     let mut d = decoder(&p);
     let mut seen = ids[..80].to_vec();
     seen.extend([3, 5, 9, 2, 2, 2]);
-    d.forward(&seen, Logits::Last).unwrap();
+    d.prefill(&seen).unwrap();
     assert_eq!(d.keep_prefix(&ids), 80);
     assert_eq!((d.position(), d.tokens()), (80, &ids[..80]));
-    let got = bits(&d.forward(&ids[80..], Logits::Last).unwrap());
+    let got = bits(&d.prefill(&ids[80..]).unwrap());
     assert_eq!(got, want, "kept prefix of 80");
-    // The whole sequence cached: five tokens are run again (the GEMM's smallest call).
-    assert_eq!(d.keep_prefix(&ids), 115);
-    let got = bits(&d.forward(&ids[115..], Logits::Last).unwrap());
-    assert_eq!(got, want, "kept all but five");
-    // Decode steps (calls of up to four tokens) and batched decode steps are not kept:
-    // their kernels round activations more finely than the prefill GEMM.
+    // The whole prompt cached: the last token is run again for its logits.
+    assert_eq!(d.keep_prefix(&ids), 119);
+    let got = bits(&d.prefill(&ids[119..]).unwrap());
+    assert_eq!(got, want, "kept all but the last");
+    // Decode steps (forward of one token) and batched decode steps are not kept: their
+    // kernels round activations more finely than the prefill GEMM.
     let base = decoder(&p);
     let fork = || base.fork(160).unwrap();
     let (mut a, mut a2, mut b) = (fork(), fork(), fork());
-    a.forward(&ids[..50], Logits::Last).unwrap();
+    a.prefill(&ids[..50]).unwrap();
     for &t in &ids[50..54] {
         a.forward(&[t], Logits::Last).unwrap();
     }
-    a2.forward(&ids[..60], Logits::Last).unwrap();
-    b.forward(&ids[..30], Logits::Last).unwrap();
+    a2.prefill(&ids[..60]).unwrap();
+    b.prefill(&ids[..30]).unwrap();
     let mut slots = [&mut a2, &mut b];
     Decoder::forward_batch(&mut slots, &[ids[60], ids[30]]).unwrap();
     for (d, cached) in [(&mut a, 50), (&mut a2, 60), (&mut b, 30)] {
         assert_eq!(d.keep_prefix(&ids), cached);
-        let got = bits(&d.forward(&ids[cached..], Logits::Last).unwrap());
+        let got = bits(&d.prefill(&ids[cached..]).unwrap());
         assert_eq!(got, want, "after decode steps, {cached} kept");
     }
-    // Prompts of up to five tokens are always run whole.
-    assert_eq!(d.keep_prefix(&ids[..5]), 0);
+    // A one-token prompt keeps nothing.
+    assert_eq!(d.keep_prefix(&ids[..1]), 0);
 }
 
 /// Where the f32 GEMMs run (the fixtures' 96-wide down_proj, overlays, the exact

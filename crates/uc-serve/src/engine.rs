@@ -21,9 +21,9 @@
 //!
 //! Prompt cache: a slot's decoder remembers the tokens its KV cache holds. A new job
 //! goes to the free slot whose cached prompt shares the longest prefix with its own, and
-//! only the rest of its prompt is prefilled ([`Decoder::keep_prefix`]: at least five
-//! tokens, so the rest takes the prefill GEMM; positions written by decode steps are
-//! not reused). This is done only where the decoder
+//! only the rest of its prompt is prefilled ([`Decoder::keep_prefix`], then
+//! [`Decoder::prefill`]: any number of tokens with the prefill GEMM's bits; positions
+//! written by decode steps are not reused). This is done only where the decoder
 //! says a prompt prefilled in pieces has the bits of one prefill
 //! ([`Decoder::prefix_reuse_is_exact`]: the integer prefill GEMM and per-row attention),
 //! so a reused prefix never changes an answer; elsewhere every prompt is prefilled whole.
@@ -364,7 +364,7 @@ fn step(
                 0
             };
             load.reused_tokens.fetch_add(kept, Ordering::SeqCst);
-            dec.forward(&a.job.prompt[kept..], Logits::Last)
+            dec.prefill(&a.job.prompt[kept..])
         }
         Some(t) => dec.forward(&[t], Logits::Last),
     };

@@ -440,6 +440,31 @@ fn check_lookup(q: &QuantRows, lut: &I16Lut, first: usize, out: &[i16]) {
     );
 }
 
+/// The operands of a several-token call: one PreparedX, x and y per token, at most
+/// `max` tokens, each checked as for [`dot_rows_i16`], all in one lane order and with
+/// as many rows.
+fn check_tokens(
+    q: &QuantRows,
+    lut: &I16Lut,
+    pxs: &[&PreparedX],
+    xs: &[&[f32]],
+    first: usize,
+    ys: &[&mut [f32]],
+    max: usize,
+) {
+    assert!(
+        pxs.len() == xs.len() && xs.len() == ys.len() && ys.len() <= max,
+        "dot_rows_i16: one PreparedX, x and y per token, at most {max} tokens"
+    );
+    for ((px, x), y) in pxs.iter().zip(xs).zip(ys.iter()) {
+        check(q, lut, px, x, first, y);
+        assert!(
+            px.order == pxs[0].order && y.len() == ys[0].len(),
+            "dot_rows_i16: tokens differ in lane order or rows"
+        );
+    }
+}
+
 /// Tokens one call of [`dot_rows_i16_multi`] takes (its accumulators stay in registers).
 pub const MULTI: usize = 8;
 
@@ -457,17 +482,7 @@ pub fn dot_rows_i16_multi(
     first: usize,
     ys: &mut [&mut [f32]],
 ) {
-    assert!(
-        pxs.len() == xs.len() && xs.len() == ys.len() && ys.len() <= MULTI,
-        "dot_rows_i16_multi: one PreparedX, x and y per token, at most MULTI"
-    );
-    for ((px, x), y) in pxs.iter().zip(xs).zip(ys.iter()) {
-        check(q, lut, px, x, first, y);
-        assert!(
-            px.order == pxs[0].order && y.len() == ys[0].len(),
-            "dot_rows_i16_multi: tokens differ in lane order or rows"
-        );
-    }
+    check_tokens(q, lut, pxs, xs, first, ys, MULTI);
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 && pxs.len() > 1 && pxs[0].order == Order::Planes64 && vbmi_available() {
         // SAFETY: AVX-512 F+BW+VBMI available (guard); every token's operands checked
@@ -479,6 +494,64 @@ pub fn dot_rows_i16_multi(
         dot_rows_i16(isa, q, lut, px, x, first, y);
     }
 }
+
+/// Largest activation magnitude for which a 64-column span's sum of products fits an
+/// int32 exactly (`64 * I16_LEVELS * SPEC_X_LEVELS < 2^31`): the prefill GEMM's
+/// rounding ([`super::qgemm::X_LEVELS`]).
+pub const SPEC_X_LEVELS: i16 = 2047;
+
+/// [`dot_rows_i16_scalar`]'s arithmetic exactly, for up to [`FUSED_MAX_SPEC`] tokens
+/// sharing each chunk's lookup: the bits the prefill GEMM ([`super::qgemm`]) gives each
+/// token, at the cost of the decode kernels for a few tokens (the GEMM computes 16
+/// token lanes whatever the count). Each span's integer sum is reduced exactly across
+/// lanes (int32: the activations must be rounded to at most [`SPEC_X_LEVELS`], as
+/// `prepare_x_levels(.., qgemm::X_LEVELS)` does), then scaled and added in f32 in the
+/// reference's order, for 16 rows at a time.
+///
+/// On AVX-512 VBMI with [`Order::Planes64`], groups of whole 64-column chunks and no
+/// column tail; everything else (and rows past a multiple of 16) runs the reference.
+pub fn dot_rows_i16_spec(
+    isa: Isa,
+    q: &QuantRows,
+    lut: &I16Lut,
+    pxs: &[&PreparedX],
+    xs: &[&[f32]],
+    first: usize,
+    ys: &mut [&mut [f32]],
+) {
+    check_tokens(q, lut, pxs, xs, first, ys, FUSED_MAX_SPEC);
+    let rows = ys.first().map_or(0, |y| y.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let fits = |px: &&PreparedX| {
+            px.order == Order::Planes64
+                && px.full() == q.cols()
+                && px
+                    .xq
+                    .iter()
+                    .all(|v| v.unsigned_abs() <= SPEC_X_LEVELS as u16)
+        };
+        if isa == Isa::Avx512
+            && vbmi_available()
+            && q.group().is_multiple_of(64)
+            && !pxs.is_empty()
+            && pxs.iter().all(fits)
+        {
+            done = rows / 16 * 16;
+            // SAFETY: AVX-512 F+BW+VBMI available (guard); every token's operands checked
+            // as for `dot_rows_i16`, in Planes64 order with whole 64-column chunks and
+            // activations within SPEC_X_LEVELS; the kernel writes rows 0..done of each y.
+            unsafe { x86::dot_i16_spec_vbmi(q, lut, pxs, first, done, ys) };
+        }
+    }
+    for ((px, x), y) in pxs.iter().zip(xs).zip(ys.iter_mut()) {
+        dot_rows_i16_scalar(q, lut, px, x, first + done, &mut y[done..]);
+    }
+}
+
+/// Most tokens per [`dot_rows_i16_spec`] call.
+pub const FUSED_MAX_SPEC: usize = 4;
 
 /// 8-bit weights looked up once at load: `(rows, cols)` of `cbq[code]` (row-major,
 /// natural order). Why: a 256-entry lookup takes 32 byte shuffles per 32 weights (the
@@ -688,6 +761,145 @@ mod x86 {
             7 => by_tokens!(7),
             _ => by_tokens!(8),
         }
+    }
+
+    /// # Safety
+    /// As [`dot_i16_vbmi_multi`] for 1 to `FUSED_MAX_SPEC` tokens; besides, groups of
+    /// whole 64-column chunks, no column tail, activations within `SPEC_X_LEVELS`, and
+    /// `rows` a multiple of 16 within every `ys[t]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn dot_i16_spec_vbmi(
+        q: &QuantRows,
+        lut: &I16Lut,
+        pxs: &[&PreparedX],
+        first: usize,
+        rows: usize,
+        ys: &mut [&mut [f32]],
+    ) {
+        macro_rules! by_tokens {
+            ($bits:literal) => {
+                match pxs.len() {
+                    1 => spec_vbmi::<$bits, 1>(q, lut, pxs, first, rows, ys),
+                    2 => spec_vbmi::<$bits, 2>(q, lut, pxs, first, rows, ys),
+                    3 => spec_vbmi::<$bits, 3>(q, lut, pxs, first, rows, ys),
+                    _ => spec_vbmi::<$bits, 4>(q, lut, pxs, first, rows, ys),
+                }
+            };
+        }
+        match q.bits() {
+            2 => by_tokens!(2),
+            3 => by_tokens!(3),
+            4 => by_tokens!(4),
+            5 => by_tokens!(5),
+            6 => by_tokens!(6),
+            7 => by_tokens!(7),
+            _ => by_tokens!(8),
+        }
+    }
+
+    /// [`super::dot_rows_i16_spec`] for `M` tokens, 16 rows at a time: each row's 64
+    /// codes of a chunk looked up once (kept for the tokens), then per token the 16 rows'
+    /// span sums -- `vpmaddwd` lanes, reduced across lanes by a shuffle tree (int32 adds
+    /// are exact in any order) into one vector, lane `k` = row `k` -- converted to f32,
+    /// multiplied by `scale(row, G) * xs_G` and added to the row totals, span after
+    /// span: the reference's operations on every row.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn spec_vbmi<const BITS: usize, const M: usize>(
+        q: &QuantRows,
+        lut: &I16Lut,
+        pxs: &[&PreparedX],
+        first: usize,
+        rows: usize,
+        ys: &mut [&mut [f32]],
+    ) {
+        let (cols, group) = (q.cols(), q.group());
+        let n_groups = cols.div_ceil(group);
+        let look = Lookup64::<BITS>::new(lut);
+        // Lane 4k + m of the tree's result holds row 4m + k.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        // Row k's scale of a group is k * n_groups floats after row 0's.
+        let stride = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(n_groups as i32),
+        );
+        let cs = _mm512_set1_ps(lut.scale);
+        let row_bytes = cols / 64 * 8 * BITS;
+        let mut w = [[_mm512_setzero_si512(); 2]; 16];
+        for r0 in (0..rows).step_by(16) {
+            let mut total = [_mm512_setzero_ps(); M];
+            for c in 0..cols / 64 {
+                for (k, wk) in w.iter_mut().enumerate() {
+                    let at = q.row_ptr(first + r0 + k).add(c * 8 * BITS);
+                    // Sixteen rows are read side by side, which the hardware prefetcher
+                    // does not follow: fetch the next block's chunk (a hint, which never
+                    // faults; past the matrix it is wasted).
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(16 * row_bytes).cast());
+                    let (w0, w1) = look.get(at);
+                    *wk = [w0, w1];
+                }
+                let g = 64 * c / group;
+                let sv = _mm512_i32gather_ps::<4>(stride, q.row_scales(first + r0).add(g));
+                for t in 0..M {
+                    let xq = pxs[t].xq.as_ptr().add(64 * c);
+                    let x0 = _mm512_loadu_si512(xq.cast());
+                    let x1 = _mm512_loadu_si512(xq.add(32).cast());
+                    let sums = span_sums(&w, x0, x1);
+                    let rowsum = _mm512_permutexvar_epi32(order, sums);
+                    let f = _mm512_mul_ps(sv, _mm512_set1_ps(*pxs[t].xs.as_ptr().add(g)));
+                    total[t] =
+                        _mm512_add_ps(total[t], _mm512_mul_ps(_mm512_cvtepi32_ps(rowsum), f));
+                }
+            }
+            for t in 0..M {
+                // `total * cs + tail`, the tail an empty sum (+0.0), as the reference.
+                let y = _mm512_add_ps(_mm512_mul_ps(total[t], cs), _mm512_setzero_ps());
+                _mm512_storeu_ps(ys[t].as_mut_ptr().add(r0), y);
+            }
+        }
+    }
+
+    /// Row `k`'s span sum `sum_lanes (w[k][0] . x0 + w[k][1] . x1)` for 16 rows in one
+    /// vector, row `4m + k` in lane `4k + m`: per row its `vpmaddwd` lanes, then a halving
+    /// shuffle tree over the 16 rows (int32 adds: exact in any order).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    unsafe fn span_sums(w: &[[__m512i; 2]; 16], x0: __m512i, x1: __m512i) -> __m512i {
+        let zero = _mm512_setzero_si512();
+        let mut l8 = [zero; 8];
+        for (m, l) in l8.iter_mut().enumerate() {
+            let (wa, wb) = (&w[2 * m], &w[2 * m + 1]);
+            let a = _mm512_add_epi32(_mm512_madd_epi16(wa[0], x0), _mm512_madd_epi16(wa[1], x1));
+            let b = _mm512_add_epi32(_mm512_madd_epi16(wb[0], x0), _mm512_madd_epi16(wb[1], x1));
+            *l = _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0x44>(a, b),
+                _mm512_shuffle_i32x4::<0xEE>(a, b),
+            );
+        }
+        let mut l4 = [zero; 4];
+        for (m, l) in l4.iter_mut().enumerate() {
+            let (a, b) = (l8[2 * m], l8[2 * m + 1]);
+            *l = _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0x88>(a, b),
+                _mm512_shuffle_i32x4::<0xDD>(a, b),
+            );
+        }
+        // Within 128-bit lanes: the float shuffle moves the int32 bits unchanged.
+        let mut l2 = [zero; 2];
+        for (m, l) in l2.iter_mut().enumerate() {
+            let (a, b) = (
+                _mm512_castsi512_ps(l4[2 * m]),
+                _mm512_castsi512_ps(l4[2 * m + 1]),
+            );
+            *l = _mm512_add_epi32(
+                _mm512_castps_si512(_mm512_shuffle_ps::<0x44>(a, b)),
+                _mm512_castps_si512(_mm512_shuffle_ps::<0xEE>(a, b)),
+            );
+        }
+        let (a, b) = (_mm512_castsi512_ps(l2[0]), _mm512_castsi512_ps(l2[1]));
+        _mm512_add_epi32(
+            _mm512_castps_si512(_mm512_shuffle_ps::<0x88>(a, b)),
+            _mm512_castps_si512(_mm512_shuffle_ps::<0xDD>(a, b)),
+        )
     }
 
     /// The byte-plane lookup of 64 `BITS`-bit codes (see [`dot_vbmi`]): the codebook's
