@@ -123,7 +123,7 @@ impl PackedX {
         let xs = (0..groups)
             .map(|g| self.xs[(b * groups + g) * LANES + lane])
             .collect();
-        PreparedX::from_parts(self.group, Order::Planes64, self.cols, xq, xs)
+        PreparedX::from_parts(self.group, Order::Planes64, self.cols, xq, xs, X_LEVELS)
     }
 }
 

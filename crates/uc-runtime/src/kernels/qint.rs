@@ -215,6 +215,8 @@ pub struct PreparedX {
     xq: Vec<i16>,
     /// `xs_G` per group.
     xs: Vec<f32>,
+    /// The largest `|xq|` the rounding allowed (the `levels` of [`prepare_x_levels`]).
+    levels: f32,
 }
 
 impl PreparedX {
@@ -246,6 +248,7 @@ impl PreparedX {
         cols: usize,
         xq: Vec<i16>,
         xs: Vec<f32>,
+        levels: f32,
     ) -> Self {
         PreparedX {
             group,
@@ -253,6 +256,7 @@ impl PreparedX {
             cols,
             xq,
             xs,
+            levels,
         }
     }
 
@@ -313,7 +317,7 @@ pub fn prepare_x_levels(x: &[f32], group: usize, order: Order, levels: f32) -> P
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         xq[j / chunk * chunk + order.lane_of(j % chunk)] = round_i16(v * inv, levels);
     }
-    PreparedX::from_parts(group, order, cols, xq, xs)
+    PreparedX::from_parts(group, order, cols, xq, xs, levels)
 }
 
 /// `v` rounded half away from zero to an integer in `[-levels, levels]`. By truncating
@@ -527,10 +531,7 @@ pub fn dot_rows_i16_spec(
         let fits = |px: &&PreparedX| {
             px.order == Order::Planes64
                 && px.full() == q.cols()
-                && px
-                    .xq
-                    .iter()
-                    .all(|v| v.unsigned_abs() <= SPEC_X_LEVELS as u16)
+                && px.levels <= f32::from(SPEC_X_LEVELS)
         };
         if isa == Isa::Avx512
             && vbmi_available()
@@ -828,8 +829,9 @@ mod x86 {
         for r0 in (0..rows).step_by(16) {
             let mut total = [_mm512_setzero_ps(); M];
             for c in 0..cols / 64 {
+                let block = q.row_ptr(first + r0).add(c * 8 * BITS);
                 for (k, wk) in w.iter_mut().enumerate() {
-                    let at = q.row_ptr(first + r0 + k).add(c * 8 * BITS);
+                    let at = block.add(k * row_bytes);
                     // Sixteen rows are read side by side, which the hardware prefetcher
                     // does not follow: fetch the next block's chunk (a hint, which never
                     // faults; past the matrix it is wasted).
