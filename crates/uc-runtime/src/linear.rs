@@ -1019,20 +1019,20 @@ thread_local! {
     static SPARE: RefCell<(Vec<Vec<f32>>, Vec<PackedX>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
-/// Keeps up to two of each kind of buffer for the next call.
+/// Keeps the two largest of each kind of buffer for the next call, the largest last (it
+/// is popped first: a smaller one popped for down_proj's wider input was reallocated,
+/// and the new pages faulted in, on every layer).
 fn keep_spares(rotated: Vec<(usize, Vec<f32>)>, packed: Vec<((usize, usize), PackedX)>) {
     SPARE.with(|s| {
         let mut s = s.borrow_mut();
-        for (_, v) in rotated {
-            if s.0.len() < 2 {
-                s.0.push(v);
-            }
-        }
-        for (_, p) in packed {
-            if s.1.len() < 2 {
-                s.1.push(p);
-            }
-        }
+        s.0.extend(rotated.into_iter().map(|(_, v)| v));
+        s.0.sort_by_key(Vec::capacity);
+        let drop_rotated = s.0.len().saturating_sub(2);
+        s.0.drain(..drop_rotated);
+        s.1.extend(packed.into_iter().map(|(_, p)| p));
+        s.1.sort_by_key(PackedX::capacity);
+        let drop_packed = s.1.len().saturating_sub(2);
+        s.1.drain(..drop_packed);
     });
 }
 

@@ -47,6 +47,18 @@ pub fn softmax(isa: Isa, xs: &mut [f32]) {
     if xs.is_empty() {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && Isa::Avx512.is_available() {
+        // SAFETY: the guard checked the CPU supports AVX-512F. The maximum is exact in
+        // any order and the scaling is per element: the scalar path's bits (inputs
+        // without NaN).
+        unsafe {
+            let max = x86::max(xs);
+            let inv = 1.0 / x86::exp_shifted_sum(xs, max);
+            x86::scale(xs, inv);
+        }
+        return;
+    }
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum = exp_shifted_sum(isa, xs, max);
     let inv = 1.0 / sum;
@@ -345,6 +357,39 @@ mod x86 {
             0xffff
         } else {
             ((1u32 << n) - 1) as u16
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn max(xs: &[f32]) -> f32 {
+        let (n, p) = (xs.len(), xs.as_ptr());
+        let low = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut m = low;
+        let mut i = 0;
+        while i < n {
+            m = _mm512_max_ps(m, _mm512_mask_loadu_ps(low, lanes(n - i), p.add(i)));
+            i += 16;
+        }
+        _mm512_reduce_max_ps(m)
+    }
+
+    /// # Safety
+    /// AVX-512F available.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scale(xs: &mut [f32], a: f32) {
+        let (n, p) = (xs.len(), xs.as_mut_ptr());
+        let a = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i < n {
+            let m = lanes(n - i);
+            _mm512_mask_storeu_ps(
+                p.add(i),
+                m,
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), a),
+            );
+            i += 16;
         }
     }
 

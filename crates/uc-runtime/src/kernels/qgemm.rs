@@ -87,6 +87,11 @@ pub struct PackedX {
 }
 
 impl PackedX {
+    /// Activation values the buffers can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.xq.capacity()
+    }
+
     /// Tokens.
     pub fn n(&self) -> usize {
         self.n
@@ -150,14 +155,18 @@ pub fn pack_x_reusing(
     let blocks = n.div_ceil(LANES);
     let (units, groups) = (cols / 2, cols.div_ceil(group));
     let (mut xq, mut xs) = spare.map_or_else(Default::default, |p| (p.xq, p.xs));
-    // Zero-filled: lanes past `n` must read zero.
-    xq.clear();
+    // Every lane of a full block is written below; a partial block is zeroed first
+    // (lanes past `n` must read zero). Not clearing the rest saves a memset of the
+    // whole buffer per call.
     xq.resize(blocks * units * LANES, 0);
-    xs.clear();
     xs.resize(blocks * groups * LANES, 0.0);
     let simd = available(isa);
     let pack_block = |(b, (xq, xs)): (usize, (&mut [i32], &mut [f32]))| {
         let (t0, valid) = (b * LANES, LANES.min(n - b * LANES));
+        if valid < LANES {
+            xq.fill(0);
+            xs.fill(0.0);
+        }
         let xb = &x[t0 * cols..(t0 + valid) * cols];
         if simd {
             // SAFETY: AVX-512 F+BW available (`available`); `xb` holds `valid <= 16`
