@@ -182,10 +182,10 @@ pub fn flash(isa: Isa, p: &Problem, sc: &mut Scratch, emit: &mut dyn FnMut(usize
 /// soft-capped when `softcap` is set. `s` is scratch for the `hi - lo` scores.
 ///
 /// The reference is [`flash_scalar`] with one query row; the AVX-512 kernel (head
-/// dimensions 16..=256 in steps of 16) keeps `q` and the context accumulator in
-/// registers, so each key costs its row loads and FMAs only (the generic path calls
-/// `dense::dot` and `dense::axpy` per key: a dispatch, a reload and a store of the
-/// accumulator each), and agrees within [`FLASH_REL_TOL`].
+/// dimensions 16..=256 in steps of 16) is [`rows`]' with one row: `q` and the context
+/// accumulator in registers, so each key costs its row loads and FMAs only (the generic
+/// path calls `dense::dot` and `dense::axpy` per key: a dispatch, a reload and a store
+/// of the accumulator each), and agrees within [`FLASH_REL_TOL`].
 #[allow(clippy::too_many_arguments)]
 pub fn decode(
     isa: Isa,
@@ -347,7 +347,8 @@ mod x86 {
     ///    into each row's accumulators with its probability (FMA), in key order, only
     ///    over the row's own keys.
     ///
-    /// `s` is score scratch, `ctx` holds at least `MAX_TILE * head_dim` floats.
+    /// `s` is score scratch; `ctx` holds at least `min(rows, MAX_TILE) * head_dim`
+    /// floats (one register tile's contexts).
     ///
     /// # Safety
     /// AVX-512 F available; `head_dim % 16 == 0`, `16 <= head_dim <= 256`; `g.q` holds
