@@ -217,7 +217,6 @@ fn worker(
                     .count()
             };
             let best = (0..free.len())
-                .rev()
                 .max_by_key(|&i| (shared(&free[i]), i))
                 .unwrap_or(0);
             let slot = free.remove(best);
