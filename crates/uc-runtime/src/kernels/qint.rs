@@ -499,17 +499,16 @@ pub fn dot_rows_i16_multi(
     }
 }
 
-/// Largest activation magnitude for which a 64-column span's sum of products fits an
-/// int32 exactly (`64 * I16_LEVELS * SPEC_X_LEVELS < 2^31`): the prefill GEMM's
-/// rounding ([`super::qgemm::X_LEVELS`]).
-pub const SPEC_X_LEVELS: i16 = 2047;
+// The prefill GEMM's activation rounding keeps a 64-column span's sum of products
+// within an int32, which `dot_rows_i16_spec` relies on.
+const _: () = assert!(64.0 * I16_LEVELS * super::qgemm::X_LEVELS < 2_147_483_648.0);
 
 /// [`dot_rows_i16_scalar`]'s arithmetic exactly, for up to [`FUSED_MAX_SPEC`] tokens
 /// sharing each chunk's lookup: the bits the prefill GEMM ([`super::qgemm`]) gives each
 /// token, at the cost of the decode kernels for a few tokens (the GEMM computes 16
 /// token lanes whatever the count). Each span's integer sum is reduced exactly across
-/// lanes (int32: the activations must be rounded to at most [`SPEC_X_LEVELS`], as
-/// `prepare_x_levels(.., qgemm::X_LEVELS)` does), then scaled and added in f32 in the
+/// lanes (int32: the activations must be rounded to at most
+/// [`super::qgemm::X_LEVELS`], as the GEMM rounds them), then scaled and added in f32 in the
 /// reference's order, for 16 rows at a time.
 ///
 /// On AVX-512 VBMI with [`Order::Planes64`], groups of whole 64-column chunks and no
@@ -531,7 +530,7 @@ pub fn dot_rows_i16_spec(
         let fits = |px: &&PreparedX| {
             px.order == Order::Planes64
                 && px.full() == q.cols()
-                && px.levels <= f32::from(SPEC_X_LEVELS)
+                && px.levels <= super::qgemm::X_LEVELS
         };
         if isa == Isa::Avx512
             && vbmi_available()
@@ -542,7 +541,7 @@ pub fn dot_rows_i16_spec(
             done = rows / 16 * 16;
             // SAFETY: AVX-512 F+BW+VBMI available (guard); every token's operands checked
             // as for `dot_rows_i16`, in Planes64 order with whole 64-column chunks and
-            // activations within SPEC_X_LEVELS; the kernel writes rows 0..done of each y.
+            // activations within qgemm::X_LEVELS; the kernel writes rows 0..done of each y.
             unsafe { x86::dot_i16_spec_vbmi(q, lut, pxs, first, done, ys) };
         }
     }
@@ -766,7 +765,7 @@ mod x86 {
 
     /// # Safety
     /// As [`dot_i16_vbmi_multi`] for 1 to `FUSED_MAX_SPEC` tokens; besides, groups of
-    /// whole 64-column chunks, no column tail, activations within `SPEC_X_LEVELS`, and
+    /// whole 64-column chunks, no column tail, activations within `qgemm::X_LEVELS`, and
     /// `rows` a multiple of 16 within every `ys[t]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     pub(super) unsafe fn dot_i16_spec_vbmi(
