@@ -644,6 +644,30 @@ impl Ctx<'_> {
         (lo, p + 1)
     }
 
+    /// `ctx (n, heads * hd)` cut into attention tasks `(sequence, column block, first
+    /// token, block)`: column blocks of `width` (one head, or a KV head's group of
+    /// heads), rows by sequence, then by `tokens`.
+    fn attention_tasks<'x>(
+        &self,
+        ctx: &'x mut [f32],
+        width: usize,
+        tokens: usize,
+    ) -> Vec<(usize, usize, usize, ColBlock<'x>)> {
+        let (n, len, ld) = (self.n, self.seq_len(), ctx.len() / self.n.max(1));
+        let bounds: Vec<usize> = (0..=ld / width).map(|i| i * width).collect();
+        split_columns(ctx, n, ld, &bounds)
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                b.split_rows(len).into_iter().flat_map(move |(s0, b)| {
+                    b.split_rows(tokens)
+                        .into_iter()
+                        .map(move |(t0, b)| (s0 / len, i, t0, b))
+                })
+            })
+            .collect()
+    }
+
     /// Scaled dot-product attention of `q (n, heads * hd)` against each sequence's cache
     /// into `ctx (n, heads * hd)`; scores `q.k / sqrt(attn_scalar)`, soft-capped when
     /// configured, keys within `window`.
@@ -692,20 +716,7 @@ impl Ctx<'_> {
             // Generation: per (sequence, KV head, block of tokens), every query row with
             // the decode kernel's bits (kernels::attention::rows), so a prompt prefilled
             // in pieces gives what one prefill gives.
-            let nkv = cfg.num_kv_heads;
-            let bounds: Vec<usize> = (0..=nkv).map(|g| g * group * hd).collect();
-            let tasks: Vec<(usize, usize, usize, ColBlock)> =
-                split_columns(ctx, n, nh * hd, &bounds)
-                    .into_iter()
-                    .enumerate()
-                    .flat_map(|(g, b)| {
-                        b.split_rows(len).into_iter().flat_map(move |(s0, b)| {
-                            b.split_rows(ATTN_ROWS_TOKENS)
-                                .into_iter()
-                                .map(move |(t0, b)| (s0 / len, g, t0, b))
-                        })
-                    })
-                    .collect();
+            let tasks = self.attention_tasks(ctx, group * hd, ATTN_ROWS_TOKENS);
             let run = |(s, g, t0, mut out): (usize, usize, usize, ColBlock)| {
                 let Some(c) = kv.get(s) else {
                     return;
@@ -740,18 +751,7 @@ impl Ctx<'_> {
         // Prefill: per (sequence, head, block of queries), flash-style attention over
         // key tiles (kernels::attention; no (queries, keys) score matrix), context
         // written into the block's rows and head columns of ctx (n, heads * hd).
-        let bounds: Vec<usize> = (0..=nh).map(|h| h * hd).collect();
-        let tasks: Vec<(usize, usize, usize, ColBlock)> = split_columns(ctx, n, nh * hd, &bounds)
-            .into_iter()
-            .enumerate()
-            .flat_map(|(head, b)| {
-                b.split_rows(len).into_iter().flat_map(move |(s0, b)| {
-                    b.split_rows(ATTN_QUERY_BLOCK)
-                        .into_iter()
-                        .map(move |(t0, b)| (s0 / len, head, t0, b))
-                })
-            })
-            .collect();
+        let tasks = self.attention_tasks(ctx, hd, ATTN_QUERY_BLOCK);
         tasks.into_par_iter().for_each(|(s, head, t0, mut out)| {
             let g = head / group;
             let range = |r: usize| self.key_range(window, s, t0 + r);

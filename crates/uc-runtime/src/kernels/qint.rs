@@ -612,6 +612,22 @@ pub fn dot_rows_expanded(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{I16Lut, PreparedX, CHUNK, PREFETCH, SEGMENT, SPAN};
+
+    /// `$go!(B)` with `B` the code width `$bits` as a literal (2..=7, else 8), so that a
+    /// kernel generic over the width is picked at run time.
+    macro_rules! by_bits {
+        ($bits:expr, $go:ident) => {
+            match $bits {
+                2 => $go!(2),
+                3 => $go!(3),
+                4 => $go!(4),
+                5 => $go!(5),
+                6 => $go!(6),
+                7 => $go!(7),
+                _ => $go!(8),
+            }
+        };
+    }
     use crate::kernels::quant::QuantRows;
     use std::arch::x86_64::*;
 
@@ -718,15 +734,12 @@ mod x86 {
         y: &mut [f32],
     ) {
         let ys = &mut [y];
-        match q.bits() {
-            2 => dot_vbmi::<2, 1>(q, lut, &[px], first, ys),
-            3 => dot_vbmi::<3, 1>(q, lut, &[px], first, ys),
-            4 => dot_vbmi::<4, 1>(q, lut, &[px], first, ys),
-            5 => dot_vbmi::<5, 1>(q, lut, &[px], first, ys),
-            6 => dot_vbmi::<6, 1>(q, lut, &[px], first, ys),
-            7 => dot_vbmi::<7, 1>(q, lut, &[px], first, ys),
-            _ => dot_vbmi::<8, 1>(q, lut, &[px], first, ys),
+        macro_rules! one {
+            ($bits:literal) => {
+                dot_vbmi::<$bits, 1>(q, lut, &[px], first, ys)
+            };
         }
+        by_bits!(q.bits(), one)
     }
 
     /// # Safety
@@ -752,15 +765,7 @@ mod x86 {
                 }
             };
         }
-        match q.bits() {
-            2 => by_tokens!(2),
-            3 => by_tokens!(3),
-            4 => by_tokens!(4),
-            5 => by_tokens!(5),
-            6 => by_tokens!(6),
-            7 => by_tokens!(7),
-            _ => by_tokens!(8),
-        }
+        by_bits!(q.bits(), by_tokens)
     }
 
     /// # Safety
@@ -786,15 +791,7 @@ mod x86 {
                 }
             };
         }
-        match q.bits() {
-            2 => by_tokens!(2),
-            3 => by_tokens!(3),
-            4 => by_tokens!(4),
-            5 => by_tokens!(5),
-            6 => by_tokens!(6),
-            7 => by_tokens!(7),
-            _ => by_tokens!(8),
-        }
+        by_bits!(q.bits(), by_tokens)
     }
 
     /// [`super::dot_rows_i16_spec`] for `M` tokens, 16 rows at a time: each row's 64
@@ -979,15 +976,12 @@ mod x86 {
         first: usize,
         out: &mut [i16],
     ) {
-        match q.bits() {
-            2 => lookup_rows::<2>(q, lut, first, out),
-            3 => lookup_rows::<3>(q, lut, first, out),
-            4 => lookup_rows::<4>(q, lut, first, out),
-            5 => lookup_rows::<5>(q, lut, first, out),
-            6 => lookup_rows::<6>(q, lut, first, out),
-            7 => lookup_rows::<7>(q, lut, first, out),
-            _ => lookup_rows::<8>(q, lut, first, out),
+        macro_rules! go {
+            ($bits:literal) => {
+                lookup_rows::<$bits>(q, lut, first, out)
+            };
         }
+        by_bits!(q.bits(), go)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
