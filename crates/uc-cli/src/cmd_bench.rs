@@ -85,6 +85,8 @@ struct Report {
     model: ModelInfo,
     settings: BenchSettings,
     stream_layers: bool,
+    /// How the KV cache stores K and V ("f16" on CPUs whose attention kernels read it).
+    kv_cache: &'static str,
     /// Seconds to verify and load the weights.
     load_s: f64,
     #[serde(flatten)]
@@ -131,7 +133,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             stream_layers: a.stream_layers,
         },
     )?;
-    dec.set_fast_prefill(true);
+    dec.set_fast_prefill(true)?;
     let load_s = t.elapsed().as_secs_f64();
     let rss_after_load_mib = bench::rss_mib();
     let timings = bench::run(&mut dec, &settings)?;
@@ -154,6 +156,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         },
         settings,
         stream_layers: a.stream_layers,
+        kv_cache: dec.kv_dtype().name(),
         load_s,
         timings,
         peak_rss_mib: bench::peak_rss_mib(),
@@ -186,8 +189,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         settings.prompt_len, t.prefill_tok_s, t.ttft_ms
     ))?;
     output::line(&format!(
-        "decode {} tokens: {:.1} tok/s",
-        settings.gen, t.decode_tok_s
+        "decode {} tokens: {:.1} tok/s   KV cache {}",
+        settings.gen, t.decode_tok_s, report.kv_cache
     ))?;
     output::line(&format!(
         "load {:.2} s   peak RSS {}   resident weights {:.1} MiB",

@@ -173,7 +173,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             stream_layers: a.stream_layers,
         },
     )?;
-    dec.set_fast_prefill(true);
+    dec.set_fast_prefill(true)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling,

@@ -63,6 +63,7 @@ use crate::kernels::attention;
 use crate::kernels::dense::{split_columns, ColBlock, Mat};
 use crate::kernels::math;
 use crate::kernels::Isa;
+use crate::kv::KvMut;
 use crate::linear::{self, Linear, Op, Par};
 use crate::moe::Routes;
 use crate::rotary::Tables;
@@ -204,18 +205,34 @@ impl Positions<'_> {
 
 /// One sequence's K and V cache in one layer, `(kv_heads, capacity, head_dim)` each.
 pub(crate) struct SeqKv<'c> {
-    pub(crate) k: &'c mut [f32],
-    pub(crate) v: &'c mut [f32],
+    pub(crate) k: KvMut<'c>,
+    pub(crate) v: KvMut<'c>,
 }
 
 impl<'c> SeqKv<'c> {
-    /// `kc` and `vc` cut into consecutive per-sequence slabs of `slab` floats.
+    /// `kc` and `vc` (f32) cut into consecutive per-sequence slabs of `slab` floats.
     pub(crate) fn slabs(kc: &'c mut [f32], vc: &'c mut [f32], slab: usize) -> Vec<Self> {
         kc.chunks_mut(slab.max(1))
             .zip(vc.chunks_mut(slab.max(1)))
-            .map(|(k, v)| SeqKv { k, v })
+            .map(|(k, v)| SeqKv {
+                k: KvMut::F32(k),
+                v: KvMut::F32(v),
+            })
             .collect()
     }
+}
+
+/// The calls' caches as one element type (every sequence of a call has the same).
+fn typed<'a, E>(
+    kv: &'a [SeqKv],
+    get: impl Fn(&'a KvMut) -> Option<&'a [E]>,
+) -> Vec<(&'a [E], &'a [E])> {
+    kv.iter()
+        .map(|c| match (get(&c.k), get(&c.v)) {
+            (Some(k), Some(v)) => (k, v),
+            _ => unreachable!("one KV element type per call"),
+        })
+        .collect()
 }
 
 /// What one forward call's blocks share.
@@ -481,8 +498,8 @@ impl Ctx<'_> {
             for g in 0..nkv {
                 let dst = (g * self.capacity + p) * hd;
                 let src = (t * nkv + g) * hd;
-                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                kc.write(dst, &k[src..src + hd]);
+                vc.write(dst, &v[src..src + hd]);
             }
         }
         self.attention(q, kv, ctx, cfg.window(b.layer));
@@ -672,6 +689,32 @@ impl Ctx<'_> {
     /// into `ctx (n, heads * hd)`; scores `q.k / sqrt(attn_scalar)`, soft-capped when
     /// configured, keys within `window`.
     fn attention(&self, q: &[f32], kv: &[SeqKv], ctx: &mut [f32], window: Option<usize>) {
+        match kv.first().map(|c| &c.k) {
+            Some(KvMut::F16(_)) => {
+                let kv = typed(kv, |c| match c {
+                    KvMut::F16(x) => Some(&**x),
+                    KvMut::F32(_) => None,
+                });
+                self.attention_in(q, &kv, ctx, window)
+            }
+            _ => {
+                let kv = typed(kv, |c| match c {
+                    KvMut::F32(x) => Some(&**x),
+                    KvMut::F16(_) => None,
+                });
+                self.attention_in(q, &kv, ctx, window)
+            }
+        }
+    }
+
+    /// [`Ctx::attention`] over each sequence's `(K, V)` of one element type.
+    fn attention_in<E: attention::KvElem>(
+        &self,
+        q: &[f32],
+        kv: &[(&[E], &[E])],
+        ctx: &mut [f32],
+        window: Option<usize>,
+    ) {
         let cfg = self.cfg;
         let (n, nh, hd, isa, cap) = (self.n, cfg.num_heads, cfg.head_dim, self.isa, self.capacity);
         let group = nh / cfg.num_kv_heads;
@@ -692,8 +735,8 @@ impl Ctx<'_> {
                 let (lo, end) = self.key_range(window, s, 0);
                 let g = head / group;
                 let qv = &q[i * hd..(i + 1) * hd];
-                let keys = &c.k[g * cap * hd..];
-                let vals = &c.v[g * cap * hd..];
+                let keys = &c.0[g * cap * hd..];
+                let vals = &c.1[g * cap * hd..];
                 DECODE_SCORES.with(|s| {
                     let mut s = s.borrow_mut();
                     attention::decode(
@@ -729,8 +772,8 @@ impl Ctx<'_> {
                     head_dim: hd,
                     q: &q[((s * len + t0) * nh + g * group) * hd..],
                     q_stride: nh * hd,
-                    keys: &c.k[span.clone()],
-                    vals: &c.v[span],
+                    keys: &c.0[span.clone()],
+                    vals: &c.1[span],
                     scale,
                     softcap,
                     range: &range,
@@ -758,7 +801,11 @@ impl Ctx<'_> {
             let Some(c) = kv.get(s) else {
                 return;
             };
-            let span = g * cap * hd..(g + 1) * cap * hd;
+            // The tiled kernel reads f32 (an f16 cache meets it only when generation is
+            // forced onto the exact prefill, UC_PREFILL=tiles).
+            let hi = range(out.n() - 1).1;
+            let span = g * cap * hd..(g * cap + hi) * hd;
+            let (mut kb, mut vb) = (Vec::new(), Vec::new());
             let prob = attention::Problem {
                 rows: out.n(),
                 head_dim: hd,
@@ -767,8 +814,8 @@ impl Ctx<'_> {
                     rs: nh * hd,
                     cs: 1,
                 },
-                keys: &c.k[span.clone()],
-                vals: &c.v[span],
+                keys: E::widen(&c.0[span.clone()], &mut kb),
+                vals: E::widen(&c.1[span], &mut vb),
                 scale,
                 softcap,
                 range: &range,

@@ -23,7 +23,7 @@
 use crate::block::{Ctx, Positions, SeqKv, Work};
 use crate::kernels::math;
 use crate::kernels::Isa;
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvDtype};
 use crate::linear::{self, Op};
 use crate::stream::{HeadPlan, Loaded, Streamer};
 use crate::weights::{BlockWeights, GlobalWeights, WeightLoader};
@@ -165,13 +165,13 @@ impl Decoder {
                     opts,
                 )?;
                 d.isa = self.isa;
-                d.fast_prefill = self.fast_prefill;
+                d.set_fast_prefill(self.fast_prefill)?;
                 Ok(d)
             }
             _ => {
                 let mut d = Self::new(self.loader.clone(), opts)?;
                 d.isa = self.isa;
-                d.fast_prefill = self.fast_prefill;
+                d.set_fast_prefill(self.fast_prefill)?;
                 Ok(d)
             }
         }
@@ -200,9 +200,9 @@ impl Decoder {
         );
         // Mamba's KV cache has no heads (zero bytes): nothing to put on disk.
         let cache = if opts.stream_layers && cfg.ssm.is_none() {
-            KvCache::on_disk(l, g, c, d)?
+            KvCache::on_disk(l, g, c, d, KvDtype::F32)?
         } else {
-            KvCache::in_memory(l, g, c, d)?
+            KvCache::in_memory(l, g, c, d, KvDtype::F32)?
         };
         let ssm = match &cfg.ssm {
             Some(s) => (0..cfg.num_layers)
@@ -248,14 +248,47 @@ impl Decoder {
         self.isa = isa.or_scalar();
     }
 
-    /// Prefills of more than a few tokens with the integer GEMM
-    /// ([`crate::kernels::qgemm`]: activations rounded to 11 bits per weight group, within
-    /// its documented tolerance of the exact f32 arithmetic) where the CPU has it; for
-    /// generation (`uc run`, `uc bench`, `uc serve`). Off by default: scoring (`uc
-    /// eval`) and tests keep the exact arithmetic. `UC_PREFILL=tiles|whole` overrides
-    /// it for comparisons.
-    pub fn set_fast_prefill(&mut self, fast: bool) {
+    /// The arithmetic of generation (`uc run`, `uc bench`, `uc serve`), where the CPU
+    /// has the kernels:
+    /// - prefills of more than a few tokens with the integer GEMM
+    ///   ([`crate::kernels::qgemm`]: activations rounded to 11 bits per weight group,
+    ///   within its documented tolerance of the exact f32 arithmetic);
+    /// - K and V stored as f16 ([`KvDtype::F16`], where the attention kernels read it:
+    ///   [`crate::kernels::attention::fast_kernels`]), half the bytes per decode step.
+    ///
+    /// Off by default: scoring (`uc eval`) and tests keep the exact arithmetic.
+    /// `UC_PREFILL=tiles|whole` overrides the prefill GEMM for comparisons. Set it
+    /// before the first token: a cache that holds positions is not converted.
+    pub fn set_fast_prefill(&mut self, fast: bool) -> Result<()> {
+        let was = self.fast_prefill;
         self.fast_prefill = fast;
+        let want = self.generation_kv_dtype();
+        if want != self.cache.dtype() {
+            if self.pos > 0 {
+                self.fast_prefill = was;
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "set_fast_prefill would change the KV cache to {want:?} with {} positions in it; \
+                     set it before the first token",
+                    self.pos
+                )));
+            }
+            self.cache = self.cache.empty_like(want)?;
+        }
+        Ok(())
+    }
+
+    /// How the KV cache stores K and V.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.cache.dtype()
+    }
+
+    /// The KV element type for the current settings.
+    fn generation_kv_dtype(&self) -> KvDtype {
+        if self.fast_prefill {
+            crate::kv::generation_kv_dtype(&self.cfg, self.isa)
+        } else {
+            KvDtype::F32
+        }
     }
 
     /// The prefill arithmetic a forward call uses.
@@ -526,7 +559,7 @@ impl Decoder {
         };
         for l in 0..cfg.num_layers {
             let (k, v) = cache.layer_mut(l);
-            let mut run = |b: &BlockWeights| match ssm.get_mut(l) {
+            let run = |b: &BlockWeights| match ssm.get_mut(l) {
                 Some(st) => ctx.ssm_block(b, st, &mut x, &mut work),
                 None => ctx.block(b, &mut [SeqKv { k, v }], &mut x, &mut work),
             };

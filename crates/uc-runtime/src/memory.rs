@@ -113,8 +113,10 @@ pub fn estimate(
     let layers = cfg.num_layers as u64;
     let cap = capacity as u64;
     let vocab = cfg.vocab_size as u64;
-    // K and V of one layer, f32, page-rounded.
-    let kv_layer = (2 * kv * cap * 4).div_ceil(4096) * 4096;
+    // K and V of one layer as generation stores them, page-rounded.
+    let kv_dtype = crate::kv::generation_kv_dtype(cfg, crate::kernels::Isa::detect());
+    let kv_layer = (2 * kv * cap * kv_dtype.bytes() as u64).div_ceil(4096) * 4096;
+    let kv_name = kv_dtype.name();
     let pass = if stream {
         (prompt as u64).min(STREAM_PREFILL_CHUNK)
     } else {
@@ -147,7 +149,7 @@ pub fn estimate(
                 3 * w.largest_block,
             ),
             (
-                format!("KV cache of one layer ({capacity} positions, f32)"),
+                format!("KV cache of one layer ({capacity} positions, {kv_name})"),
                 kv_layer,
             ),
             act,
@@ -166,7 +168,7 @@ pub fn estimate(
             ("every block's weights".into(), w.blocks),
             ("embedding, head and final norm".into(), w.globals),
             (
-                format!("KV cache of {layers} layers ({capacity} positions, f32)"),
+                format!("KV cache of {layers} layers ({capacity} positions, {kv_name})"),
                 kv_layer * layers,
             ),
             act,

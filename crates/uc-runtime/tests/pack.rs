@@ -269,6 +269,63 @@ fn a_fork_shares_weights_and_computes_what_a_fresh_decoder_does() {
     assert!(a.fork(0).is_err(), "a zero-capacity fork must be refused");
 }
 
+/// Generation stores K and V as f16 where the attention kernels read it; the element
+/// type is settled before the first token and cannot change under a filled cache.
+#[test]
+fn generation_keeps_an_f16_cache_chosen_before_the_first_token() {
+    use uc_runtime::kernels::{attention, Isa};
+    use uc_runtime::kv::KvDtype;
+    let tmp = tempfile::tempdir().unwrap();
+    let pack = tmp.path().join("pack");
+    write_pack("llama", &pack);
+    let p: Arc<dyn WeightLoader> = Arc::new(PackLoader::open(&pack, Verify::Full).unwrap());
+    let opts = DecoderOptions {
+        capacity: 32,
+        stream_layers: false,
+    };
+    let mut d = Decoder::new(p.clone(), opts).unwrap();
+    assert_eq!(d.kv_dtype(), KvDtype::F32, "scoring keeps the exact cache");
+    d.set_fast_prefill(true).unwrap();
+    let want = if attention::fast_kernels(d.isa(), d.config().head_dim) {
+        KvDtype::F16
+    } else {
+        KvDtype::F32
+    };
+    assert_eq!(d.kv_dtype(), want);
+    assert_eq!(d.fork(8).unwrap().kv_dtype(), want, "forks inherit it");
+    let first = d.forward(&[1, 2, 3], Logits::Last).unwrap();
+    if want == KvDtype::F16 {
+        assert!(
+            d.set_fast_prefill(false).is_err(),
+            "a filled cache was retyped"
+        );
+        assert_eq!(d.kv_dtype(), KvDtype::F16);
+        // The refused call changed nothing: the next step reads the cache it wrote.
+        let mut again = Decoder::new(p.clone(), opts).unwrap();
+        again.set_fast_prefill(true).unwrap();
+        assert_eq!(again.forward(&[1, 2, 3], Logits::Last).unwrap(), first);
+        assert_eq!(
+            d.forward(&[4], Logits::Last).unwrap(),
+            again.forward(&[4], Logits::Last).unwrap()
+        );
+    }
+    // The scalar reference reads the f16 cache too (widened per call).
+    let mut scalar = Decoder::new(p, opts).unwrap();
+    scalar.set_fast_prefill(true).unwrap();
+    scalar.set_isa(Isa::Scalar);
+    let s = scalar.forward(&[1, 2, 3], Logits::Last).unwrap();
+    let big = first.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let diff = s
+        .iter()
+        .zip(&first)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        diff < 5e-3 * big,
+        "scalar vs SIMD on the f16 cache: {diff} (max {big})"
+    );
+}
+
 /// The fast prefill (`Decoder::set_fast_prefill`: the integer GEMM where the CPU has it)
 /// against the exact one: logits within the integer kernels' reach, the same greedy
 /// tokens, and the same bits on 1 and 2 threads. The fixtures' 64-wide inputs take the
@@ -295,7 +352,7 @@ fn fast_prefill_is_close_to_exact_and_independent_of_the_thread_count() {
                     },
                 )
                 .unwrap();
-                d.set_fast_prefill(fast);
+                d.set_fast_prefill(fast).unwrap();
                 d.forward(&prompt, Logits::All).unwrap()
             })
         };

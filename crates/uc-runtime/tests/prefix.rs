@@ -34,7 +34,7 @@ fn decoder(p: &Arc<dyn WeightLoader>) -> Decoder {
         },
     )
     .unwrap();
-    d.set_fast_prefill(true);
+    d.set_fast_prefill(true).unwrap();
     d
 }
 
@@ -58,6 +58,8 @@ fn a_prompt_prefilled_in_pieces_gives_the_bits_of_one_prefill() {
         eprintln!("skipped: no integer GEMM on this CPU, so prefix reuse is refused");
         return;
     }
+    // Generation's f16 KV cache is part of what is tested.
+    assert_eq!(cold.kv_dtype(), uc_runtime::kv::KvDtype::F16);
     let want = bits(&cold.prefill(&ids).unwrap());
     assert_eq!(cold.tokens(), &ids[..]);
     // A long prompt goes through forward() as through prefill().
@@ -136,6 +138,6 @@ fn prefix_reuse_is_refused_where_a_call_rounds_by_its_row_count() {
     let tmp2 = tempfile::tempdir().unwrap();
     let synth = synth_pack(tmp2.path());
     let mut exact = decoder(&synth);
-    exact.set_fast_prefill(false);
+    exact.set_fast_prefill(false).unwrap();
     assert!(!exact.prefix_reuse_is_exact(), "the exact prefill's GEMMs");
 }

@@ -128,7 +128,7 @@ impl Engine {
             },
         )?;
         // Generation: the integer prefill GEMM (forks inherit it).
-        first.set_fast_prefill(true);
+        first.set_fast_prefill(true)?;
         let mut decoders = Vec::with_capacity(max_batch.max(1));
         for _ in 1..max_batch.max(1) {
             decoders.push(first.fork(capacity)?);

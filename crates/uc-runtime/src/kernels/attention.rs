@@ -22,6 +22,42 @@
 
 use super::dense::{self, Mat};
 use super::{math, Isa};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// An element of the KV cache the generation kernels ([`decode`], [`rows`]) read: f32,
+/// or f16 (K and V rounded to nearest-even binary16 when written, so each decode step
+/// reads half the bytes). Elements are widened to f32 exactly on load; everything after
+/// the load is the same arithmetic for both.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    /// Whether the element is binary16 (the kernels branch on it at compile time).
+    const F16: bool;
+    /// `x` widened to f32: `x` itself for f32, else converted into `buf`.
+    fn widen<'b>(x: &'b [Self], buf: &'b mut Vec<f32>) -> &'b [f32];
+}
+
+impl KvElem for f32 {
+    const F16: bool = false;
+    fn widen<'b>(x: &'b [f32], _: &'b mut Vec<f32>) -> &'b [f32] {
+        x
+    }
+}
+
+impl KvElem for f16 {
+    const F16: bool = true;
+    fn widen<'b>(x: &'b [f16], buf: &'b mut Vec<f32>) -> &'b [f32] {
+        buf.clear();
+        buf.resize(x.len(), 0.0);
+        x.convert_to_f32_slice(buf);
+        buf
+    }
+}
+
+/// Whether [`decode`] and [`rows`] run their SIMD kernel for head dimension `hd` on
+/// `isa` (elsewhere an f16 cache is widened per call, which costs more than it saves).
+pub fn fast_kernels(isa: Isa, hd: usize) -> bool {
+    isa == Isa::Avx512 && avx512_fits(hd)
+}
 
 /// Keys per tile: a `(64 queries, 128 keys)` score tile is 32 KiB, inside L1 + L2 with
 /// the tile's K and V `(128, head_dim)`.
@@ -187,11 +223,11 @@ pub fn flash(isa: Isa, p: &Problem, sc: &mut Scratch, emit: &mut dyn FnMut(usize
 /// path calls `dense::dot` and `dense::axpy` per key: a dispatch, a reload and a store
 /// of the accumulator each), and agrees within [`FLASH_REL_TOL`].
 #[allow(clippy::too_many_arguments)]
-pub fn decode(
+pub fn decode<E: KvElem>(
     isa: Isa,
     q: &[f32],
-    keys: &[f32],
-    vals: &[f32],
+    keys: &[E],
+    vals: &[E],
     (lo, hi): (usize, usize),
     scale: f32,
     softcap: Option<f32>,
@@ -226,6 +262,11 @@ pub fn decode(
             x86::rows_avx512(&g, s, &mut ctx, &mut |_, _, c| out.copy_from_slice(c))
         },
         _ => {
+            let (mut kb, mut vb) = (Vec::new(), Vec::new());
+            let (keys, vals) = (
+                E::widen(&keys[..hi * hd], &mut kb),
+                E::widen(&vals[..hi * hd], &mut vb),
+            );
             s.extend((lo..hi).map(|j| dense::dot(isa, q, &keys[j * hd..(j + 1) * hd]) * scale));
             if let Some(c) = softcap {
                 s.iter_mut().for_each(|v| *v = self::softcap(*v, c));
@@ -248,7 +289,7 @@ fn avx512_fits(hd: usize) -> bool {
 /// the `heads` query heads of the GQA group that reads this KV head (row `r` is token
 /// `r / heads`, head `r % heads`).
 #[derive(Clone, Copy)]
-pub struct Group<'a> {
+pub struct Group<'a, E: KvElem = f32> {
     /// Tokens in the block.
     pub tokens: usize,
     /// Query heads per token reading this KV head.
@@ -260,9 +301,9 @@ pub struct Group<'a> {
     /// Floats from one token's queries to the next's.
     pub q_stride: usize,
     /// Keys `(positions, head_dim)`.
-    pub keys: &'a [f32],
+    pub keys: &'a [E],
     /// Values `(positions, head_dim)`.
-    pub vals: &'a [f32],
+    pub vals: &'a [E],
     /// Score scale.
     pub scale: f32,
     /// Soft-cap of the scaled scores, when set.
@@ -284,7 +325,12 @@ pub struct RowsScratch {
 /// ctx)`. Each row's bits are those [`decode`] gives that query alone (scores per key,
 /// the row's softmax, values summed in key order), so they depend on neither the other
 /// rows nor the block split.
-pub fn rows(isa: Isa, g: &Group, sc: &mut RowsScratch, emit: &mut dyn FnMut(usize, usize, &[f32])) {
+pub fn rows<E: KvElem>(
+    isa: Isa,
+    g: &Group<E>,
+    sc: &mut RowsScratch,
+    emit: &mut dyn FnMut(usize, usize, &[f32]),
+) {
     let hd = g.head_dim;
     if g.tokens == 0 || g.heads == 0 {
         return;
@@ -329,8 +375,19 @@ pub fn rows(isa: Isa, g: &Group, sc: &mut RowsScratch, emit: &mut dyn FnMut(usiz
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{math, softcap as cap, Group, Isa};
+    use super::{math, softcap as cap, Group, Isa, KvElem};
     use std::arch::x86_64::*;
+
+    /// 16 cache elements from `p`, widened to f32 (exact).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<E: KvElem>(p: *const E) -> __m512 {
+        if E::F16 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+        } else {
+            _mm512_loadu_ps(p.cast())
+        }
+    }
 
     /// Most rows in one register tile of the value sums.
     pub(super) const MAX_TILE: usize = 8;
@@ -354,8 +411,8 @@ mod x86 {
     /// AVX-512 F available; `head_dim % 16 == 0`, `16 <= head_dim <= 256`; `g.q` holds
     /// every row; `g.keys` and `g.vals` hold at least the last token's `hi` rows.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn rows_avx512(
-        g: &Group,
+    pub(super) unsafe fn rows_avx512<E: KvElem>(
+        g: &Group<E>,
         s: &mut Vec<f32>,
         ctx: &mut [f32],
         emit: &mut dyn FnMut(usize, usize, &[f32]),
@@ -366,7 +423,7 @@ mod x86 {
         macro_rules! by_width {
             ($($c:literal => $r:literal),*) => {
                 match g.head_dim / 16 {
-                    $($c => run::<$c, $r>(g, s, ctx, emit),)*
+                    $($c => run::<E, $c, $r>(g, s, ctx, emit),)*
                     _ => unreachable!("head_dim checked by the caller"),
                 }
             };
@@ -377,8 +434,8 @@ mod x86 {
 
     /// [`rows_avx512`] for head dimension `16 C`, value tiles of up to `R` rows.
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const C: usize, const R: usize>(
-        g: &Group,
+    unsafe fn run<E: KvElem, const C: usize, const R: usize>(
+        g: &Group<E>,
         s: &mut Vec<f32>,
         ctx: &mut [f32],
         emit: &mut dyn FnMut(usize, usize, &[f32]),
@@ -413,7 +470,7 @@ mod x86 {
                     continue;
                 }
                 let q = qp.add((r / heads) * g.q_stride + (r % heads) * hd);
-                let tot = tree16::<C>(q, kp.add(j0 * hd), nk);
+                let tot = tree16::<E, C>(q, kp.add(j0 * hd), nk);
                 // Lanes of this row's keys, stored at j - lo (masked lanes are neither
                 // read nor written, so the wrapped base pointer is never dereferenced).
                 let (a, b) = (lo.max(j0) - j0, hi.min(j0 + nk) - j0);
@@ -443,10 +500,10 @@ mod x86 {
                 (lo, hi, sp.add(r * width).wrapping_sub(lo))
             });
             if nr == R {
-                values::<C, R>(&rows, vp, ctx.as_mut_ptr());
+                values::<E, C, R>(&rows, vp, ctx.as_mut_ptr());
             } else {
                 for (i, row) in rows[..nr].iter().enumerate() {
-                    values::<C, 1>(&[*row], vp, ctx.as_mut_ptr().add(i * hd));
+                    values::<E, C, 1>(&[*row], vp, ctx.as_mut_ptr().add(i * hd));
                 }
             }
             for i in 0..nr {
@@ -463,10 +520,10 @@ mod x86 {
     #[inline]
     // Index loops over register arrays: `C` is a constant, so they unroll.
     #[allow(clippy::needless_range_loop)]
-    unsafe fn dot<const C: usize>(qv: &[__m512; C], row: *const f32) -> __m512 {
-        let mut acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(row));
+    unsafe fn dot<E: KvElem, const C: usize>(qv: &[__m512; C], row: *const E) -> __m512 {
+        let mut acc = _mm512_mul_ps(qv[0], load16(row));
         for k in 1..C {
-            acc = _mm512_fmadd_ps(qv[k], _mm512_loadu_ps(row.add(16 * k)), acc);
+            acc = _mm512_fmadd_ps(qv[k], load16(row.add(16 * k)), acc);
         }
         acc
     }
@@ -477,7 +534,11 @@ mod x86 {
     /// shuffles and one add per pair of vectors and level.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tree16<const C: usize>(q: *const f32, keys: *const f32, nk: usize) -> __m512 {
+    unsafe fn tree16<E: KvElem, const C: usize>(
+        q: *const f32,
+        keys: *const E,
+        nk: usize,
+    ) -> __m512 {
         let mut qv = [_mm512_setzero_ps(); C];
         for (k, v) in qv.iter_mut().enumerate() {
             *v = _mm512_loadu_ps(q.add(16 * k));
@@ -488,12 +549,12 @@ mod x86 {
         let mut l8 = [zero; 8];
         for (m, l) in l8.iter_mut().enumerate() {
             let a = if 2 * m < nk {
-                dot::<C>(&qv, keys.add(2 * m * 16 * C))
+                dot::<E, C>(&qv, keys.add(2 * m * 16 * C))
             } else {
                 zero
             };
             let b = if 2 * m + 1 < nk {
-                dot::<C>(&qv, keys.add((2 * m + 1) * 16 * C))
+                dot::<E, C>(&qv, keys.add((2 * m + 1) * 16 * C))
             } else {
                 zero
             };
@@ -534,9 +595,9 @@ mod x86 {
     /// rows that take it. Keys inside every row's range run without per-row tests.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn values<const C: usize, const R: usize>(
+    unsafe fn values<E: KvElem, const C: usize, const R: usize>(
         rows: &[(usize, usize, *const f32); R],
-        vals: *const f32,
+        vals: *const E,
         out: *mut f32,
     ) {
         let (mut jlo, mut jhi, mut flo, mut fhi) = (usize::MAX, 0, 0, usize::MAX);
@@ -554,7 +615,7 @@ mod x86 {
                 let row = vals.add(j * 16 * C);
                 let mut v = [_mm512_setzero_ps(); C];
                 for k in 0..C {
-                    v[k] = _mm512_loadu_ps(row.add(16 * k));
+                    v[k] = load16(row.add(16 * k));
                 }
                 for i in 0..R {
                     let (lo, hi, p) = rows[i];
@@ -637,31 +698,60 @@ mod tests {
             };
             let mut want = vec![0f32; hd];
             flash_scalar(&prob, &mut |_, ctx| want.copy_from_slice(ctx));
+            // An f16 cache: the reference on the same values, widened.
+            let (k16, v16) = (to_f16(&k), to_f16(&vals));
+            let (kw, vw) = (widened(&k16), widened(&v16));
+            let mut want16 = vec![0f32; hd];
+            flash_scalar(
+                &Problem {
+                    keys: &kw,
+                    vals: &vw,
+                    ..prob
+                },
+                &mut |_, ctx| want16.copy_from_slice(ctx),
+            );
             let big = want.iter().fold(0f32, |a, v| a.max(v.abs()));
             for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
                 let mut got = vec![0f32; hd];
+                let range = (lo, n);
+                let mut s = Vec::new();
+                decode(isa, &q, &k, &vals, range, 0.125, softcap, &mut s, &mut got);
+                let mut got16 = vec![0f32; hd];
                 decode(
-                    isa,
-                    &q,
-                    &k,
-                    &vals,
-                    (lo, n),
-                    0.125,
-                    softcap,
-                    &mut Vec::new(),
-                    &mut got,
+                    isa, &q, &k16, &v16, range, 0.125, softcap, &mut s, &mut got16,
                 );
-                let worst = got
+                for (got, want, what) in [(&got, &want, "f32"), (&got16, &want16, "f16")] {
+                    let worst = got
+                        .iter()
+                        .zip(want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        worst <= FLASH_REL_TOL * big,
+                        "{isa:?} {what} hd {hd} pos {pos}: {worst} vs {big}"
+                    );
+                }
+                // Rounding K and V to f16 moves the context, but only by about f16's
+                // relative step (not a wrong reading of the halves).
+                let moved = got16
                     .iter()
-                    .zip(&want)
+                    .zip(&got)
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 assert!(
-                    worst <= FLASH_REL_TOL * big,
-                    "{isa:?} hd {hd} pos {pos}: {worst} vs {big}"
+                    moved > 0.0 && moved <= 4e-3 * big,
+                    "{isa:?} f16 moved {moved}"
                 );
             }
         }
+    }
+
+    fn to_f16(x: &[f32]) -> Vec<f16> {
+        x.iter().map(|&v| f16::from_f32(v)).collect()
+    }
+
+    fn widened(x: &[f16]) -> Vec<f32> {
+        x.iter().map(|v| v.to_f32()).collect()
     }
 
     /// `rows` gives every query row the bits `decode` gives it alone: any head
@@ -708,37 +798,63 @@ mod tests {
                 softcap,
                 range: &range,
             };
+            let (k16, v16) = (to_f16(&k), to_f16(&vals));
+            let g16 = Group {
+                keys: &k16,
+                vals: &v16,
+                tokens,
+                heads,
+                head_dim: hd,
+                q: &q,
+                q_stride: heads * hd,
+                scale: 0.125,
+                softcap,
+                range: &range,
+            };
             for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
-                let mut got = vec![f32::NAN; tokens * heads * hd];
-                let mut sc = RowsScratch::default();
-                // Twice through one scratch: stale scores must not leak into a call.
-                for _ in 0..2 {
-                    rows(isa, &g, &mut sc, &mut |t, h, ctx| {
-                        got[(t * heads + h) * hd..][..hd].copy_from_slice(ctx)
-                    });
-                }
-                for t in 0..tokens {
-                    for h in 0..heads {
-                        let r = (t * heads + h) * hd;
-                        let mut want = vec![0f32; hd];
-                        decode(
-                            isa,
-                            &q[r..r + hd],
-                            &k,
-                            &vals,
-                            range(t),
-                            0.125,
-                            softcap,
-                            &mut Vec::new(),
-                            &mut want,
-                        );
-                        let same = got[r..r + hd]
-                            .iter()
-                            .zip(&want)
-                            .all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{isa:?} hd {hd} heads {heads} token {t} head {h}");
-                    }
-                }
+                same_as_decode(isa, &g, range);
+                same_as_decode(isa, &g16, range);
+            }
+        }
+    }
+
+    /// Every row of `rows(g)` has the bits of `decode` of that row alone.
+    fn same_as_decode<E: KvElem>(isa: Isa, g: &Group<E>, range: impl Fn(usize) -> (usize, usize)) {
+        let (tokens, heads, hd) = (g.tokens, g.heads, g.head_dim);
+        let mut got = vec![f32::NAN; tokens * heads * hd];
+        let mut sc = RowsScratch::default();
+        // Twice through one scratch: stale scores must not leak into a call.
+        for _ in 0..2 {
+            rows(isa, g, &mut sc, &mut |t, h, ctx| {
+                got[(t * heads + h) * hd..][..hd].copy_from_slice(ctx)
+            });
+        }
+        for t in 0..tokens {
+            for h in 0..heads {
+                let r = (t * heads + h) * hd;
+                let mut want = vec![0f32; hd];
+                let q = &g.q[r..r + hd];
+                let (scale, cap) = (g.scale, g.softcap);
+                decode(
+                    isa,
+                    q,
+                    g.keys,
+                    g.vals,
+                    range(t),
+                    scale,
+                    cap,
+                    &mut Vec::new(),
+                    &mut want,
+                );
+                let same = got[r..r + hd]
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                let f16 = E::F16;
+                assert!(
+                    same,
+                    "{isa:?} f16 {f16} hd {hd} heads {heads} token {t} head {h}"
+                );
             }
         }
     }
