@@ -222,7 +222,7 @@ impl<'c> SeqKv<'c> {
     }
 }
 
-/// The calls' caches as one element type (every sequence of a call has the same).
+/// A call's caches as one element type (every sequence of a call has the same).
 fn typed<'a, E>(
     kv: &'a [SeqKv],
     get: impl Fn(&'a KvMut) -> Option<&'a [E]>,
