@@ -236,15 +236,20 @@ fn a_pack_with_a_wrong_reconstruction_digest_fails_the_full_check_only() {
     .is_ok());
 }
 
+/// The llama fixture packed under `dir`, opened with the full check.
+fn llama_pack(dir: &std::path::Path) -> Arc<dyn WeightLoader> {
+    let pack = dir.join("pack");
+    write_pack("llama", &pack);
+    Arc::new(PackLoader::open(&pack, Verify::Full).unwrap())
+}
+
 /// A fork (what `uc serve` gives each slot) shares the weights and starts from an empty
 /// cache: its logits are the original decoder's bit for bit, whatever state the original
 /// is in, and running the fork does not move the original.
 #[test]
 fn a_fork_shares_weights_and_computes_what_a_fresh_decoder_does() {
     let tmp = tempfile::tempdir().unwrap();
-    let pack = tmp.path().join("pack");
-    write_pack("llama", &pack);
-    let p: Arc<dyn WeightLoader> = Arc::new(PackLoader::open(&pack, Verify::Full).unwrap());
+    let p = llama_pack(tmp.path());
     let opts = DecoderOptions {
         capacity: 32,
         stream_layers: false,
@@ -276,9 +281,7 @@ fn generation_keeps_an_f16_cache_chosen_before_the_first_token() {
     use uc_runtime::kernels::{attention, Isa};
     use uc_runtime::kv::KvDtype;
     let tmp = tempfile::tempdir().unwrap();
-    let pack = tmp.path().join("pack");
-    write_pack("llama", &pack);
-    let p: Arc<dyn WeightLoader> = Arc::new(PackLoader::open(&pack, Verify::Full).unwrap());
+    let p = llama_pack(tmp.path());
     let opts = DecoderOptions {
         capacity: 32,
         stream_layers: false,
