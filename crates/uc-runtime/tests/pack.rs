@@ -104,14 +104,7 @@ fn greedy_generation_from_a_pack_equals_the_same_weights_exported_dense() {
             },
         )
         .unwrap();
-        let mut a = Decoder::new(
-            p,
-            DecoderOptions {
-                capacity: 32,
-                stream_layers: false,
-            },
-        )
-        .unwrap();
+        let mut a = Decoder::new(p, RESIDENT_32).unwrap();
         let (x, y) = (
             a.forward(&PROMPT, Logits::All).unwrap(),
             s.forward(&PROMPT, Logits::All).unwrap(),
@@ -119,24 +112,13 @@ fn greedy_generation_from_a_pack_equals_the_same_weights_exported_dense() {
         assert_eq!(x, y, "{name}: streamed logits differ");
         assert!(s.resident_weight_bytes() < a.resident_weight_bytes() / 4);
         a.reset();
-        let mut b = Decoder::new(
-            d,
-            DecoderOptions {
-                capacity: 32,
-                stream_layers: false,
-            },
-        )
-        .unwrap();
+        let mut b = Decoder::new(d, RESIDENT_32).unwrap();
         for chunk in [&PROMPT[..], &[5], &[6]] {
             let (x, y) = (
                 a.forward(chunk, Logits::All).unwrap(),
                 b.forward(chunk, Logits::All).unwrap(),
             );
-            let diff = x
-                .iter()
-                .zip(&y)
-                .map(|(u, v)| (u - v).abs())
-                .fold(0.0f32, f32::max);
+            let diff = max_abs_diff(&x, &y);
             // One-token steps on AVX2 run the int16 decode kernel (codebook and
             // activations rounded to 15 bits, `kernels::qint`; its per-mat-vec bound is
             // tested in tests/kernels.rs). Through the fixtures' layers that moves the
@@ -236,6 +218,25 @@ fn a_pack_with_a_wrong_reconstruction_digest_fails_the_full_check_only() {
     .is_ok());
 }
 
+/// The largest `|a - b|`.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// The largest `|v|`, at least 1 (a tolerance scale).
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(1.0f32, |m, x| m.max(x.abs()))
+}
+
+/// A resident decoder of 32 positions.
+const RESIDENT_32: DecoderOptions = DecoderOptions {
+    capacity: 32,
+    stream_layers: false,
+};
+
 /// The llama fixture packed under `dir`, opened with the full check.
 fn llama_pack(dir: &std::path::Path) -> Arc<dyn WeightLoader> {
     let pack = dir.join("pack");
@@ -250,12 +251,8 @@ fn llama_pack(dir: &std::path::Path) -> Arc<dyn WeightLoader> {
 fn a_fork_shares_weights_and_computes_what_a_fresh_decoder_does() {
     let tmp = tempfile::tempdir().unwrap();
     let p = llama_pack(tmp.path());
-    let opts = DecoderOptions {
-        capacity: 32,
-        stream_layers: false,
-    };
-    let mut a = Decoder::new(p.clone(), opts).unwrap();
-    let want = Decoder::new(p, opts)
+    let mut a = Decoder::new(p.clone(), RESIDENT_32).unwrap();
+    let want = Decoder::new(p, RESIDENT_32)
         .unwrap()
         .forward(&PROMPT, Logits::All)
         .unwrap();
@@ -282,11 +279,7 @@ fn generation_keeps_an_f16_cache_chosen_before_the_first_token() {
     use uc_runtime::kv::KvDtype;
     let tmp = tempfile::tempdir().unwrap();
     let p = llama_pack(tmp.path());
-    let opts = DecoderOptions {
-        capacity: 32,
-        stream_layers: false,
-    };
-    let mut d = Decoder::new(p.clone(), opts).unwrap();
+    let mut d = Decoder::new(p.clone(), RESIDENT_32).unwrap();
     assert_eq!(d.kv_dtype(), KvDtype::F32, "scoring keeps the exact cache");
     d.set_fast_prefill(true).unwrap();
     let want = if attention::fast_kernels(d.isa(), d.config().head_dim) {
@@ -304,7 +297,7 @@ fn generation_keeps_an_f16_cache_chosen_before_the_first_token() {
         );
         assert_eq!(d.kv_dtype(), KvDtype::F16);
         // The refused call changed nothing: the next step reads the cache it wrote.
-        let mut again = Decoder::new(p.clone(), opts).unwrap();
+        let mut again = Decoder::new(p.clone(), RESIDENT_32).unwrap();
         again.set_fast_prefill(true).unwrap();
         assert_eq!(again.forward(&[1, 2, 3], Logits::Last).unwrap(), first);
         assert_eq!(
@@ -313,16 +306,11 @@ fn generation_keeps_an_f16_cache_chosen_before_the_first_token() {
         );
     }
     // The scalar reference reads the f16 cache too (widened per call).
-    let mut scalar = Decoder::new(p, opts).unwrap();
+    let mut scalar = Decoder::new(p, RESIDENT_32).unwrap();
     scalar.set_fast_prefill(true).unwrap();
     scalar.set_isa(Isa::Scalar);
     let s = scalar.forward(&[1, 2, 3], Logits::Last).unwrap();
-    let big = first.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let diff = s
-        .iter()
-        .zip(&first)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let (diff, big) = (max_abs_diff(&s, &first), max_abs(&first));
     assert!(
         diff < 5e-3 * big,
         "scalar vs SIMD on the f16 cache: {diff} (max {big})"
@@ -372,12 +360,7 @@ fn fast_prefill_is_close_to_exact_and_independent_of_the_thread_count() {
         // 11-bit activations per group (kernels::qgemm, PREFILL_TOL per mat-vec) move
         // the fixtures' logits by up to ~1e-3 of their largest magnitude (measured:
         // llama 3.3e-3 at 3.9, qwen3 2.5e-2 at 62).
-        let big = exact.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-        let diff = fast
-            .iter()
-            .zip(&exact)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let (diff, big) = (max_abs_diff(&fast, &exact), max_abs(&exact));
         assert!(
             diff < 5e-3 * big,
             "{name}: fast prefill moved logits by {diff} (max {big})"
