@@ -133,6 +133,12 @@ pub struct CompressArgs {
     /// teacher's outputs on the teacher's inputs.
     #[arg(long)]
     no_teacher_target: bool,
+    /// Encode the token embedding / head by round-to-nearest instead of by error feedback
+    /// on the calibration windows' final hidden states towards the teacher's logits (the
+    /// default of calibrated runs: the round-to-nearest head was ~10% of the 5.0 bpw
+    /// pack's KLD, docs/research-log.md 2026-12-05).
+    #[arg(long)]
+    plain_head: bool,
     /// Damping of the teacher-target solve, as a fraction of the mean Gram diagonal
     /// (0.3: thirty times the error-feedback damping; the correction is estimated from
     /// the calibration tokens and damping limits its noise, docs/research-log.md).
@@ -336,6 +342,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         // Test hook: what a tight --max-memory plan chooses, on a model too small to need it.
         recompute_mlp_input: std::env::var_os("UC_TEST_RECOMPUTE_MLP_INPUT").is_some(),
         spill_activations: a.spill_activations,
+        calibrated_head: !a.plain_head,
     };
     let memory = memory_plan(&a, &mut opts)?;
     // Test hook: abort (like a SIGKILL: no cleanup, no unwinding) once this many blocks

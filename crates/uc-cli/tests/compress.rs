@@ -533,3 +533,71 @@ fn effort_levels_set_windows_and_refit_rounds_unless_overridden() {
     ];
     assert_eq!(recorded("override", &over), (5, 2));
 }
+
+/// The head encoded by error feedback on the final hidden states (the default of
+/// calibrated runs) against `--plain-head` (round-to-nearest): on the calibration text
+/// the calibrated head's KLD is lower, for an untied 3-bit head (llama) and a tied
+/// 8-bit embedding (llama3); both packs verify, the calibration record says which was
+/// used, and the body is the same. A tied embedding below 8 bits stays round-to-nearest
+/// (its input side then weighs more than the head's gain).
+#[test]
+fn a_calibrated_head_lowers_kld_and_leaves_the_body_alone() {
+    for (fixture, codec) in [("llama", "q3g32"), ("llama3", "q8g32"), ("llama3", "q3g32")] {
+        let m = model_with_tokenizer(fixture);
+        let text = text_file(m.path());
+        let out = tempfile::tempdir().unwrap();
+        let calibrates = !(fixture == "llama3" && codec == "q3g32");
+        let kld_of = |name: &str, extra: &[&str]| {
+            let pack = out.path().join(name);
+            let mut args = vec!["--embed-codec", codec, "--json"];
+            args.extend(extra);
+            let o = compress_with(m.path(), &pack, &text, ["--bits", "8"], &args, &[]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            verify_passes(&pack);
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(pack.join("manifest.json")).unwrap())
+                    .unwrap();
+            let calibrated = manifest["calibration"]["calibrated_head"].as_bool();
+            assert_eq!(
+                calibrated,
+                Some(extra.is_empty() && calibrates),
+                "{fixture} {codec} {name}"
+            );
+            let e = json_of(&uc(
+                &[
+                    "eval",
+                    pack.to_str().unwrap(),
+                    "--against",
+                    m.path().to_str().unwrap(),
+                    "--text",
+                    text.to_str().unwrap(),
+                    "--seq-len",
+                    "40",
+                    "--windows",
+                    "6",
+                    "--json",
+                ],
+                &[],
+            ));
+            let body = json_of(&uc(&["inspect", pack.to_str().unwrap(), "--json"], &[]));
+            (
+                e["against"]["kld"].as_f64().unwrap(),
+                body["bpw_body"].clone(),
+            )
+        };
+        let (calibrated, body_c) = kld_of("calibrated", &[]);
+        let (plain, body_p) = kld_of("plain", &["--plain-head"]);
+        assert_eq!(body_c, body_p, "{fixture} {codec}");
+        if calibrates {
+            assert!(
+                calibrated < plain,
+                "{fixture} {codec}: calibrated head KLD {calibrated} not below the plain head's {plain}"
+            );
+        } else {
+            assert_eq!(
+                calibrated, plain,
+                "{fixture} {codec}: not calibrated, same pack"
+            );
+        }
+    }
+}

@@ -192,6 +192,21 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
                 2 * 4 * tokens_m * h,
             ));
         }
+        if crate::pipeline::calibrated_head(cfg, opts) {
+            // Error feedback on the head: its Gram and cross matrices (the latter becomes
+            // the target's right-hand side) and the factor; the target weights beside
+            // the checkpoint's.
+            globals.push((
+                format!("the head's Gram, cross and factor matrices ({h} x {h}, f64)"),
+                3 * 8 * h * h,
+            ));
+            if opts.teacher_target {
+                globals.push((
+                    format!("the head's teacher-target weights ({vocab} x {h}, f32)"),
+                    4 * vocab * h,
+                ));
+            }
+        }
     }
     phases.push(Phase::with_margin("globals", globals));
 
@@ -404,6 +419,7 @@ mod tests {
             auto_shrink: false,
             recompute_mlp_input: recompute,
             spill_activations: spill,
+            calibrated_head: true,
         }
     }
 

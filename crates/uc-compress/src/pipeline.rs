@@ -107,6 +107,13 @@ pub struct Options {
     /// their held inputs once per expert. The memory plan sets it when a `--max-memory`
     /// budget needs it ([`crate::memory`]).
     pub spill_activations: bool,
+    /// Calibrated runs: encode the head (the tied token embedding, or an untied
+    /// `lm_head`) by error feedback on the final-normed calibration states, towards the
+    /// teacher's logits ([`Stream::head_stats`]), instead of round-to-nearest. The head
+    /// turns its error into logit error directly: on SmolLM2-135M's 5.0 bpw pack the
+    /// round-to-nearest q8g32 head alone was ~10% of the KLD (docs/research-log.md,
+    /// 2026-12-05).
+    pub calibrated_head: bool,
 }
 
 /// Where a bit budget may move bits.
@@ -433,6 +440,65 @@ fn quantize_from(
     Ok(quantize_into(c, name, &w, &shape, role, spec, None, false)?.0)
 }
 
+/// Whether the head is encoded by error feedback ([`Options::calibrated_head`]). A tied
+/// embedding only with an 8-bit codec: error feedback shapes the row errors for the
+/// head's inputs, and the same rows are the first block's inputs. At 8 bits that side
+/// moved SmolLM2-135M's KLD by 0.5% where the head's moved it by 10%; with a 3-bit
+/// tied embedding on a test model the calibrated tensor was worse overall
+/// (docs/research-log.md, 2026-12-05).
+pub(crate) fn calibrated_head(cfg: &ModelConfig, opts: &Options) -> bool {
+    opts.method == Method::Gptq
+        && opts.calibrated_head
+        && (!cfg.tie_word_embeddings || opts.embed.bits >= 8)
+}
+
+/// Reads the head weight `name` (vocab x hidden) and encodes it by error feedback with
+/// the final-normed calibration states' Gram matrix, towards the teacher's logits when
+/// `stats` carries the cross term ([`Stream::head_stats`], [`crate::target`]).
+fn quantize_head(
+    ck: &Checkpoint,
+    c: &mut ContainerBuilder,
+    name: &str,
+    role: Role,
+    spec: &CodecSpec,
+    (gram, cross): (Gram, Option<Cross>),
+    opts: &Options,
+) -> Result<TensorSummary> {
+    let (w, shape) = ck.tensor_f32(name)?;
+    let &[rows, cols] = &shape[..] else {
+        return Err(CompressError::Settings(format!(
+            "{name}: expected a 2-D weight, got {shape:?}"
+        )));
+    };
+    if cols != gram.cols {
+        return Err(CompressError::Settings(format!(
+            "{name}: {cols} columns, but the final hidden states are {} wide",
+            gram.cols
+        )));
+    }
+    let target = cross.and_then(|cr| {
+        crate::target::teacher_target_rows(&w, rows, cols, &gram.h, cr.c, opts.target_damp)
+    });
+    let gptq = GptqOptions {
+        shrink: gram.shrinkage().unwrap_or(opts.gptq.shrink),
+        ..opts.gptq
+    };
+    let (mut summary, _, qt) = quantize_into(
+        c,
+        name,
+        target.as_deref().unwrap_or(&w),
+        &shape,
+        role,
+        spec,
+        Some((Cow::Owned(gram.h), gptq)),
+        false,
+    )?;
+    drop(target);
+    // The error against the checkpoint's weights, as for the block linears.
+    summary.rel_err = rel_err_streamed(&w, &qt, cols).map_err(codec_err(name))?;
+    Ok(summary)
+}
+
 /// Stores tensor `name` of `ck` dense in f32.
 fn dense_into(ck: &Checkpoint, c: &mut ContainerBuilder, name: &str, role: Role) -> Result<()> {
     let (w, shape) = ck.tensor_f32(name)?;
@@ -554,6 +620,7 @@ pub fn compress(
             });
             cal["teacher_target"] = opts.teacher_target.into();
             cal["target_damp"] = opts.target_damp.into();
+            cal["calibrated_head"] = calibrated_head(&cfg, opts).into();
         }
         writer.set_calibration(cal)?;
     }
@@ -664,26 +731,34 @@ pub fn compress(
         });
     }
 
+    let globals_done = done(&writer, GLOBALS_CONTAINER);
+    // The head's statistics from the final states, before the streams go.
+    let head_stats = match &mut stream {
+        Some(st) if calibrated_head(&cfg, opts) && !globals_done => {
+            let norm = loader.final_norm()?;
+            Some(st.head_stats(&norm, cfg.rms_norm_eps as f32, opts.teacher_target)?)
+        }
+        _ => None,
+    };
     // The streams' memory, before the embedding is read and encoded; the spill files,
     // before the manifest lists the pack's files.
     stream.map_or(Ok(()), Stream::close)?;
-    if !done(&writer, GLOBALS_CONTAINER) {
+    if !globals_done {
         let mut c = ContainerBuilder::new(GLOBALS_CONTAINER)?;
-        tensors.push(quantize_from(
-            &ck,
-            &mut c,
-            embed_name(cfg.family),
-            Role::Embed,
-            &opts.embed,
-        )?);
-        if !cfg.tie_word_embeddings {
-            tensors.push(quantize_from(
-                &ck,
-                &mut c,
-                LM_HEAD,
-                Role::Head,
-                &opts.embed,
-            )?);
+        // The tied embedding is the head: calibrated as the head (its input side, one
+        // row per token, moved KLD by 0.5% where the head's moved it by 10%).
+        let mut head_stats = head_stats;
+        let mut encode =
+            |c: &mut ContainerBuilder, name: &str, role: Role, head: bool| match head_stats
+                .take_if(|_| head)
+            {
+                Some(stats) => quantize_head(&ck, c, name, role, &opts.embed, stats, opts),
+                None => quantize_from(&ck, c, name, role, &opts.embed),
+            };
+        let tied = cfg.tie_word_embeddings;
+        tensors.push(encode(&mut c, embed_name(cfg.family), Role::Embed, tied)?);
+        if !tied {
+            tensors.push(encode(&mut c, LM_HEAD, Role::Head, true)?);
         }
         dense_into(&ck, &mut c, final_norm(cfg.family), Role::Norm)?;
         writer.write_container(c)?;
@@ -898,6 +973,14 @@ impl Held {
             Held::Disk(f) => f.len(),
         }
     }
+
+    /// Chunk `i` of `len` values (the last one may be shorter).
+    fn chunk(&mut self, i: usize, len: usize) -> Result<Cow<'_, [f32]>> {
+        Ok(match self {
+            Held::Ram(x) => Cow::Borrowed(&x[i * len..(i * len + len).min(x.len())]),
+            Held::Disk(f) => Cow::Owned(f.read(i * len, len)?),
+        })
+    }
 }
 
 /// Where a block's outputs of one stream go, chunk by chunk, in order.
@@ -1091,6 +1174,31 @@ impl Stream {
     fn close(self) -> Result<()> {
         let Stream { spill, .. } = self;
         spill.map_or(Ok(()), SpillDir::remove)
+    }
+
+    /// The head's statistics after the last block: `H = X_s^T X_s` of the quantized
+    /// stream's final-normed states `X_s` (`norm`: the final norm's gains) and, with
+    /// `cross`, `C = X_s^T X_t` against the teacher's, summed chunk by chunk as a
+    /// stage's are.
+    fn head_stats(&mut self, norm: &[f32], eps: f32, cross: bool) -> Result<(Gram, Option<Cross>)> {
+        let cols = norm.len();
+        let len = CHUNK * self.stager.seq_len() * cols;
+        let mut gram = Gram::new(cols);
+        let mut cr = cross.then(|| Cross::new(cols));
+        for i in 0..self.student.len().div_ceil(len) {
+            let s = self.student.chunk(i, len)?;
+            let mut xs = vec![0f32; s.len()];
+            uc_runtime::kernels::math::rms_norm(&s, norm, eps, &mut xs);
+            drop(s);
+            gram.add(&xs);
+            if let Some(cr) = cr.as_mut() {
+                let t = self.teacher.chunk(i, len)?;
+                let mut xt = vec![0f32; t.len()];
+                uc_runtime::kernels::math::rms_norm(&t, norm, eps, &mut xt);
+                cr.add(&xs, &xt);
+            }
+        }
+        Ok((gram, cr))
     }
 
     /// Quantizes block `layer` into `c`, advances both streams, returns the tensor
@@ -1342,10 +1450,7 @@ impl Stream {
         let mut sums = (0f64, 0f64);
         for i in 0..n_chunks {
             let y = stud.finish(st, &student, i, len)?;
-            let yt = match &mut next_teacher {
-                Held::Ram(x) => Cow::Borrowed(&x[i * len..(i * len + len).min(x.len())]),
-                Held::Disk(f) => Cow::Owned(f.read(i * len, len)?),
-            };
+            let yt = next_teacher.chunk(i, len)?;
             err_sums(&yt, &y, &mut sums);
             next_student.push(y)?;
         }

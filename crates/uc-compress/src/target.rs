@@ -35,23 +35,76 @@ pub fn teacher_targets(
     c: Mat<f64>,
     damp: f64,
 ) -> Vec<Option<Vec<f32>>> {
-    let mean = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
-    let lambda = damp * mean;
-    // D = C^T - H; R^T = D^T W^T = (C - H) W^T (cols x rows).
+    let d = drift(c, h);
+    let mut rts: Vec<Mat<f64>> = ws
+        .iter()
+        .map(|&(w, rows)| rhs(&d, w, 0, rows, cols))
+        .collect();
+    drop(d);
+    let Some(l) = damped_factor(h, cols, damp) else {
+        return vec![None; ws.len()];
+    };
+    ws.iter()
+        .zip(rts.iter_mut())
+        .map(|(&(w, rows), rt)| {
+            let mut out = vec![0f32; rows * cols];
+            corrected(&l, w, 0, rt, &mut out);
+            out.iter().all(|v| v.is_finite()).then_some(out)
+        })
+        .collect()
+}
+
+/// Rows per step of [`teacher_target_rows`].
+const TARGET_ROWS: usize = 4096;
+
+/// [`teacher_targets`] of one tall weight (`w`: rows x cols, e.g. a 49152 x 576 head),
+/// [`TARGET_ROWS`] rows at a time: `D` and the factor are held together (two cols x
+/// cols f64 matrices beside `h`) and the right-hand side only for one step, instead of
+/// a cols x rows f64 matrix (226 MB for SmolLM2's head, more than the weight's f32
+/// twice). Rows are independent, so each gets the same products and solve as
+/// [`teacher_targets`] up to the summation order of the row-block products.
+pub fn teacher_target_rows(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &[f64],
+    c: Mat<f64>,
+    damp: f64,
+) -> Option<Vec<f32>> {
+    let d = drift(c, h);
+    let l = damped_factor(h, cols, damp)?;
+    let mut out = vec![0f32; rows * cols];
+    for r0 in (0..rows).step_by(TARGET_ROWS) {
+        let m = TARGET_ROWS.min(rows - r0);
+        let mut rt = rhs(&d, w, r0, m, cols);
+        corrected(&l, w, r0, &mut rt, &mut out[r0 * cols..(r0 + m) * cols]);
+    }
+    out.iter().all(|v| v.is_finite()).then_some(out)
+}
+
+/// `D = C - H` in `c`'s storage (`D^T = C^T - H`: `H` is symmetric).
+fn drift(c: Mat<f64>, h: &[f64]) -> Mat<f64> {
+    let cols = c.ncols();
     let mut d = c;
     for j in 0..cols {
         for i in 0..cols {
             d[(i, j)] -= h[i * cols + j];
         }
     }
-    let mut rts: Vec<Mat<f64>> = ws
-        .iter()
-        .map(|&(w, rows)| {
-            let wt = Mat::<f64>::from_fn(cols, rows, |i, r| f64::from(w[r * cols + i]));
-            &d * &wt
-        })
-        .collect();
-    drop(d);
+    d
+}
+
+/// `R^T = D W^T` (cols x m) for rows `r0 .. r0 + m` of `w`.
+fn rhs(d: &Mat<f64>, w: &[f32], r0: usize, m: usize, cols: usize) -> Mat<f64> {
+    let wt = Mat::<f64>::from_fn(cols, m, |i, r| f64::from(w[(r0 + r) * cols + i]));
+    d * &wt
+}
+
+/// The Cholesky factor of `H + lambda I`, `lambda = damp x mean diag H`; `None` if it is
+/// not positive definite.
+fn damped_factor(h: &[f64], cols: usize, damp: f64) -> Option<Mat<f64>> {
+    let mean = (0..cols).map(|i| h[i * cols + i]).sum::<f64>() / cols as f64;
+    let lambda = damp * mean;
     let mut hd = Mat::<f64>::from_fn(cols, cols, |i, j| {
         h[i * cols + j]
             + if i == j {
@@ -60,20 +113,18 @@ pub fn teacher_targets(
                 0.0
             }
     });
-    if uc_codec::chol::llt_in_place(&mut hd).is_err() {
-        return vec![None; ws.len()];
+    uc_codec::chol::llt_in_place(&mut hd).ok()?;
+    Some(hd)
+}
+
+/// `out` (m x cols) = rows `r0 ..` of `w` plus `(H + lambda I)^-1 R^T` transposed
+/// (`rt` is solved in place).
+fn corrected(l: &Mat<f64>, w: &[f32], r0: usize, rt: &mut Mat<f64>, out: &mut [f32]) {
+    uc_codec::chol::llt_solve_in_place(l, rt.as_mut()); // (H + lambda I)^-1 R^T
+    let cols = rt.nrows();
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = (f64::from(w[r0 * cols + k]) + rt[(k % cols, k / cols)]) as f32;
     }
-    ws.iter()
-        .zip(rts.iter_mut())
-        .map(|(&(w, rows), rt)| {
-            uc_codec::chol::llt_solve_in_place(&hd, rt.as_mut()); // (H + lambda I)^-1 R^T
-            let y = &*rt;
-            let out: Vec<f32> = (0..rows * cols)
-                .map(|k| (f64::from(w[k]) + y[(k % cols, k / cols)]) as f32)
-                .collect();
-            out.iter().all(|v| v.is_finite()).then_some(out)
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -103,6 +154,40 @@ mod tests {
             }
         }
         g
+    }
+
+    /// The tall-weight form: the same numbers as [`teacher_targets`] (bit for bit when
+    /// it takes one step), over several steps of rows too.
+    #[test]
+    fn row_steps_give_the_targets_of_the_whole() {
+        let (n, cols) = (300, 6);
+        let xs = noise(n * cols, 4);
+        let xt: Vec<f64> = xs
+            .iter()
+            .zip(noise(n * cols, 5))
+            .map(|(a, e)| a + 0.1 * e)
+            .collect();
+        let h = gram(&xs, &xs, n, cols);
+        let c = gram(&xs, &xt, n, cols);
+        let cm = || Mat::<f64>::from_fn(cols, cols, |i, j| c[i * cols + j]);
+        for rows in [5, 2 * TARGET_ROWS + 3] {
+            let w: Vec<f32> = noise(rows * cols, 6).iter().map(|&v| v as f32).collect();
+            let whole = teacher_targets(&[(&w, rows)], cols, &h, cm(), 0.3)
+                .pop()
+                .unwrap()
+                .unwrap();
+            let steps = teacher_target_rows(&w, rows, cols, &h, cm(), 0.3).unwrap();
+            assert_ne!(whole, w, "the drift moves the target");
+            if rows <= TARGET_ROWS {
+                assert_eq!(steps, whole);
+            }
+            for (k, (a, b)) in steps.iter().zip(&whole).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{rows} rows, entry {k}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
