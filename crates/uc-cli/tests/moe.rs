@@ -320,7 +320,8 @@ fn moe_pack_fingerprints_are_pinned_on_the_scalar_kernels() {
     // (2026-12-04, issue 12); these are the packs compressed before that change, on the
     // scalar kernels (`UC_FORCE_SCALAR=1`: the same bits on every machine), which the
     // change must not move by a byte. They were made with the error-feedback damping
-    // of that time (0.01), named here since the default became 0.3.
+    // of that time (0.01) and the round-to-nearest head of that time (`--plain-head`),
+    // named here since the defaults changed.
     let pinned = [
         (
             "mixtral",
@@ -345,7 +346,7 @@ fn moe_pack_fingerprints_are_pinned_on_the_scalar_kernels() {
             &tmp.path().join("pack"),
             &text,
             ("6", "40"),
-            &["--bpw", "5", "--damp", "0.01", "--json"],
+            &["--bpw", "5", "--damp", "0.01", "--plain-head", "--json"],
             &[("RAYON_NUM_THREADS", "2"), ("UC_FORCE_SCALAR", "1")],
         );
         let c = json_of(&out);

@@ -194,18 +194,16 @@ pub fn estimate(cfg: &ModelConfig, opts: &Options, calib_tokens: u64) -> MemoryE
         }
         if crate::pipeline::calibrated_head(cfg, opts) {
             // Error feedback on the head: its Gram and cross matrices (the latter becomes
-            // the target's right-hand side) and the factor; the target weights beside
-            // the checkpoint's.
+            // the target's right-hand side) and the factor; the target overwrites the
+            // weights in place; the feedback's codes are chosen twice (scale refit).
             globals.push((
                 format!("the head's Gram, cross and factor matrices ({h} x {h}, f64)"),
                 3 * 8 * h * h,
             ));
-            if opts.teacher_target {
-                globals.push((
-                    format!("the head's teacher-target weights ({vocab} x {h}, f32)"),
-                    4 * vocab * h,
-                ));
-            }
+            globals.push((
+                format!("the head's re-chosen codes ({vocab} x {h}, one byte each)"),
+                vocab * h,
+            ));
         }
     }
     phases.push(Phase::with_margin("globals", globals));

@@ -464,7 +464,7 @@ fn quantize_head(
     (gram, cross): (Gram, Option<Cross>),
     opts: &Options,
 ) -> Result<TensorSummary> {
-    let (w, shape) = ck.tensor_f32(name)?;
+    let (mut w, shape) = ck.tensor_f32(name)?;
     let &[rows, cols] = &shape[..] else {
         return Err(CompressError::Settings(format!(
             "{name}: expected a 2-D weight, got {shape:?}"
@@ -476,9 +476,14 @@ fn quantize_head(
             gram.cols
         )));
     }
-    let target = cross.and_then(|cr| {
-        crate::target::teacher_target_rows(&w, rows, cols, &gram.h, cr.c, opts.target_damp)
-    });
+    // The target replaces the weights in place (a second vocab x hidden f32 copy would
+    // set the run's peak on large vocabularies); a failed solve reads them again.
+    if let Some(cr) = cross {
+        if !crate::target::teacher_target_rows(&mut w, rows, cols, &gram.h, cr.c, opts.target_damp)
+        {
+            w = ck.tensor_f32(name)?.0;
+        }
+    }
     let gptq = GptqOptions {
         shrink: gram.shrinkage().unwrap_or(opts.gptq.shrink),
         ..opts.gptq
@@ -486,15 +491,16 @@ fn quantize_head(
     let (mut summary, _, qt) = quantize_into(
         c,
         name,
-        target.as_deref().unwrap_or(&w),
+        &w,
         &shape,
         role,
         spec,
         Some((Cow::Owned(gram.h), gptq)),
         false,
     )?;
-    drop(target);
     // The error against the checkpoint's weights, as for the block linears.
+    drop(w);
+    let (w, _) = ck.tensor_f32(name)?;
     summary.rel_err = rel_err_streamed(&w, &qt, cols).map_err(codec_err(name))?;
     Ok(summary)
 }
@@ -620,7 +626,11 @@ pub fn compress(
             });
             cal["teacher_target"] = opts.teacher_target.into();
             cal["target_damp"] = opts.target_damp.into();
-            cal["calibrated_head"] = calibrated_head(&cfg, opts).into();
+            // Written only when true: a pack without it has the round-to-nearest head of
+            // every pack before, and `--plain-head` writes those same bytes.
+            if calibrated_head(&cfg, opts) {
+                cal["calibrated_head"] = true.into();
+            }
         }
         writer.set_calibration(cal)?;
     }
