@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGETS=${1:-"5.0 4.0 3.0"}
 WINDOWS=${2:-32}
-UC=target/release/uc
+UC=${UC:-target/release/uc}
 MODEL=assets/smollm2-135m
 PACKS=packs/bench_compress
 mkdir -p "$PACKS" results

@@ -12,7 +12,7 @@ Reads the committed results only (nothing is measured here):
   results/screens/NAME_devil32.json      uc packs scored on 32 windows of the second-genre
                                           text outside scripts/bench_compress.sh (bpw from
                                           results/screens/NAME.json)
-  results/third_genre_docs{,_m}.json     uc rows "t2" and "m" and llama.cpp's rows on the third
+  results/third_genre_docs{,_m,_h}.json  uc rows "t2", "m" and "h" and llama.cpp's rows on the third
                                           text, technical prose (scripts/third_genre.sh)
 Draws bpw (block linears, every stored byte) against KLD and against PPL ratio - 1 (both
 log scale), one column per text. Needs matplotlib (pip install matplotlib).
@@ -96,13 +96,15 @@ def main():
             ax = axes[row][col]
             # Rows named "default" were measured before the rotation became the
             # default; the rotated scalar rows are the variant "h64", the trellis rows
-            # calibrated on speeches "t2", today's default (genre-mixed calibration,
-            # damping 0.3) "m" (scripts/bench_compress.sh).
+            # calibrated on speeches "t2", genre-mixed calibration with damping 0.3 "m",
+            # and today's default, "m" with the calibrated head, "h"
+            # (scripts/bench_compress.sh).
             for var, method, style, label in (
                 (variant, "gptq", "o:", "uc (calibrated, unrotated, scalar codes)"),
                 ("h64", "gptq", "D--", "uc (calibrated, rotated, scalar codes)"),
                 ("t2", "gptq", "x--", "uc (trellis, calibrated on speeches)"),
-                ("m", "gptq", "*-", "uc default (trellis, genre-mixed calibration)"),
+                ("m", "gptq", "*--", "uc (trellis, genre-mixed calibration)"),
+                ("h", "gptq", "P-", "uc default (as above, calibrated head)"),
                 (variant, "rtn", "s--", "uc round-to-nearest"),
             ):
                 pts = docs_points(var) if key == "docs" and method == "gptq" else uc_points(acc, key, var, method)

@@ -454,7 +454,7 @@ pub(crate) fn calibrated_head(cfg: &ModelConfig, opts: &Options) -> bool {
 
 /// Reads the head weight `name` (vocab x hidden) and encodes it by error feedback with
 /// the final-normed calibration states' Gram matrix, towards the teacher's logits when
-/// `stats` carries the cross term ([`Stream::head_stats`], [`crate::target`]).
+/// the cross term is given ([`Stream::head_stats`], [`crate::target`]).
 fn quantize_head(
     ck: &Checkpoint,
     c: &mut ContainerBuilder,
