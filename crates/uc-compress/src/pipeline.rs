@@ -484,10 +484,8 @@ fn quantize_head(
             w = ck.tensor_f32(name)?.0;
         }
     }
-    let gptq = GptqOptions {
-        shrink: gram.shrinkage().unwrap_or(opts.gptq.shrink),
-        ..opts.gptq
-    };
+    // The settings of the block linears (`--shrink auto` estimates per stage from chunk
+    // spreads, which the head's statistics do not keep: it takes the fixed value).
     let (mut summary, _, qt) = quantize_into(
         c,
         name,
@@ -495,7 +493,7 @@ fn quantize_head(
         &shape,
         role,
         spec,
-        Some((Cow::Owned(gram.h), gptq)),
+        Some((Cow::Owned(gram.h), opts.gptq)),
         false,
     )?;
     // The error against the checkpoint's weights, as for the block linears.
