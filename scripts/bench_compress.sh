@@ -7,7 +7,7 @@
 #   UC_ARGS="--group 64" SUFFIX=_g64 scripts/bench_compress.sh 5.0   (a variant's rows)
 #   METHODS=gptq scripts/bench_compress.sh                          (only one method's rows)
 #
-# Calibration is uc's default (the SOTU calibration split) unless CALIB_ARGS names another
+# Calibration is uc's default (the genre-mixed set assets/calib) unless CALIB_ARGS names another
 # (e.g. CALIB_ARGS="--calib-dir assets/calib-mix").
 # With assets/devil/devil.txt present, every pack is also evaluated on that second-genre
 # text (results/compress_<tag>_eval_devil.json, row["devil"] in the summary).

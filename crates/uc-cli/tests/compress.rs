@@ -499,7 +499,7 @@ fn a_calibration_set_without_sources_is_a_clear_error() {
 }
 
 #[test]
-fn effort_levels_set_windows_and_refit_rounds_unless_overridden() {
+fn effort_levels_set_windows_refit_rounds_and_descent_unless_overridden() {
     let m = model_with_tokenizer("llama");
     let out = tempfile::tempdir().unwrap();
     let text = text_file(m.path());
@@ -515,14 +515,21 @@ fn effort_levels_set_windows_and_refit_rounds_unless_overridden() {
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(pack.join("manifest.json")).unwrap()).unwrap();
         let cal = &manifest["calibration"];
+        // descent_passes is recorded only when non-zero (older packs keep their bytes).
+        let descent = &cal["gptq"]["descent_passes"];
+        assert!(
+            descent.is_null() || descent.as_u64().unwrap() > 0,
+            "{descent}"
+        );
         (
             cal["n_seqs"].as_u64().unwrap(),
             cal["gptq"]["refit_rounds"].as_u64().unwrap(),
+            descent.as_u64().unwrap_or(0),
         )
     };
-    assert_eq!(recorded("fast", &["--effort", "fast"]), (32, 0));
-    assert_eq!(recorded("default", &[]), (64, 1));
-    assert_eq!(recorded("max", &["--effort", "max"]), (256, 1));
+    assert_eq!(recorded("fast", &["--effort", "fast"]), (32, 0, 0));
+    assert_eq!(recorded("default", &[]), (64, 1, 0));
+    assert_eq!(recorded("max", &["--effort", "max"]), (256, 1, 2));
     let over = [
         "--effort",
         "max",
@@ -530,8 +537,10 @@ fn effort_levels_set_windows_and_refit_rounds_unless_overridden() {
         "5",
         "--refit-rounds",
         "2",
+        "--descent-passes",
+        "0",
     ];
-    assert_eq!(recorded("override", &over), (5, 2));
+    assert_eq!(recorded("override", &over), (5, 2, 0));
 }
 
 /// The head encoded by error feedback on the final hidden states (the default of

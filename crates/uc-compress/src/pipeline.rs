@@ -622,6 +622,10 @@ pub fn compress(
                     serde_json::json!(opts.gptq.shrink)
                 },
             });
+            // Written only when used: packs without it keep their bytes.
+            if opts.gptq.descent_passes > 0 {
+                cal["gptq"]["descent_passes"] = opts.gptq.descent_passes.into();
+            }
             cal["teacher_target"] = opts.teacher_target.into();
             cal["target_damp"] = opts.target_damp.into();
             // Written only when true: a pack without it has the round-to-nearest head of
