@@ -23,6 +23,11 @@ perf report -i "$tmp/perf.data" --no-children --sort sym -v --stdio -g none 2>/d
 python3 - "$tmp" "$UC" "$TOP" "$OUT" <<'PY'
 import json, os, platform, re, sys
 tmp, uc, top, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+def cpu_model():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 rows = []
 for line in open(f"{tmp}/report.txt"):
     m = re.match(r"\s+([\d.]+)%\s+(0x[0-9a-f]+)\s+\S+\s+\[(.)\]\s+(.*)$", line)
@@ -34,7 +39,7 @@ json.dump({
     "what": "perf profile (cpu-clock, 200 Hz) of the default compress; share of all samples",
     "command": "scripts/compress_profile.sh " + str(top), "binary": uc,
     "compress": "uc compress assets/smollm2-135m -o PACK --calib-dir assets/calib --json",
-    "cpus": os.cpu_count(), "machine": platform.machine(),
+    "cpus": os.cpu_count(), "machine": platform.machine(), "cpu_model": cpu_model(),
     "top": rows,
 }, open(out_path, "w"), indent=1)
 for r in rows[:12]:

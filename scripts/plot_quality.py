@@ -17,6 +17,7 @@ Reads the committed results only (nothing is measured here):
 Draws bpw (block linears, every stored byte) against KLD and against PPL ratio - 1 (both
 log scale), one column per text. Needs matplotlib (pip install matplotlib).
 """
+import glob
 import json
 import os
 import sys
@@ -63,12 +64,14 @@ def screen_devil_points():
 
 
 def docs_points(variant):
-    """(bpw, ratio, kld) of uc's rows of one variant on the third text (scripts/third_genre.sh)."""
-    d = load("third_genre_docs.json" if variant == "t2" else f"third_genre_docs_{variant}.json")
-    if d is None:
-        return []
+    """(bpw, ratio, kld) of uc's rows of one variant on the third text (scripts/third_genre.sh;
+    a budget measured later has its own file, third_genre_docs_<variant>_<budget>.json)."""
+    base = "third_genre_docs" if variant == "t2" else f"third_genre_docs_{variant}"
+    names = [base + ".json"] + sorted(
+        os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "results", base + "_[0-9]*.json")))
+    rows = [r for d in map(load, names) if d is not None for r in d["uc"]]
     return sorted((r["bpw_body"], r["eval"]["against"]["ppl_ratio"], r["eval"]["against"]["kld"])
-                  for r in d["uc"])
+                  for r in rows)
 
 
 def llama_points(rows):

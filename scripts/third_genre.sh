@@ -12,7 +12,8 @@
 #   TAG=_m BUDGETS="5.0 4.0 3.0" scripts/third_genre.sh   (the packs gptq_<B>_m)
 #
 # Writes results/llamacpp_rows_docs.json (llamacpp_rows.sh; kept when present, LLAMA_ROWS=1
-# measures it again) and results/third_genre_docs<TAG>.json (TAG "_t2": no suffix).
+# measures it again) and results/third_genre_docs<TAG>.json (TAG "_t2": no suffix; OUT=...
+# names another file).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -29,7 +30,7 @@ parts = [open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))]
 open(sys.argv[1], "wb").write(b"\n\n".join(parts))
 PY
 export TAG=${TAG:-_t2} BUDGETS=${BUDGETS:-5.0 4.0}
-OUT=results/third_genre_docs${TAG/#_t2/}.json
+OUT=${OUT:-results/third_genre_docs${TAG/#_t2/}.json}
 if [[ ! -f results/llamacpp_rows_docs.json || ${LLAMA_ROWS:-0} == 1 ]]; then
   UC_EVAL_TEXT=$TEXT UC=$UC scripts/llamacpp_rows.sh Q4_K_M+imatrix Q3_K_M+imatrix
 fi
